@@ -1,0 +1,276 @@
+//! Per-VPS cgroups behind one interface, on cgroup v1 (legacy or hybrid
+//! hierarchies, as on this project's CI host) and v2 (unified, most production hosts).
+//!
+//! A VPS's cgroup lives at `ferry/<agent instance>/<vps>` below each hierarchy's root,
+//! so several agents sharing one kernel (the local cluster) never collide.
+
+mod v1;
+mod v2;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{AgentError, IoContext, Result};
+use crate::spec::LimitsConfig;
+
+/// Which hierarchy the host offers for resource control.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Layout {
+    /// One mount per controller group: (controllers, mount point).
+    V1 { mounts: Vec<(Vec<String>, PathBuf)> },
+    /// The unified hierarchy's mount point.
+    V2 { root: PathBuf },
+}
+
+/// Controllers a VPS gets on v1. `freezer` and `cpuset` are there for CRIU.
+pub const V1_CONTROLLERS: &[&str] = &[
+    "cpu", "cpuacct", "cpuset", "memory", "pids", "devices", "freezer",
+];
+
+/// Resource usage as the cgroup reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CgroupUsage {
+    pub cpu_nanos: u64,
+    pub memory_bytes: u64,
+    pub memory_peak_bytes: u64,
+    pub pids: u32,
+    pub oom_kills: u64,
+}
+
+impl Layout {
+    /// Reads the host's cgroup mounts. A cgroup2 mount at /sys/fs/cgroup means v2;
+    /// otherwise the v1 controller mounts are used (the cgroup2 mount of a hybrid
+    /// layout has no controllers to offer).
+    pub fn detect() -> Result<Layout> {
+        let text = std::fs::read_to_string("/proc/self/mountinfo")
+            .at("reading", "/proc/self/mountinfo")?;
+        Self::from_mountinfo(&text)
+    }
+
+    pub fn from_mountinfo(text: &str) -> Result<Layout> {
+        let mut v1 = Vec::new();
+        let mut v2_root = None;
+        for line in text.lines() {
+            let Some((pre, post)) = line.split_once(" - ") else {
+                continue;
+            };
+            let mount_point = pre.split(' ').nth(4).unwrap_or_default();
+            let mut post_fields = post.split(' ');
+            let fstype = post_fields.next().unwrap_or_default();
+            let super_opts = post_fields.nth(1).unwrap_or_default();
+            match fstype {
+                "cgroup2" if mount_point == "/sys/fs/cgroup" => {
+                    v2_root = Some(PathBuf::from(mount_point))
+                }
+                "cgroup" => {
+                    let ctrls: Vec<String> = super_opts
+                        .split(',')
+                        .filter(|o| V1_CONTROLLERS.contains(o))
+                        .map(str::to_string)
+                        .collect();
+                    if !ctrls.is_empty() {
+                        v1.push((ctrls, PathBuf::from(mount_point)));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some(root) = v2_root {
+            return Ok(Layout::V2 { root });
+        }
+        for needed in ["cpu", "cpuacct", "memory", "pids"] {
+            if !v1.iter().any(|(c, _)| c.iter().any(|x| x == needed)) {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "no cgroup v1 '{needed}' controller is mounted and /sys/fs/cgroup is not cgroup2; \
+                     mount the cgroup controllers before starting the agent"
+                )));
+            }
+        }
+        Ok(Layout::V1 { mounts: v1 })
+    }
+
+    pub fn version(&self) -> &'static str {
+        match self {
+            Layout::V1 { .. } => "v1",
+            Layout::V2 { .. } => "v2",
+        }
+    }
+}
+
+/// The cgroup(s) of one VPS.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VpsCgroup {
+    pub layout: Layout,
+    /// Path below each hierarchy's root, e.g. `ferry/3fa2c1/web1`.
+    pub rel: PathBuf,
+}
+
+impl VpsCgroup {
+    pub fn new(layout: Layout, instance: &str, vps: &str) -> Self {
+        Self {
+            layout,
+            rel: Path::new("ferry").join(instance).join(vps),
+        }
+    }
+
+    /// Every directory that makes up this cgroup (one per v1 mount, one on v2).
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        match &self.layout {
+            Layout::V1 { mounts } => mounts.iter().map(|(_, m)| m.join(&self.rel)).collect(),
+            Layout::V2 { root } => vec![root.join(&self.rel)],
+        }
+    }
+
+    /// The `cgroup.procs` files a task writes itself into to join the VPS.
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        self.dirs()
+            .into_iter()
+            .map(|d| d.join("cgroup.procs"))
+            .collect()
+    }
+
+    /// Creates the cgroup and applies the limits; a leftover cgroup of the same
+    /// name (an earlier crash) is reused.
+    pub fn create(&self, limits: &LimitsConfig) -> Result<()> {
+        match &self.layout {
+            Layout::V1 { mounts } => v1::create(mounts, &self.rel)?,
+            Layout::V2 { root } => v2::create(root, &self.rel)?,
+        }
+        self.apply(limits)
+    }
+
+    pub fn exists(&self) -> bool {
+        self.dirs().iter().any(|d| d.exists())
+    }
+
+    /// Applies limits; works on a running VPS.
+    pub fn apply(&self, limits: &LimitsConfig) -> Result<()> {
+        match &self.layout {
+            Layout::V1 { mounts } => v1::apply(mounts, &self.rel, limits),
+            Layout::V2 { root } => v2::apply(&root.join(&self.rel), limits),
+        }
+    }
+
+    pub fn usage(&self) -> CgroupUsage {
+        match &self.layout {
+            Layout::V1 { mounts } => v1::usage(mounts, &self.rel),
+            Layout::V2 { root } => v2::usage(&root.join(&self.rel)),
+        }
+    }
+
+    /// Host pids of every task in the VPS.
+    pub fn pids(&self) -> Vec<i32> {
+        let Some(first) = self.procs_files().into_iter().find(|p| p.exists()) else {
+            return Vec::new();
+        };
+        std::fs::read_to_string(first)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    /// Kills whatever is left and removes the cgroup directories.
+    pub fn destroy(&self) -> Result<()> {
+        for attempt in 0..50 {
+            for pid in self.pids() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let mut busy = None;
+            for d in self.dirs() {
+                match std::fs::remove_dir(&d) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => busy = Some((d, e)),
+                }
+            }
+            match busy {
+                None => return Ok(()),
+                Some((d, e)) if attempt == 49 => {
+                    return Err(AgentError::PathIo {
+                        context: "removing cgroup",
+                        path: d,
+                        source: e,
+                    })
+                }
+                Some(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn write(dir: &Path, file: &str, value: &str) -> Result<()> {
+    let p = dir.join(file);
+    std::fs::write(&p, value).map_err(|source| AgentError::PathIo {
+        context: "writing cgroup file",
+        path: p,
+        source,
+    })
+}
+
+pub(crate) fn read_u64(dir: &Path, file: &str) -> u64 {
+    std::fs::read_to_string(dir.join(file))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Reads `key value` lines (memory.stat, cpu.stat, memory.events, oom_control).
+pub(crate) fn read_keyed(dir: &Path, file: &str, key: &str) -> u64 {
+    std::fs::read_to_string(dir.join(file))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == key).then(|| v.trim().parse().ok()).flatten()
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_hybrid_as_v1_and_unified_as_v2() {
+        let hybrid = "\
+35 27 0:30 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+36 27 0:31 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
+37 27 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+38 27 0:33 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+39 27 0:34 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
+40 27 0:35 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+        match Layout::from_mountinfo(hybrid).unwrap() {
+            Layout::V1 { mounts } => {
+                assert_eq!(mounts.len(), 4);
+                assert_eq!(
+                    mounts[0],
+                    (vec!["cpu".to_string()], PathBuf::from("/sys/fs/cgroup/cpu"))
+                );
+            }
+            l => panic!("expected v1, got {l:?}"),
+        }
+        let unified = "30 27 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(
+            Layout::from_mountinfo(unified).unwrap(),
+            Layout::V2 {
+                root: "/sys/fs/cgroup".into()
+            }
+        );
+        let comounted = "35 27 0:30 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct
+37 27 0:32 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory
+38 27 0:33 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids
+";
+        assert!(
+            matches!(Layout::from_mountinfo(comounted).unwrap(), Layout::V1 { mounts } if mounts.len() == 3)
+        );
+        let err = Layout::from_mountinfo("").unwrap_err().to_string();
+        assert!(err.contains("cgroup"), "{err}");
+    }
+}

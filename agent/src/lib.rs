@@ -1,0 +1,24 @@
+//! The Ferry node agent: runs VPSes (system containers) on one node.
+//!
+//! # Layout
+//! - [`service`]: the gRPC `ferry.agent.v1.AgentService`, a thin layer over [`vps::Agent`].
+//! - [`vps`]: the VPS lifecycle, one file per step (create, start, stop, destroy,
+//!   set, exec, console, query) and start-up adoption of running VPSes.
+//! - [`runtime`]: the per-VPS monitor process, the clone of init into its
+//!   namespaces, the in-VPS filesystem (pivot_root, /dev, masks), capabilities
+//!   and seccomp, and entering a VPS for exec.
+//! - [`cgroup`]: per-VPS cgroups on v1 and v2 behind one interface.
+//! - [`net`]: bridge, persistent netns and veth through rtnetlink.
+//! - [`template`]: safe archive import and the built-in busybox template.
+//! - [`spec`]: validation of wire specs into stored configs.
+//! - [`paths`], [`error`].
+
+pub mod cgroup;
+pub mod error;
+pub mod net;
+pub mod paths;
+pub mod runtime;
+pub mod service;
+pub mod spec;
+pub mod template;
+pub mod vps;

@@ -1,0 +1,117 @@
+//! `ferry-agent`: the node daemon. Also re-executed by itself as the per-VPS
+//! monitor (`monitor`) and as the exec helper (`enter`); those two run without
+//! an async runtime, single-threaded, because they fork.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use ferry_agent::paths::Paths;
+use ferry_agent::vps::{Agent, AgentConfig};
+use ferry_proto::agent::v1::agent_service_server::AgentServiceServer;
+
+#[derive(Parser)]
+#[command(
+    name = "ferry-agent",
+    version,
+    about = "Ferry node agent: runs VPSes on this node"
+)]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// gRPC listen address.
+    #[arg(long, env = "FERRY_AGENT_LISTEN", default_value = "127.0.0.1:7700")]
+    listen: SocketAddr,
+    /// Persistent state: templates, VPS configs and files.
+    #[arg(long, env = "FERRY_DATA_DIR", default_value = "/var/lib/ferry")]
+    data_dir: PathBuf,
+    /// Per-boot runtime state; default /run/ferry/<hash of data dir>.
+    #[arg(long, env = "FERRY_RUN_DIR")]
+    run_dir: Option<PathBuf>,
+    /// Node bridge the VPSes' veths are plugged into (created if missing).
+    #[arg(long, default_value = "ferrybr0")]
+    bridge: String,
+    /// Bridge address and network; VPS addresses come from this network.
+    #[arg(long, default_value = "10.77.0.1/16")]
+    bridge_cidr: ipnet::Ipv4Net,
+    /// Static busybox for the built-in `busybox` template (Debian: busybox-static).
+    #[arg(long, default_value = "/bin/busybox")]
+    busybox: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent (the default).
+    Serve(ServeArgs),
+    #[command(hide = true)]
+    Monitor { run_dir: PathBuf },
+    #[command(hide = true)]
+    Enter {
+        run_dir: PathBuf,
+        #[arg(long)]
+        env: Vec<String>,
+        #[arg(last = true)]
+        argv: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Some(Cmd::Monitor { run_dir }) => {
+            std::process::exit(ferry_agent::runtime::monitor::run(&run_dir))
+        }
+        Some(Cmd::Enter { run_dir, env, argv }) => {
+            std::process::exit(ferry_agent::runtime::enter::run(&run_dir, &argv, &env))
+        }
+        Some(Cmd::Serve(args)) => serve(args),
+        None => serve(cli.serve),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let run_dir = args.run_dir.clone().unwrap_or_else(|| Paths::default_run_dir(&args.data_dir));
+        let cfg = AgentConfig {
+            data_dir: args.data_dir,
+            run_dir,
+            bridge: args.bridge,
+            bridge_cidr: args.bridge_cidr,
+            busybox: args.busybox,
+            self_exe: std::env::current_exe().context("locating the agent binary")?,
+            import_limits: Default::default(),
+        };
+        let agent = Agent::open(cfg).await.context("starting the agent")?;
+        agent.spawn_reaper();
+        tracing::info!(listen = %args.listen, "agent serving");
+        tonic::transport::Server::builder()
+            .add_service(AgentServiceServer::new(ferry_agent::service::Service { agent }))
+            .serve_with_shutdown(args.listen, async {
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                }
+                tracing::info!("shutting down; VPSes keep running");
+            })
+            .await
+            .context("serving gRPC")?;
+        Ok(())
+    })
+}

@@ -1,0 +1,62 @@
+//! The node bridge every VPS's host-side veth is plugged into.
+
+use std::net::IpAddr;
+
+use futures::TryStreamExt;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::{LinkBridge, LinkUnspec};
+
+use super::{is_errno, nl, Netlink};
+use crate::error::Result;
+
+/// Creates the bridge if missing, gives it `cidr`'s address if it lacks it, and
+/// brings it up. Safe to call on every agent start.
+pub async fn ensure_bridge(nl_host: &Netlink, name: &str, cidr: ipnet::Ipv4Net) -> Result<()> {
+    let h = &nl_host.handle;
+    let index = match nl_host.link_index(name).await? {
+        Some(i) => i,
+        None => {
+            match h.link().add(LinkBridge::new(name).build()).execute().await {
+                Ok(()) => {}
+                Err(e) if is_errno(&e, libc::EEXIST) => {}
+                Err(e) => return Err(nl(format!("creating bridge {name}"), e)),
+            }
+            nl_host.link_index(name).await?.ok_or_else(|| {
+                crate::error::AgentError::Netlink(format!("bridge {name} vanished after creation"))
+            })?
+        }
+    };
+    let mut addrs = h.address().get().set_link_index_filter(index).execute();
+    let mut has = false;
+    while let Some(msg) = addrs
+        .try_next()
+        .await
+        .map_err(|e| nl("listing bridge addresses", e))?
+    {
+        for a in &msg.attributes {
+            if let AddressAttribute::Address(IpAddr::V4(ip)) = a {
+                if *ip == cidr.addr() {
+                    has = true;
+                }
+            }
+        }
+    }
+    if !has {
+        match h
+            .address()
+            .add(index, IpAddr::V4(cidr.addr()), cidr.prefix_len())
+            .execute()
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if is_errno(&e, libc::EEXIST) => {}
+            Err(e) => return Err(nl(format!("adding {cidr} to {name}"), e)),
+        }
+    }
+    h.link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .map_err(|e| nl(format!("bringing {name} up"), e))?;
+    Ok(())
+}

@@ -1,0 +1,147 @@
+//! The veth pair of a VPS: host end on the node bridge, the other end inside the
+//! VPS's netns as `eth0` with its address, MAC and default route.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use rtnetlink::{LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+use super::{is_errno, nl, Netlink};
+use crate::error::{AgentError, Result};
+use crate::spec::NetConfig;
+
+/// A host-side veth name: "fv" + 12 hex digits (15 bytes is the kernel limit).
+/// It changes with every start, so a VPS restored elsewhere on the same kernel
+/// never collides with a name its old copy still holds.
+pub fn host_veth_name(instance: &str, vps: &str) -> String {
+    use sha2::Digest;
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let h = sha2::Sha256::digest(format!("{instance}/{vps}/{nonce}/{}", std::process::id()));
+    format!("fv{}", &hex::encode(h)[..12])
+}
+
+pub async fn veth_exists(host: &Netlink, name: &str) -> Result<bool> {
+    Ok(host.link_index(name).await?.is_some())
+}
+
+/// Creates and wires the pair. On error, whatever was made is removed again.
+pub async fn setup_vps_network(
+    host: &Netlink,
+    bridge: &str,
+    netns: &Path,
+    host_name: &str,
+    cfg: &NetConfig,
+) -> Result<()> {
+    let res = wire(host, bridge, netns, host_name, cfg).await;
+    if res.is_err() {
+        let _ = remove_veth(host, host_name).await;
+    }
+    res
+}
+
+async fn wire(
+    host: &Netlink,
+    bridge: &str,
+    netns: &Path,
+    host_name: &str,
+    cfg: &NetConfig,
+) -> Result<()> {
+    let h = &host.handle;
+    let peer = format!("fp{}", &host_name[2..]);
+    h.link()
+        .add(LinkVeth::new(host_name, &peer).build())
+        .execute()
+        .await
+        .map_err(|e| nl(format!("creating veth {host_name}"), e))?;
+    let br = host
+        .link_index(bridge)
+        .await?
+        .ok_or_else(|| AgentError::Netlink(format!("bridge {bridge} is missing")))?;
+    let hidx = host
+        .link_index(host_name)
+        .await?
+        .ok_or_else(|| AgentError::Netlink(format!("veth {host_name} vanished")))?;
+    h.link()
+        .set(LinkUnspec::new_with_index(hidx).controller(br).up().build())
+        .execute()
+        .await
+        .map_err(|e| nl(format!("plugging {host_name} into {bridge}"), e))?;
+    let pidx = host
+        .link_index(&peer)
+        .await?
+        .ok_or_else(|| AgentError::Netlink(format!("veth peer {peer} vanished")))?;
+    let ns = std::fs::File::open(netns)
+        .map_err(|e| AgentError::io(format!("opening netns {}", netns.display()), e))?;
+    h.link()
+        .set(
+            LinkUnspec::new_with_index(pidx)
+                .setns_by_fd(ns.as_raw_fd())
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(|e| nl(format!("moving {peer} into the VPS netns"), e))?;
+
+    let inner = Netlink::in_netns(netns).await?;
+    let ih = &inner.handle;
+    let lo = inner
+        .link_index("lo")
+        .await?
+        .ok_or_else(|| AgentError::Netlink("no lo in netns".into()))?;
+    ih.link()
+        .set(LinkUnspec::new_with_index(lo).up().build())
+        .execute()
+        .await
+        .map_err(|e| nl("bringing lo up", e))?;
+    let eidx = inner
+        .link_index(&peer)
+        .await?
+        .ok_or_else(|| AgentError::Netlink(format!("{peer} not found in the VPS netns")))?;
+    ih.link()
+        .set(
+            LinkUnspec::new_with_index(eidx)
+                .name("eth0".to_string())
+                .address(cfg.mac.to_vec())
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(|e| nl("naming eth0 and setting its MAC", e))?;
+    ih.link()
+        .set(LinkUnspec::new_with_index(eidx).up().build())
+        .execute()
+        .await
+        .map_err(|e| nl("bringing eth0 up", e))?;
+    ih.address()
+        .add(eidx, IpAddr::V4(cfg.ip), cfg.prefix_len)
+        .execute()
+        .await
+        .map_err(|e| nl(format!("adding {}/{} to eth0", cfg.ip, cfg.prefix_len), e))?;
+    let route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+        .gateway(cfg.gateway)
+        .output_interface(eidx)
+        .build();
+    ih.route()
+        .add(route)
+        .execute()
+        .await
+        .map_err(|e| nl(format!("adding default route via {}", cfg.gateway), e))?;
+    Ok(())
+}
+
+/// Deletes a host-side veth (its peer goes with it); a missing one is fine.
+pub async fn remove_veth(host: &Netlink, name: &str) -> Result<()> {
+    let Some(idx) = host.link_index(name).await? else {
+        return Ok(());
+    };
+    match host.handle.link().del(idx).execute().await {
+        Ok(()) => Ok(()),
+        Err(e) if is_errno(&e, libc::ENODEV) => Ok(()),
+        Err(e) => Err(nl(format!("deleting {name}"), e)),
+    }
+}

@@ -1,0 +1,50 @@
+//! Where the agent keeps things.
+//!
+//! `data_dir` (persistent, default /var/lib/ferry):
+//! - `templates/<name>/rootfs`, `templates/<name>/template.json`
+//! - `vps/<name>/config.json` (spec and network identity), `vps/<name>/upper` and `work`
+//!   (the VPS's own files over its template), `vps/<name>/rootfs` (overlay mount point)
+//!
+//! `run_dir` (per boot, default /run/ferry/<hash of data_dir>; /run is emptied by a reboot):
+//! - `<name>/launch.json`, `state.json`, `netns`, `console.log`, `monitor.log`, `stop`
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub data_dir: PathBuf,
+    pub run_dir: PathBuf,
+}
+
+impl Paths {
+    pub fn new(data_dir: PathBuf, run_dir: PathBuf) -> Self {
+        Self { data_dir, run_dir }
+    }
+
+    /// The default run dir for a data dir: several agents on one machine (tests,
+    /// the local cluster) each get their own.
+    pub fn default_run_dir(data_dir: &Path) -> PathBuf {
+        use sha2::Digest;
+        let h = sha2::Sha256::digest(data_dir.as_os_str().as_encoded_bytes());
+        PathBuf::from("/run/ferry").join(hex::encode(&h[..6]))
+    }
+
+    pub fn templates(&self) -> PathBuf {
+        self.data_dir.join("templates")
+    }
+    pub fn template(&self, name: &str) -> PathBuf {
+        self.templates().join(name)
+    }
+    pub fn staging(&self) -> PathBuf {
+        self.data_dir.join("staging")
+    }
+    pub fn vps_root(&self) -> PathBuf {
+        self.data_dir.join("vps")
+    }
+    pub fn vps(&self, name: &str) -> PathBuf {
+        self.vps_root().join(name)
+    }
+    pub fn vps_run(&self, name: &str) -> PathBuf {
+        self.run_dir.join(name)
+    }
+}

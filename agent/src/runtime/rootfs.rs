@@ -1,0 +1,243 @@
+//! The VPS's filesystem view, built inside its new mount namespace just before
+//! init runs: the rootfs (the overlay the agent mounted) becomes `/` through
+//! pivot_root, with /proc, a read-only /sys, a minimal /dev and the usual masks.
+//! Nothing here is visible on the host: it all lives in the VPS's mount namespace.
+
+use std::os::unix::fs::symlink;
+use std::path::Path;
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+
+type R<T> = Result<T, String>;
+
+fn m(
+    src: Option<&str>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> R<()> {
+    mount(src, target, fstype, flags, data)
+        .map_err(|e| format!("mount {} on {}: {e}", src.unwrap_or("-"), target.display()))
+}
+
+fn ensure_dir(p: &Path) -> R<()> {
+    if !p.is_dir() {
+        std::fs::create_dir_all(p).map_err(|e| format!("mkdir {}: {e}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// Device nodes of the minimal /dev: name, major, minor.
+const DEVICES: &[(&str, u64, u64)] = &[
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+
+/// Files of /proc that expose or reach the host kernel: hidden behind /dev/null.
+const MASKED_FILES: &[&str] = &[
+    "proc/kcore",
+    "proc/keys",
+    "proc/timer_list",
+    "proc/sched_debug",
+    "proc/latency_stats",
+    "proc/sysrq-trigger",
+];
+/// Directories hidden behind an empty read-only tmpfs.
+const MASKED_DIRS: &[&str] = &["proc/acpi", "proc/scsi", "sys/firmware"];
+/// Made read-only (the VPS's own /proc/sys/net stays writable).
+const READONLY: &[&str] = &["proc/irq", "proc/bus", "proc/fs"];
+
+/// Builds the mounts under `root` and pivots into it. Runs in the VPS's init
+/// before exec, inside the new mount namespace.
+pub fn enter_rootfs(root: &Path) -> R<()> {
+    let nodev_nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    // Nothing we mount may leak back to the host.
+    m(
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )?;
+    m(
+        Some(root.to_str().ok_or("rootfs path is not UTF-8")?),
+        root,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
+
+    let proc = root.join("proc");
+    ensure_dir(&proc)?;
+    m(
+        Some("proc"),
+        &proc,
+        Some("proc"),
+        nodev_nosuid | MsFlags::MS_NOEXEC,
+        None,
+    )?;
+    let sys = root.join("sys");
+    ensure_dir(&sys)?;
+    m(
+        Some("sysfs"),
+        &sys,
+        Some("sysfs"),
+        nodev_nosuid | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY,
+        None,
+    )?;
+
+    setup_dev(root)?;
+    mask(root)?;
+
+    std::env::set_current_dir(root).map_err(|e| format!("chdir {}: {e}", root.display()))?;
+    nix::unistd::pivot_root(".", ".").map_err(|e| format!("pivot_root: {e}"))?;
+    // The old root is stacked under the new one at "/": detach it.
+    umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("detaching the old root: {e}"))?;
+    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+    Ok(())
+}
+
+fn setup_dev(root: &Path) -> R<()> {
+    let dev = root.join("dev");
+    ensure_dir(&dev)?;
+    m(
+        Some("tmpfs"),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=755,size=4m"),
+    )?;
+    for (name, major, minor) in DEVICES {
+        let p = dev.join(name);
+        mknod(
+            &p,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(*major, *minor),
+        )
+        .map_err(|e| format!("mknod {}: {e}", p.display()))?;
+        // mknod honours the umask; make the mode exact.
+        nix::sys::stat::fchmodat(
+            nix::fcntl::AT_FDCWD,
+            &p,
+            Mode::from_bits_truncate(0o666),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )
+        .map_err(|e| format!("chmod {}: {e}", p.display()))?;
+    }
+    let pts = dev.join("pts");
+    ensure_dir(&pts)?;
+    m(
+        Some("devpts"),
+        &pts,
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    )?;
+    let shm = dev.join("shm");
+    ensure_dir(&shm)?;
+    m(
+        Some("shm"),
+        &shm,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777,size=65536k"),
+    )?;
+    let mq = dev.join("mqueue");
+    ensure_dir(&mq)?;
+    m(
+        Some("mqueue"),
+        &mq,
+        Some("mqueue"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None,
+    )?;
+    for (link, target) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        symlink(target, dev.join(link)).map_err(|e| format!("symlink /dev/{link}: {e}"))?;
+    }
+    Ok(())
+}
+
+fn mask(root: &Path) -> R<()> {
+    let null = root.join("dev/null");
+    for f in MASKED_FILES {
+        let p = root.join(f);
+        if p.exists() {
+            m(
+                Some(null.to_str().unwrap_or("/dev/null")),
+                &p,
+                None,
+                MsFlags::MS_BIND,
+                None,
+            )?;
+        }
+    }
+    for d in MASKED_DIRS {
+        let p = root.join(d);
+        if p.is_dir() {
+            m(
+                Some("tmpfs"),
+                &p,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY,
+                Some("size=0"),
+            )?;
+        }
+    }
+    // /proc/sys read-only but for net: bind net first, then a recursive bind of
+    // /proc/sys over itself carries it along, and only the top gets remounted ro.
+    let sys = root.join("proc/sys");
+    let net = sys.join("net");
+    m(Some(path_str(&net)?), &net, None, MsFlags::MS_BIND, None)?;
+    m(
+        Some(path_str(&sys)?),
+        &sys,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
+    m(
+        None,
+        &sys,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None,
+    )?;
+    for d in READONLY {
+        let p = root.join(d);
+        if p.exists() {
+            m(
+                Some(path_str(&p)?),
+                &p,
+                None,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None,
+            )?;
+            m(
+                None,
+                &p,
+                None,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                None,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn path_str(p: &Path) -> R<&str> {
+    p.to_str()
+        .ok_or_else(|| format!("{} is not UTF-8", p.display()))
+}

@@ -1,0 +1,228 @@
+//! The gRPC face of the agent: request checking and mapping to [`Agent`] calls.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_proto::agent::v1 as pb;
+use ferry_proto::agent::v1::agent_service_server::AgentService;
+use futures::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::AgentError;
+use crate::vps::{Agent, ExecStream};
+
+pub struct Service {
+    pub agent: Arc<Agent>,
+}
+
+type R<T> = Result<Response<T>, Status>;
+
+impl Service {
+    async fn vps(&self, name: &str) -> R<pb::Vps> {
+        Ok(Response::new(self.agent.get(name).await?))
+    }
+}
+
+fn stop_timeout(secs: u32) -> Duration {
+    if secs == 0 {
+        crate::vps::DEFAULT_STOP_TIMEOUT
+    } else {
+        Duration::from_secs(secs as u64)
+    }
+}
+
+/// Reads a gRPC byte stream from a blocking thread.
+struct StreamReader {
+    rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, Status>>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl std::io::Read for StreamReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos >= self.buf.len() {
+            match self.rx.blocking_recv() {
+                None => return Ok(0),
+                Some(Err(s)) => return Err(std::io::Error::other(s.message().to_string())),
+                Some(Ok(b)) => {
+                    self.buf = b;
+                    self.pos = 0;
+                }
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+#[tonic::async_trait]
+impl AgentService for Service {
+    async fn get_node(&self, _: Request<pb::GetNodeRequest>) -> R<pb::NodeInfo> {
+        Ok(Response::new(self.agent.node_info()))
+    }
+
+    async fn import_template(
+        &self,
+        req: Request<Streaming<pb::ImportTemplateChunk>>,
+    ) -> R<pb::Template> {
+        let mut stream = req.into_inner();
+        let header = match stream.next().await {
+            Some(Ok(pb::ImportTemplateChunk {
+                item: Some(pb::import_template_chunk::Item::Header(h)),
+            })) => h,
+            Some(Err(s)) => return Err(s),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "header: the first message must carry the template header",
+                ))
+            }
+        };
+        self.agent.check_import(&header)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tokio::spawn(async move {
+            while let Some(msg) = stream.next().await {
+                let item = match msg {
+                    Ok(pb::ImportTemplateChunk {
+                        item: Some(pb::import_template_chunk::Item::Data(d)),
+                    }) => Ok(d),
+                    Ok(_) => Err(Status::invalid_argument("data: only one header is allowed")),
+                    Err(s) => Err(s),
+                };
+                let stop = item.is_err();
+                if tx.send(item).await.is_err() || stop {
+                    return;
+                }
+            }
+        });
+        let agent = Arc::clone(&self.agent);
+        let reader = StreamReader {
+            rx,
+            buf: Vec::new(),
+            pos: 0,
+        };
+        let meta = tokio::task::spawn_blocking(move || {
+            agent.import_blocking(&header, reader, "upload".into())
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(meta.to_pb()))
+    }
+
+    async fn import_template_path(
+        &self,
+        req: Request<pb::ImportTemplatePathRequest>,
+    ) -> R<pb::Template> {
+        let req = req.into_inner();
+        let header = req
+            .header
+            .ok_or_else(|| Status::invalid_argument("header: missing"))?;
+        if !req.path.starts_with('/') {
+            return Err(AgentError::invalid("path", "must be an absolute path on the node").into());
+        }
+        let file = std::fs::File::open(&req.path)
+            .map_err(|e| AgentError::invalid("path", format!("cannot open {}: {e}", req.path)))?;
+        let agent = Arc::clone(&self.agent);
+        let meta = tokio::task::spawn_blocking(move || {
+            agent.import_blocking(&header, file, req.path.clone())
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(meta.to_pb()))
+    }
+
+    async fn list_templates(
+        &self,
+        _: Request<pb::ListTemplatesRequest>,
+    ) -> R<pb::ListTemplatesResponse> {
+        let t = crate::template::list(&self.agent.paths)?;
+        Ok(Response::new(pb::ListTemplatesResponse {
+            templates: t.iter().map(|m| m.to_pb()).collect(),
+        }))
+    }
+
+    async fn delete_template(
+        &self,
+        req: Request<pb::DeleteTemplateRequest>,
+    ) -> R<pb::DeleteTemplateResponse> {
+        self.agent.delete_template(&req.into_inner().name)?;
+        Ok(Response::new(pb::DeleteTemplateResponse {}))
+    }
+
+    async fn create_vps(&self, req: Request<pb::CreateVpsRequest>) -> R<pb::Vps> {
+        let req = req.into_inner();
+        let spec = req
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec: missing"))?;
+        let rec = self.agent.create(&spec).await?;
+        if req.start {
+            if let Err(e) = self.agent.start(&rec.config.name).await {
+                // Created but not started: say so, and leave nothing half-made.
+                let _ = self.agent.destroy(&rec.config.name, true).await;
+                return Err(e.into());
+            }
+        }
+        self.vps(&rec.config.name).await
+    }
+
+    async fn start_vps(&self, req: Request<pb::StartVpsRequest>) -> R<pb::Vps> {
+        let name = req.into_inner().name;
+        self.agent.start(&name).await?;
+        self.vps(&name).await
+    }
+
+    async fn stop_vps(&self, req: Request<pb::StopVpsRequest>) -> R<pb::Vps> {
+        let r = req.into_inner();
+        self.agent
+            .stop(&r.name, stop_timeout(r.timeout_secs), r.force)
+            .await?;
+        self.vps(&r.name).await
+    }
+
+    async fn restart_vps(&self, req: Request<pb::StopVpsRequest>) -> R<pb::Vps> {
+        let r = req.into_inner();
+        self.agent
+            .restart(&r.name, stop_timeout(r.timeout_secs), r.force)
+            .await?;
+        self.vps(&r.name).await
+    }
+
+    async fn destroy_vps(&self, req: Request<pb::DestroyVpsRequest>) -> R<pb::DestroyVpsResponse> {
+        let r = req.into_inner();
+        self.agent.destroy(&r.name, r.force).await?;
+        Ok(Response::new(pb::DestroyVpsResponse {}))
+    }
+
+    async fn get_vps(&self, req: Request<pb::GetVpsRequest>) -> R<pb::Vps> {
+        self.vps(&req.into_inner().name).await
+    }
+
+    async fn list_vps(&self, _: Request<pb::ListVpsRequest>) -> R<pb::ListVpsResponse> {
+        Ok(Response::new(pb::ListVpsResponse {
+            vps: self.agent.list().await,
+        }))
+    }
+
+    async fn set_vps(&self, req: Request<pb::SetVpsRequest>) -> R<pb::Vps> {
+        let r = req.into_inner();
+        self.agent.set(&r).await?;
+        self.vps(&r.name).await
+    }
+
+    type ExecStream = ExecStream;
+
+    async fn exec(&self, req: Request<pb::ExecRequest>) -> R<Self::ExecStream> {
+        Ok(Response::new(self.agent.exec(req.into_inner()).await?))
+    }
+
+    async fn read_console(
+        &self,
+        req: Request<pb::ReadConsoleRequest>,
+    ) -> R<pb::ReadConsoleResponse> {
+        let r = req.into_inner();
+        Ok(Response::new(pb::ReadConsoleResponse {
+            data: self.agent.console(&r.name, r.tail_bytes as usize)?,
+        }))
+    }
+}

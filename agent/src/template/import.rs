@@ -1,0 +1,423 @@
+//! Unpacking a rootfs archive without trusting it.
+//!
+//! Refused, with the entry named: paths with `..` components; entries that would
+//! be written through a symlink (so `evil -> /etc` followed by `evil/passwd`
+//! cannot reach the host); hard links to anything outside the tree; device nodes
+//! outside `dev/` (under `dev/` they are skipped: a VPS gets its own /dev);
+//! unknown entry types; archives over the size limit. Symlinks themselves may
+//! point anywhere, absolute ones included: they resolve inside the VPS's root,
+//! and nothing on the host follows them.
+
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use tar::EntryType;
+
+use crate::error::{AgentError, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Tar,
+    TarGz,
+    TarZst,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ImportLimits {
+    /// Most bytes the unpacked tree may hold.
+    pub max_bytes: u64,
+    pub max_entries: u64,
+}
+
+impl Default for ImportLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 32 << 30,
+            max_entries: 2_000_000,
+        }
+    }
+}
+
+/// Sniffs the compression from the first bytes.
+pub fn detect_format(head: &[u8]) -> Result<Format> {
+    if head.starts_with(&[0x1f, 0x8b]) {
+        Ok(Format::TarGz)
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Ok(Format::TarZst)
+    } else if head.len() >= 262 && &head[257..262] == b"ustar" {
+        Ok(Format::Tar)
+    } else {
+        Err(AgentError::BadArchive(
+            "not a tar, tar.gz or tar.zst archive".into(),
+        ))
+    }
+}
+
+/// Hashes what passes through it.
+struct Hashing<R> {
+    inner: R,
+    hash: Sha256,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Summary of an unpacked archive.
+pub struct Unpacked {
+    pub sha256: String,
+    pub bytes: u64,
+    pub entries: u64,
+}
+
+/// Unpacks `input` into `dest` (an empty directory). `format` None = sniff.
+pub fn unpack<R: Read>(
+    input: R,
+    format: Option<Format>,
+    dest: &Path,
+    limits: ImportLimits,
+) -> Result<Unpacked> {
+    let mut input = std::io::BufReader::with_capacity(
+        1 << 20,
+        Hashing {
+            inner: input,
+            hash: Sha256::new(),
+        },
+    );
+    let format = match format {
+        Some(f) => f,
+        None => {
+            use std::io::BufRead;
+            let head = input
+                .fill_buf()
+                .map_err(|e| AgentError::io("reading archive", e))?
+                .to_vec();
+            detect_format(&head)?
+        }
+    };
+    let (bytes, entries) = {
+        let reader: Box<dyn Read + '_> = match format {
+            Format::Tar => Box::new(&mut input),
+            Format::TarGz => Box::new(flate2::read::GzDecoder::new(&mut input)),
+            Format::TarZst => Box::new(
+                zstd::stream::read::Decoder::new(&mut input)
+                    .map_err(|e| AgentError::BadArchive(e.to_string()))?,
+            ),
+        };
+        unpack_tar(reader, dest, limits)?
+    };
+    // Read to the end so the checksum covers the whole archive.
+    std::io::copy(&mut input, &mut std::io::sink())
+        .map_err(|e| AgentError::io("reading archive", e))?;
+    let sha256 = hex::encode(input.into_inner().hash.finalize());
+    Ok(Unpacked {
+        sha256,
+        bytes,
+        entries,
+    })
+}
+
+fn unpack_tar(reader: impl Read, dest: &Path, limits: ImportLimits) -> Result<(u64, u64)> {
+    let mut ar = tar::Archive::new(reader);
+    ar.set_preserve_permissions(true);
+    ar.set_preserve_ownerships(true);
+    ar.set_preserve_mtime(true);
+    ar.set_unpack_xattrs(true);
+    ar.set_overwrite(true);
+    let mut total = 0u64;
+    let mut count = 0u64;
+    let bad = |e: std::io::Error| AgentError::BadArchive(e.to_string());
+    for entry in ar.entries().map_err(bad)? {
+        let mut entry = entry.map_err(bad)?;
+        count += 1;
+        if count > limits.max_entries {
+            return Err(AgentError::BadArchive(format!(
+                "more than {} entries",
+                limits.max_entries
+            )));
+        }
+        let raw = entry.path().map_err(bad)?.into_owned();
+        let Some(rel) = clean_path(&raw)? else {
+            continue;
+        };
+        let kind = entry.header().entry_type();
+        match kind {
+            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
+                total += entry.header().size().unwrap_or(0);
+                if total > limits.max_bytes {
+                    return Err(AgentError::BadArchive(format!(
+                        "unpacks to more than {} bytes",
+                        limits.max_bytes
+                    )));
+                }
+            }
+            EntryType::Directory | EntryType::Symlink | EntryType::Fifo => {}
+            EntryType::Link => {
+                let target = entry.link_name().map_err(bad)?.ok_or_else(|| {
+                    AgentError::BadArchive(format!("hard link {} has no target", raw.display()))
+                })?;
+                let t = clean_path(&target)?.ok_or_else(|| {
+                    AgentError::BadArchive(format!(
+                        "hard link {} points at the root",
+                        raw.display()
+                    ))
+                })?;
+                check_no_symlink_parents(dest, &t, &raw)?;
+                let full = dest.join(&t);
+                let meta = std::fs::symlink_metadata(&full).map_err(|_| {
+                    AgentError::BadArchive(format!(
+                        "hard link {} -> {}: target is not in the archive",
+                        raw.display(),
+                        t.display()
+                    ))
+                })?;
+                if meta.is_dir() {
+                    return Err(AgentError::BadArchive(format!(
+                        "hard link {} points at a directory",
+                        raw.display()
+                    )));
+                }
+            }
+            EntryType::Char | EntryType::Block => {
+                if rel.starts_with("dev") {
+                    continue;
+                }
+                return Err(AgentError::BadArchive(format!(
+                    "device node {} outside /dev is not allowed in a template",
+                    raw.display()
+                )));
+            }
+            EntryType::XGlobalHeader
+            | EntryType::XHeader
+            | EntryType::GNULongName
+            | EntryType::GNULongLink => continue,
+            other => {
+                return Err(AgentError::BadArchive(format!(
+                    "entry {} has unsupported type {other:?}",
+                    raw.display()
+                )))
+            }
+        }
+        check_no_symlink_parents(dest, &rel, &raw)?;
+        let target = dest.join(&rel);
+        // A symlink or file already there is replaced, never written through.
+        if let Ok(m) = std::fs::symlink_metadata(&target) {
+            if m.file_type().is_symlink() || (!m.is_dir() && kind != EntryType::Directory) {
+                let _ = std::fs::remove_file(&target);
+            }
+        }
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| AgentError::io(format!("creating {}", parent.display()), e))?;
+        }
+        entry
+            .unpack(&target)
+            .map_err(|e| AgentError::BadArchive(format!("unpacking {}: {e}", raw.display())))?;
+    }
+    Ok((total, count))
+}
+
+/// Normalizes an archive path to a relative one: drops `.` and a leading `/`,
+/// refuses `..`. None for the root itself.
+fn clean_path(p: &Path) -> Result<Option<PathBuf>> {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::Normal(s) => out.push(s),
+            Component::CurDir | Component::RootDir => {}
+            Component::ParentDir | Component::Prefix(_) => {
+                return Err(AgentError::BadArchive(format!(
+                    "entry {} leaves the tree (..)",
+                    p.display()
+                )))
+            }
+        }
+    }
+    Ok((!out.as_os_str().is_empty()).then_some(out))
+}
+
+/// Every ancestor of `rel` below `dest` must be a real directory (or absent).
+fn check_no_symlink_parents(dest: &Path, rel: &Path, raw: &Path) -> Result<()> {
+    let mut cur = dest.to_path_buf();
+    let comps: Vec<_> = rel.components().collect();
+    for c in &comps[..comps.len().saturating_sub(1)] {
+        cur.push(c);
+        match std::fs::symlink_metadata(&cur) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(AgentError::BadArchive(format!(
+                    "entry {} would be written through the symlink {}",
+                    raw.display(),
+                    cur.strip_prefix(dest).unwrap_or(&cur).display()
+                )))
+            }
+            Ok(m) if !m.is_dir() => {
+                return Err(AgentError::BadArchive(format!(
+                    "entry {}: a parent is not a directory",
+                    raw.display()
+                )))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds a tar in memory with raw headers, so hostile names get through
+    /// (the tar crate's builder refuses `..` itself).
+    fn tar_with(entries: &[(&str, EntryType, &[u8], Option<&str>)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, kind, data, link) in entries {
+            let mut h = tar::Header::new_gnu();
+            {
+                let gnu = h.as_gnu_mut().unwrap();
+                gnu.name[..name.len()].copy_from_slice(name.as_bytes());
+            }
+            h.set_entry_type(*kind);
+            h.set_size(data.len() as u64);
+            h.set_mode(if *kind == EntryType::Directory {
+                0o755
+            } else {
+                0o644
+            });
+            if let Some(l) = link {
+                h.set_link_name(l).unwrap();
+            }
+            if matches!(kind, EntryType::Char | EntryType::Block) {
+                h.set_device_major(8).unwrap();
+                h.set_device_minor(0).unwrap();
+            }
+            h.set_cksum();
+            b.append(&h, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn run(bytes: &[u8]) -> (tempfile::TempDir, Result<Unpacked>) {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("rootfs");
+        std::fs::create_dir(&dest).unwrap();
+        let r = unpack(bytes, None, &dest, ImportLimits::default());
+        (dir, r)
+    }
+
+    #[test]
+    fn unpacks_a_normal_tree_with_absolute_symlinks() {
+        let t = tar_with(&[
+            ("./", EntryType::Directory, b"", None),
+            ("./etc/", EntryType::Directory, b"", None),
+            ("./etc/hostname", EntryType::Regular, b"vps\n", None),
+            (
+                "./etc/localtime",
+                EntryType::Symlink,
+                b"",
+                Some("/usr/share/zoneinfo/UTC"),
+            ),
+            ("./etc/hn2", EntryType::Link, b"", Some("./etc/hostname")),
+            ("./dev/sda", EntryType::Block, b"", None),
+        ]);
+        let (dir, r) = run(&t);
+        let u = r.unwrap();
+        assert_eq!(u.sha256.len(), 64);
+        let root = dir.path().join("rootfs");
+        assert_eq!(std::fs::read(root.join("etc/hostname")).unwrap(), b"vps\n");
+        assert_eq!(std::fs::read(root.join("etc/hn2")).unwrap(), b"vps\n");
+        assert_eq!(
+            std::fs::read_link(root.join("etc/localtime")).unwrap(),
+            Path::new("/usr/share/zoneinfo/UTC")
+        );
+        assert!(
+            !root.join("dev/sda").exists(),
+            "device nodes under dev/ are skipped"
+        );
+    }
+
+    #[test]
+    fn refuses_hostile_archives_and_writes_nothing_outside() {
+        let outside = tempfile::tempdir().unwrap();
+        let out = outside.path().to_str().unwrap().to_string();
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (
+                tar_with(&[("../../etc/x", EntryType::Regular, b"pwn", None)]),
+                "leaves the tree",
+            ),
+            (
+                tar_with(&[
+                    ("evil", EntryType::Symlink, b"", Some(&out)),
+                    ("evil/owned", EntryType::Regular, b"pwn", None),
+                ]),
+                "through the symlink",
+            ),
+            (
+                tar_with(&[("hl", EntryType::Link, b"", Some("../../../etc/passwd"))]),
+                "leaves the tree",
+            ),
+            (
+                tar_with(&[("etc/sda", EntryType::Block, b"", None)]),
+                "device node",
+            ),
+            (
+                b"this is not an archive at all, just some text that goes on".repeat(10),
+                "not a tar",
+            ),
+        ];
+        for (bytes, want) in cases {
+            let (_d, r) = run(&bytes);
+            let e = r.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(e.contains(want), "expected {want:?}, got {e:?}");
+        }
+        assert_eq!(
+            std::fs::read_dir(outside.path()).unwrap().count(),
+            0,
+            "nothing written outside"
+        );
+    }
+
+    #[test]
+    fn size_limit_stops_a_bomb() {
+        let big = vec![0u8; 4096];
+        let t = tar_with(&[
+            ("a", EntryType::Regular, &big, None),
+            ("b", EntryType::Regular, &big, None),
+        ]);
+        let dir = tempfile::tempdir().unwrap();
+        let e = unpack(
+            &t[..],
+            Some(Format::Tar),
+            dir.path(),
+            ImportLimits {
+                max_bytes: 5000,
+                max_entries: 10,
+            },
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("more than 5000 bytes"), "{e}");
+    }
+
+    #[test]
+    fn compressed_formats_round_trip() {
+        let t = tar_with(&[("f", EntryType::Regular, b"hello", None)]);
+        let zst = zstd::encode_all(&t[..], 3).unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &t).unwrap();
+        let gz = gz.finish().unwrap();
+        for data in [zst, gz] {
+            let (dir, r) = run(&data);
+            r.unwrap();
+            assert_eq!(
+                std::fs::read(dir.path().join("rootfs/f")).unwrap(),
+                b"hello"
+            );
+        }
+    }
+}

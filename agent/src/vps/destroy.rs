@@ -1,0 +1,29 @@
+//! Destroy: the VPS's files, runtime state and every kernel object go.
+
+use std::time::Duration;
+
+use super::Agent;
+use crate::error::{AgentError, Result};
+
+impl Agent {
+    #[tracing::instrument(skip(self))]
+    pub async fn destroy(&self, name: &str, force: bool) -> Result<()> {
+        let lock = self.lock_for(name);
+        let _g = lock.lock().await;
+        self.record(name)?;
+        if self.status(name).is_running() {
+            if !force {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "VPS {name} is running; stop it first or destroy with force"
+                )));
+            }
+            self.stop_locked(name, Duration::from_secs(10), false)
+                .await?;
+        }
+        self.teardown(name).await?;
+        crate::template::remove_tree(&self.paths.vps_run(name))?;
+        crate::template::remove_tree(&self.paths.vps(name))?;
+        tracing::info!("destroyed");
+        Ok(())
+    }
+}

@@ -1,0 +1,222 @@
+//! The VPS lifecycle, one file per step. [`Agent`] holds what every step needs.
+
+mod adopt;
+mod console;
+mod create;
+mod destroy;
+mod exec;
+mod query;
+mod set;
+mod start;
+mod stop;
+
+pub use exec::ExecStream;
+pub use stop::DEFAULT_STOP_TIMEOUT;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup::{Layout, VpsCgroup};
+use crate::error::{AgentError, IoContext, Result};
+use crate::paths::Paths;
+use crate::runtime::{write_atomic, Phase, RuntimeState, STOP_MARKER};
+use crate::spec::{Capacity, VpsConfig};
+use crate::template::ImportLimits;
+
+/// How the agent was started.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub data_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub bridge: String,
+    pub bridge_cidr: ipnet::Ipv4Net,
+    /// Static busybox for the built-in template.
+    pub busybox: PathBuf,
+    /// This binary, re-executed as the monitor and the exec helper.
+    pub self_exe: PathBuf,
+    pub import_limits: ImportLimits,
+}
+
+/// The persistent record of a VPS (`vps/<name>/config.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VpsRecord {
+    pub config: VpsConfig,
+    pub created_unix: i64,
+}
+
+pub struct Agent {
+    pub cfg: AgentConfig,
+    pub paths: Paths,
+    /// Distinguishes this agent's cgroups from other agents' on the same kernel.
+    pub instance: String,
+    pub layout: Layout,
+    pub capacity: Capacity,
+    locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Held while a create checks names and addresses, so two creates cannot
+    /// both take the same one.
+    create_lock: tokio::sync::Mutex<()>,
+}
+
+impl Agent {
+    /// Prepares directories, the cgroup layout, the bridge and the busybox
+    /// template, then finds the VPSes left running by an earlier agent.
+    pub async fn open(cfg: AgentConfig) -> Result<Arc<Agent>> {
+        for p in [&cfg.data_dir, &cfg.run_dir] {
+            let s = p.to_string_lossy();
+            if !p.is_absolute() || s.contains(',') || s.contains(':') {
+                return Err(AgentError::invalid(
+                    "data_dir",
+                    format!("{s:?} must be an absolute path without ',' or ':'"),
+                ));
+            }
+        }
+        let paths = Paths::new(cfg.data_dir.clone(), cfg.run_dir.clone());
+        for d in [
+            paths.templates(),
+            paths.vps_root(),
+            paths.staging(),
+            paths.run_dir.clone(),
+        ] {
+            std::fs::create_dir_all(&d).at("creating", &d)?;
+        }
+        // Leftovers of interrupted imports.
+        if let Ok(rd) = std::fs::read_dir(paths.staging()) {
+            for e in rd.flatten() {
+                let _ = crate::template::remove_tree(&e.path());
+            }
+        }
+        let layout = Layout::detect()?;
+        let capacity = node_capacity();
+        let instance = instance_id(&cfg.run_dir);
+        crate::template::ensure_busybox(&paths, &cfg.busybox)?;
+        let host = crate::net::Netlink::host()?;
+        crate::net::ensure_bridge(&host, &cfg.bridge, cfg.bridge_cidr).await?;
+        let agent = Arc::new(Agent {
+            cfg,
+            paths,
+            instance,
+            layout,
+            capacity,
+            locks: Default::default(),
+            create_lock: Default::default(),
+        });
+        agent.adopt().await?;
+        Ok(agent)
+    }
+
+    fn lock_for(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(name.to_string()).or_default().clone()
+    }
+
+    pub fn cgroup(&self, name: &str) -> VpsCgroup {
+        VpsCgroup::new(self.layout.clone(), &self.instance, name)
+    }
+
+    pub fn record(&self, name: &str) -> Result<VpsRecord> {
+        crate::spec::validate_name("name", name)?;
+        let p = self.paths.vps(name).join("config.json");
+        let bytes = std::fs::read(&p).map_err(|_| AgentError::not_found("VPS", name))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| AgentError::Internal(format!("corrupt {}: {e}", p.display())))
+    }
+
+    pub fn save_record(&self, rec: &VpsRecord) -> Result<()> {
+        let p = self.paths.vps(&rec.config.name).join("config.json");
+        let json =
+            serde_json::to_vec_pretty(rec).map_err(|e| AgentError::Internal(e.to_string()))?;
+        write_atomic(&p, &json).at("writing", &p)
+    }
+
+    pub fn records(&self) -> Vec<VpsRecord> {
+        let mut out: Vec<VpsRecord> = std::fs::read_dir(self.paths.vps_root())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| self.record(n).ok()))
+            .collect();
+        out.sort_by(|a, b| a.config.name.cmp(&b.config.name));
+        out
+    }
+
+    /// The VPS's runtime status as of now.
+    pub fn status(&self, name: &str) -> Status {
+        let run = self.paths.vps_run(name);
+        let Some(state) = RuntimeState::read(&run) else {
+            return Status::Stopped(None);
+        };
+        match state.phase {
+            Phase::Running | Phase::Starting if state.init_alive() => {
+                if run.join(STOP_MARKER).exists() {
+                    Status::Stopping(state)
+                } else {
+                    Status::Running(state)
+                }
+            }
+            Phase::Running | Phase::Starting if state.monitor_alive() => Status::Running(state),
+            _ => Status::Stopped(Some(state)),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum Status {
+    Stopped(Option<RuntimeState>),
+    Running(RuntimeState),
+    Stopping(RuntimeState),
+}
+
+impl Status {
+    pub fn is_running(&self) -> bool {
+        !matches!(self, Status::Stopped(_))
+    }
+}
+
+/// The node's CPU (millicores) and memory.
+pub fn node_capacity() -> Capacity {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as u32;
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024;
+    Capacity {
+        cpu_millicores: cpus * 1000,
+        memory_bytes: mem,
+    }
+}
+
+fn instance_id(run_dir: &Path) -> String {
+    use sha2::Digest;
+    hex::encode(&sha2::Sha256::digest(run_dir.as_os_str().as_encoded_bytes())[..6])
+}
+
+pub(crate) fn is_mounted(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    info.lines()
+        .any(|l| l.split(' ').nth(4).map(unescape_mount) == Some(want.to_string()))
+}
+
+fn unescape_mount(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+pub(crate) fn now_unix() -> i64 {
+    crate::template::unix_now()
+}

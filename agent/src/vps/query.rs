@@ -1,0 +1,102 @@
+//! Get and list: the record, the runtime status and live usage.
+
+use ferry_proto::agent::v1 as pb;
+
+use super::{Agent, Status, VpsRecord};
+use crate::error::Result;
+use crate::runtime::{LaunchConfig, RuntimeState, LAUNCH_FILE};
+
+impl Agent {
+    pub async fn get(&self, name: &str) -> Result<pb::Vps> {
+        let rec = self.record(name)?;
+        Ok(self.describe(rec).await)
+    }
+
+    pub async fn list(&self) -> Vec<pb::Vps> {
+        let mut out = Vec::new();
+        for rec in self.records() {
+            out.push(self.describe(rec).await);
+        }
+        out
+    }
+
+    async fn describe(&self, rec: VpsRecord) -> pb::Vps {
+        let name = rec.config.name.clone();
+        let status = self.status(&name);
+        let upper = self.paths.vps(&name).join("upper");
+        let disk = tokio::task::spawn_blocking(move || crate::template::tree_usage(&upper).0)
+            .await
+            .unwrap_or(0);
+        let mut usage = pb::Usage {
+            disk_bytes: disk,
+            ..Default::default()
+        };
+        let (code, state) = match &status {
+            Status::Stopped(s) => (pb::VpsStatus::Stopped, s.clone()),
+            Status::Running(s) => (pb::VpsStatus::Running, Some(s.clone())),
+            Status::Stopping(s) => (pb::VpsStatus::Stopping, Some(s.clone())),
+        };
+        if status.is_running() {
+            let u = self.cgroup(&name).usage();
+            usage.cpu_nanos = u.cpu_nanos;
+            usage.memory_bytes = u.memory_bytes;
+            usage.memory_peak_bytes = u.memory_peak_bytes;
+            usage.pids = u.pids;
+            usage.oom_kills = u.oom_kills;
+        } else if let Some(s) = &state {
+            usage.oom_kills = s.oom_kills;
+        }
+        let st = state.unwrap_or_else(RuntimeState::default);
+        let running = status.is_running();
+        let host_veth = std::fs::read(self.paths.vps_run(&name).join(LAUNCH_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<LaunchConfig>(&b).ok())
+            .and_then(|l| l.host_veth)
+            .unwrap_or_default();
+        pb::Vps {
+            mac: rec
+                .config
+                .net
+                .as_ref()
+                .map(|n| crate::spec::format_mac(&n.mac))
+                .unwrap_or_default(),
+            spec: Some(rec.config.to_pb()),
+            status: code as i32,
+            init_pid: if running { st.init_pid } else { 0 },
+            started_unix: if running { st.started_unix } else { 0 },
+            stop_reason: if running {
+                String::new()
+            } else {
+                st.stop_reason.clone()
+            },
+            exit_code: if running { -1 } else { st.exit_code },
+            exit_signal: if running { 0 } else { st.exit_signal },
+            usage: Some(usage),
+            reboots: st.reboots,
+            host_veth,
+        }
+    }
+
+    pub fn node_info(&self) -> pb::NodeInfo {
+        let recs = self.records();
+        let running = recs
+            .iter()
+            .filter(|r| self.status(&r.config.name).is_running())
+            .count();
+        pb::NodeInfo {
+            hostname: nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            cgroup_version: self.layout.version().into(),
+            cpu_millicores: self.capacity.cpu_millicores,
+            memory_bytes: self.capacity.memory_bytes,
+            bridge: self.cfg.bridge.clone(),
+            bridge_cidr: self.cfg.bridge_cidr.to_string(),
+            vps_count: recs.len() as u32,
+            vps_running: running as u32,
+            allocated_millicores: recs.iter().map(|r| r.config.limits.cpu_millicores).sum(),
+            allocated_memory_bytes: recs.iter().map(|r| r.config.limits.memory_bytes).sum(),
+        }
+    }
+}

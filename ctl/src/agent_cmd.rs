@@ -1,0 +1,597 @@
+//! Node-local commands: `ferryctl --agent ADDR template|vps|node ...`.
+
+use std::io::Write;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use ferry_proto::agent::v1 as pb;
+use ferry_proto::agent::v1::agent_service_client::AgentServiceClient;
+use serde_json::json;
+use tonic::transport::Channel;
+
+use crate::table;
+use crate::units::{human_bytes, human_cpu, parse_bytes, parse_cpu};
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum TemplateCmd {
+    /// Import a rootfs archive (tar, tar.gz, tar.zst) as a template.
+    Import {
+        name: String,
+        /// Archive file; "-" reads standard input.
+        file: String,
+        /// The file is already on the node: the agent reads it there.
+        #[arg(long)]
+        on_node: bool,
+        /// Replace a template of the same name (refused while VPSes use it).
+        #[arg(long)]
+        replace: bool,
+    },
+    /// List templates.
+    Ls {
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Delete a template no VPS uses.
+    Rm { name: String },
+}
+
+#[derive(Args)]
+pub struct LimitArgs {
+    /// CPU quota: 500m, 1, 1.5 (cores).
+    #[arg(long)]
+    cpu: Option<String>,
+    /// Relative CPU weight, 1..10000 (default 100).
+    #[arg(long)]
+    cpu_weight: Option<u32>,
+    /// Memory limit: 256M, 1G.
+    #[arg(long)]
+    memory: Option<String>,
+    /// Swap on top of memory: 0, 512M.
+    #[arg(long)]
+    swap: Option<String>,
+    /// Most tasks (processes and threads).
+    #[arg(long)]
+    pids: Option<u32>,
+}
+
+#[derive(Subcommand)]
+pub enum VpsCmd {
+    /// Create a VPS (and start it with --start).
+    Create {
+        name: String,
+        #[arg(long, default_value = "busybox")]
+        template: String,
+        #[arg(long)]
+        hostname: Option<String>,
+        #[command(flatten)]
+        limits: LimitArgs,
+        /// IPv4 address, optionally with a prefix: 10.77.0.10 or 10.77.0.10/16.
+        #[arg(long)]
+        ip: Option<String>,
+        #[arg(long)]
+        gateway: Option<String>,
+        #[arg(long)]
+        mac: Option<String>,
+        /// Init command (default /sbin/init), e.g. --init /bin/sh --init -c --init 'sleep 1d'.
+        #[arg(long)]
+        init: Vec<String>,
+        /// Start when the node boots.
+        #[arg(long)]
+        autostart: bool,
+        #[arg(long)]
+        start: bool,
+    },
+    Start {
+        name: String,
+    },
+    Stop {
+        name: String,
+        /// Seconds between SIGTERM and SIGKILL.
+        #[arg(long, default_value_t = 30)]
+        timeout: u32,
+        /// Kill right away.
+        #[arg(long)]
+        force: bool,
+    },
+    Restart {
+        name: String,
+        #[arg(long, default_value_t = 30)]
+        timeout: u32,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Delete a VPS and its files.
+    Destroy {
+        name: String,
+        /// Stop it first if running.
+        #[arg(long)]
+        force: bool,
+    },
+    Ls {
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Output,
+    },
+    Show {
+        name: String,
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Run a command inside: ferryctl vps exec web1 -- ps aux
+    Exec {
+        name: String,
+        /// Kill the command after this many seconds (0 = never).
+        #[arg(long, default_value_t = 0)]
+        timeout: u32,
+        /// Extra environment, KEY=VALUE.
+        #[arg(long)]
+        env: Vec<String>,
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// Init's console output.
+    Logs {
+        name: String,
+        /// Bytes from the end.
+        #[arg(long, default_value_t = 65536)]
+        tail: u32,
+    },
+    /// Change limits (live on a running VPS) or autostart.
+    Set {
+        name: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+        #[arg(long)]
+        autostart: Option<bool>,
+    },
+}
+
+pub async fn connect(addr: &str) -> Result<AgentServiceClient<Channel>> {
+    let url = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let ch = Channel::from_shared(url.clone())
+        .with_context(|| format!("bad agent address {addr:?}"))?
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the agent at {url} (is ferry-agent running?)"))?;
+    Ok(AgentServiceClient::new(ch).max_decoding_message_size(64 << 20))
+}
+
+pub async fn template(c: &mut AgentServiceClient<Channel>, cmd: TemplateCmd) -> Result<()> {
+    match cmd {
+        TemplateCmd::Import {
+            name,
+            file,
+            on_node,
+            replace,
+        } => {
+            let header = pb::ImportTemplateHeader {
+                name,
+                format: pb::ArchiveFormat::Auto as i32,
+                replace,
+            };
+            let t = if on_node {
+                let path = std::path::absolute(&file)?.to_string_lossy().into_owned();
+                c.import_template_path(pb::ImportTemplatePathRequest {
+                    header: Some(header),
+                    path,
+                })
+                .await?
+                .into_inner()
+            } else {
+                let (tx, rx) = tokio::sync::mpsc::channel(4);
+                tx.send(pb::ImportTemplateChunk {
+                    item: Some(pb::import_template_chunk::Item::Header(header)),
+                })
+                .await?;
+                let reader = tokio::spawn(async move {
+                    use tokio::io::AsyncReadExt;
+                    let mut input: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if file == "-" {
+                        Box::new(tokio::io::stdin())
+                    } else {
+                        Box::new(
+                            tokio::fs::File::open(&file)
+                                .await
+                                .with_context(|| format!("opening {file}"))?,
+                        )
+                    };
+                    loop {
+                        let mut buf = vec![0u8; 1 << 20];
+                        let n = input.read(&mut buf).await?;
+                        if n == 0 {
+                            return anyhow::Ok(());
+                        }
+                        buf.truncate(n);
+                        if tx
+                            .send(pb::ImportTemplateChunk {
+                                item: Some(pb::import_template_chunk::Item::Data(buf)),
+                            })
+                            .await
+                            .is_err()
+                        {
+                            return Ok(());
+                        }
+                    }
+                });
+                let res = c
+                    .import_template(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await;
+                reader.await??;
+                res?.into_inner()
+            };
+            println!(
+                "imported template {} ({}, {} files, sha256 {})",
+                t.name,
+                human_bytes(t.size_bytes),
+                t.file_count,
+                t.sha256
+            );
+        }
+        TemplateCmd::Ls { output } => {
+            let ts = c
+                .list_templates(pb::ListTemplatesRequest {})
+                .await?
+                .into_inner()
+                .templates;
+            if output == Output::Json {
+                let v: Vec<_> = ts
+                    .iter()
+                    .map(|t| json!({"name": t.name, "size_bytes": t.size_bytes, "sha256": t.sha256, "source": t.source, "file_count": t.file_count, "imported_unix": t.imported_unix}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let rows = ts
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.name.clone(),
+                            human_bytes(t.size_bytes),
+                            t.file_count.to_string(),
+                            t.sha256[..t.sha256.len().min(16)].to_string(),
+                            t.source.clone(),
+                        ]
+                    })
+                    .collect::<Vec<_>>();
+                table::print(&["NAME", "SIZE", "FILES", "SHA256", "SOURCE"], &rows);
+            }
+        }
+        TemplateCmd::Rm { name } => {
+            c.delete_template(pb::DeleteTemplateRequest { name: name.clone() })
+                .await?;
+            println!("deleted template {name}");
+        }
+    }
+    Ok(())
+}
+
+fn status_name(s: i32) -> &'static str {
+    match pb::VpsStatus::try_from(s) {
+        Ok(pb::VpsStatus::Running) => "running",
+        Ok(pb::VpsStatus::Stopped) => "stopped",
+        Ok(pb::VpsStatus::Stopping) => "stopping",
+        _ => "unknown",
+    }
+}
+
+pub fn vps_json(v: &pb::Vps) -> serde_json::Value {
+    let spec = v.spec.clone().unwrap_or_default();
+    let l = spec.limits.unwrap_or_default();
+    let n = spec.net.unwrap_or_default();
+    let u = v.usage.unwrap_or_default();
+    json!({
+        "name": spec.name, "status": status_name(v.status), "template": spec.template, "hostname": spec.hostname,
+        "ip": n.ip, "prefix_len": n.prefix_len, "gateway": n.gateway, "mac": v.mac, "host_veth": v.host_veth,
+        "limits": {"cpu_millicores": l.cpu_millicores, "cpu_weight": l.cpu_weight, "memory_bytes": l.memory_bytes, "swap_bytes": l.swap_bytes, "pids": l.pids},
+        "init": spec.init, "autostart": spec.autostart, "init_pid": v.init_pid, "started_unix": v.started_unix,
+        "stop_reason": v.stop_reason, "exit_code": v.exit_code, "exit_signal": v.exit_signal, "reboots": v.reboots,
+        "usage": {"cpu_nanos": u.cpu_nanos, "memory_bytes": u.memory_bytes, "memory_peak_bytes": u.memory_peak_bytes, "pids": u.pids, "oom_kills": u.oom_kills, "disk_bytes": u.disk_bytes},
+    })
+}
+
+fn limits_req(name: &str, l: &LimitArgs, autostart: Option<bool>) -> Result<pb::SetVpsRequest> {
+    Ok(pb::SetVpsRequest {
+        name: name.to_string(),
+        cpu_millicores: l
+            .cpu
+            .as_deref()
+            .map(parse_cpu)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
+        cpu_weight: l.cpu_weight,
+        memory_bytes: l
+            .memory
+            .as_deref()
+            .map(parse_bytes)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
+        swap_bytes: l
+            .swap
+            .as_deref()
+            .map(parse_bytes)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
+        pids: l.pids,
+        autostart,
+    })
+}
+
+pub async fn vps(c: &mut AgentServiceClient<Channel>, cmd: VpsCmd) -> Result<i32> {
+    match cmd {
+        VpsCmd::Create {
+            name,
+            template,
+            hostname,
+            limits,
+            ip,
+            gateway,
+            mac,
+            init,
+            autostart,
+            start,
+        } => {
+            let l = limits_req(&name, &limits, None)?;
+            let (ip, prefix_len) = match ip.as_deref().map(|s| {
+                s.split_once('/')
+                    .map(|(a, p)| (a.to_string(), p.to_string()))
+                    .unwrap_or((s.to_string(), String::new()))
+            }) {
+                Some((a, p)) if !p.is_empty() => {
+                    (a, p.parse::<u32>().context("--ip prefix must be a number")?)
+                }
+                Some((a, _)) => (a, 0),
+                None => (String::new(), 0),
+            };
+            let spec = pb::VpsSpec {
+                name: name.clone(),
+                template,
+                hostname: hostname.unwrap_or_default(),
+                limits: Some(pb::Limits {
+                    cpu_millicores: l.cpu_millicores.unwrap_or(0),
+                    cpu_weight: l.cpu_weight.unwrap_or(0),
+                    memory_bytes: l.memory_bytes.unwrap_or(256 << 20),
+                    swap_bytes: l.swap_bytes.unwrap_or(0),
+                    pids: l.pids.unwrap_or(0),
+                }),
+                net: (!ip.is_empty()).then(|| pb::NetConfig {
+                    ip,
+                    prefix_len,
+                    gateway: gateway.unwrap_or_default(),
+                    mac: mac.unwrap_or_default(),
+                }),
+                init,
+                autostart,
+                generation: 0,
+            };
+            let v = c
+                .create_vps(pb::CreateVpsRequest {
+                    spec: Some(spec),
+                    start,
+                })
+                .await?
+                .into_inner();
+            println!(
+                "created VPS {name}{}",
+                if start {
+                    format!(" (running, init pid {})", v.init_pid)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        VpsCmd::Start { name } => {
+            let v = c
+                .start_vps(pb::StartVpsRequest { name: name.clone() })
+                .await?
+                .into_inner();
+            println!("started VPS {name} (init pid {})", v.init_pid);
+        }
+        VpsCmd::Stop {
+            name,
+            timeout,
+            force,
+        } => {
+            c.stop_vps(pb::StopVpsRequest {
+                name: name.clone(),
+                timeout_secs: timeout,
+                force,
+            })
+            .await?;
+            println!("stopped VPS {name}");
+        }
+        VpsCmd::Restart {
+            name,
+            timeout,
+            force,
+        } => {
+            let v = c
+                .restart_vps(pb::StopVpsRequest {
+                    name: name.clone(),
+                    timeout_secs: timeout,
+                    force,
+                })
+                .await?
+                .into_inner();
+            println!("restarted VPS {name} (init pid {})", v.init_pid);
+        }
+        VpsCmd::Destroy { name, force } => {
+            c.destroy_vps(pb::DestroyVpsRequest {
+                name: name.clone(),
+                force,
+            })
+            .await?;
+            println!("destroyed VPS {name}");
+        }
+        VpsCmd::Ls { output } => {
+            let vs = c.list_vps(pb::ListVpsRequest {}).await?.into_inner().vps;
+            if output == Output::Json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&vs.iter().map(vps_json).collect::<Vec<_>>())?
+                );
+            } else {
+                let rows = vs
+                    .iter()
+                    .map(|v| {
+                        let s = v.spec.clone().unwrap_or_default();
+                        let l = s.limits.unwrap_or_default();
+                        let u = v.usage.unwrap_or_default();
+                        vec![
+                            s.name,
+                            status_name(v.status).to_string(),
+                            s.net
+                                .map(|n| n.ip)
+                                .filter(|i| !i.is_empty())
+                                .unwrap_or_else(|| "-".into()),
+                            human_cpu(l.cpu_millicores),
+                            format!(
+                                "{}/{}",
+                                human_bytes(u.memory_bytes),
+                                human_bytes(l.memory_bytes)
+                            ),
+                            format!("{}/{}", u.pids, l.pids),
+                        ]
+                    })
+                    .collect::<Vec<_>>();
+                table::print(&["NAME", "STATUS", "IP", "CPU", "MEM", "PIDS"], &rows);
+            }
+        }
+        VpsCmd::Show { name, output } => {
+            let v = c.get_vps(pb::GetVpsRequest { name }).await?.into_inner();
+            let j = vps_json(&v);
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&j)?);
+            } else {
+                print_show(&v);
+            }
+        }
+        VpsCmd::Exec {
+            name,
+            timeout,
+            env,
+            argv,
+        } => {
+            let mut s = c
+                .exec(pb::ExecRequest {
+                    name,
+                    argv,
+                    env,
+                    stdin: Vec::new(),
+                    timeout_secs: timeout,
+                })
+                .await?
+                .into_inner();
+            let mut code = 0;
+            while let Some(m) = s.message().await? {
+                match m.item {
+                    Some(pb::exec_output::Item::Stdout(b)) => std::io::stdout().write_all(&b)?,
+                    Some(pb::exec_output::Item::Stderr(b)) => std::io::stderr().write_all(&b)?,
+                    Some(pb::exec_output::Item::ExitCode(c)) => code = c,
+                    None => {}
+                }
+            }
+            std::io::stdout().flush()?;
+            return Ok(code);
+        }
+        VpsCmd::Logs { name, tail } => {
+            let r = c
+                .read_console(pb::ReadConsoleRequest {
+                    name,
+                    tail_bytes: tail,
+                })
+                .await?
+                .into_inner();
+            std::io::stdout().write_all(&r.data)?;
+        }
+        VpsCmd::Set {
+            name,
+            limits,
+            autostart,
+        } => {
+            let req = limits_req(&name, &limits, autostart)?;
+            if req.cpu_millicores.is_none()
+                && req.cpu_weight.is_none()
+                && req.memory_bytes.is_none()
+                && req.swap_bytes.is_none()
+                && req.pids.is_none()
+                && req.autostart.is_none()
+            {
+                bail!("nothing to change: give --cpu, --cpu-weight, --memory, --swap, --pids or --autostart");
+            }
+            c.set_vps(req).await?;
+            println!("updated VPS {name}");
+        }
+    }
+    Ok(0)
+}
+
+fn print_show(v: &pb::Vps) {
+    let s = v.spec.clone().unwrap_or_default();
+    let l = s.limits.unwrap_or_default();
+    let u = v.usage.unwrap_or_default();
+    let n = s.net.unwrap_or_default();
+    let mut rows = vec![
+        ("Name", s.name.clone()),
+        ("Status", status_name(v.status).to_string()),
+        ("Template", s.template.clone()),
+        ("Hostname", s.hostname.clone()),
+        (
+            "IP",
+            if n.ip.is_empty() {
+                "-".into()
+            } else {
+                format!("{}/{} via {}", n.ip, n.prefix_len, n.gateway)
+            },
+        ),
+        (
+            "MAC",
+            if v.mac.is_empty() {
+                "-".into()
+            } else {
+                v.mac.clone()
+            },
+        ),
+        ("Init", s.init.join(" ")),
+        (
+            "CPU",
+            format!("{} (weight {})", human_cpu(l.cpu_millicores), l.cpu_weight),
+        ),
+        (
+            "Memory",
+            format!(
+                "{} used, {} peak, limit {} + {} swap",
+                human_bytes(u.memory_bytes),
+                human_bytes(u.memory_peak_bytes),
+                human_bytes(l.memory_bytes),
+                human_bytes(l.swap_bytes)
+            ),
+        ),
+        ("Pids", format!("{} of {}", u.pids, l.pids)),
+        ("CPU time", format!("{:.2}s", u.cpu_nanos as f64 / 1e9)),
+        ("OOM kills", u.oom_kills.to_string()),
+        ("Disk", human_bytes(u.disk_bytes)),
+        ("Autostart", s.autostart.to_string()),
+        ("Reboots", v.reboots.to_string()),
+    ];
+    if v.init_pid > 0 {
+        rows.push(("Init pid", v.init_pid.to_string()));
+    }
+    if !v.stop_reason.is_empty() {
+        let how = if v.exit_signal != 0 {
+            format!("signal {}", v.exit_signal)
+        } else {
+            format!("exit code {}", v.exit_code)
+        };
+        rows.push(("Last stop", format!("{} ({how})", v.stop_reason)));
+    }
+    for (k, val) in rows {
+        println!("{k:<10} {val}");
+    }
+}
