@@ -2,13 +2,13 @@
 //! monitor (`monitor`) and as the exec helper (`enter`); those two run without
 //! an async runtime, single-threaded, because they fork.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ferry_agent::paths::Paths;
 use ferry_agent::vps::{Agent, AgentConfig};
+use ferry_proto::addr::Addr;
 use ferry_proto::agent::v1::agent_service_server::AgentServiceServer;
 
 #[derive(Parser)]
@@ -27,9 +27,9 @@ struct Cli {
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// gRPC listen address.
+    /// gRPC listen address: HOST:PORT or unix:/path.
     #[arg(long, env = "FERRY_AGENT_LISTEN", default_value = "127.0.0.1:7700")]
-    listen: SocketAddr,
+    listen: Addr,
     /// Persistent state: templates, VPS configs and files.
     #[arg(long, env = "FERRY_DATA_DIR", default_value = "/var/lib/ferry")]
     data_dir: PathBuf,
@@ -87,7 +87,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let run_dir = args.run_dir.clone().unwrap_or_else(|| Paths::default_run_dir(&args.data_dir));
+        let run_dir = args
+            .run_dir
+            .clone()
+            .unwrap_or_else(|| Paths::default_run_dir(&args.data_dir));
         let cfg = AgentConfig {
             data_dir: args.data_dir,
             run_dir,
@@ -100,18 +103,45 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let agent = Agent::open(cfg).await.context("starting the agent")?;
         agent.spawn_reaper();
         tracing::info!(listen = %args.listen, "agent serving");
-        tonic::transport::Server::builder()
-            .add_service(AgentServiceServer::new(ferry_agent::service::Service { agent }))
-            .serve_with_shutdown(args.listen, async {
-                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        let svc = AgentServiceServer::new(ferry_agent::service::Service { agent })
+            .max_decoding_message_size(16 << 20);
+        let router = tonic::transport::Server::builder().add_service(svc);
+        match &args.listen {
+            Addr::Tcp(h) => {
+                let sa: std::net::SocketAddr = h
+                    .parse()
+                    .with_context(|| format!("--listen {h}: not IP:PORT"))?;
+                router
+                    .serve_with_shutdown(sa, shutdown())
+                    .await
+                    .context("serving gRPC")?;
+            }
+            Addr::Unix(p) => {
+                let _ = std::fs::remove_file(p);
+                if let Some(d) = p.parent() {
+                    std::fs::create_dir_all(d)
+                        .with_context(|| format!("creating {}", d.display()))?;
                 }
-                tracing::info!("shutting down; VPSes keep running");
-            })
-            .await
-            .context("serving gRPC")?;
+                let l = tokio::net::UnixListener::bind(p)
+                    .with_context(|| format!("binding {}", p.display()))?;
+                router
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::UnixListenerStream::new(l),
+                        shutdown(),
+                    )
+                    .await
+                    .context("serving gRPC")?;
+            }
+        }
         Ok(())
     })
+}
+
+async fn shutdown() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+    tracing::info!("shutting down; VPSes keep running");
 }

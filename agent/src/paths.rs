@@ -29,6 +29,13 @@ impl Paths {
         PathBuf::from("/run/ferry").join(hex::encode(&h[..6]))
     }
 
+    /// A short id for an agent, from its run dir: it names the agent's cgroup
+    /// subtree, so agents sharing one kernel never collide.
+    pub fn instance_id(run_dir: &Path) -> String {
+        use sha2::Digest;
+        hex::encode(&sha2::Sha256::digest(run_dir.as_os_str().as_encoded_bytes())[..6])
+    }
+
     pub fn templates(&self) -> PathBuf {
         self.data_dir.join("templates")
     }

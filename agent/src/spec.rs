@@ -391,7 +391,8 @@ mod tests {
 
     #[test]
     fn rejects_bad_fields_naming_them() {
-        let cases: Vec<(Box<dyn Fn(&mut pb::VpsSpec)>, &str)> = vec![
+        type Mutate = Box<dyn Fn(&mut pb::VpsSpec)>;
+        let cases: Vec<(Mutate, &str)> = vec![
             (
                 Box::new(|s| s.net.as_mut().unwrap().ip = "10.77.0.300".into()),
                 "net.ip",

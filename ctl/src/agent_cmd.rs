@@ -152,16 +152,10 @@ pub enum VpsCmd {
 }
 
 pub async fn connect(addr: &str) -> Result<AgentServiceClient<Channel>> {
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    let ch = Channel::from_shared(url.clone())
-        .with_context(|| format!("bad agent address {addr:?}"))?
-        .connect()
+    let a: ferry_proto::addr::Addr = addr.parse().map_err(anyhow::Error::msg)?;
+    let ch = ferry_proto::addr::connect(&a)
         .await
-        .with_context(|| format!("cannot reach the agent at {url} (is ferry-agent running?)"))?;
+        .with_context(|| format!("cannot reach the agent at {a} (is ferry-agent running?)"))?;
     Ok(AgentServiceClient::new(ch).max_decoding_message_size(64 << 20))
 }
 

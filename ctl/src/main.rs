@@ -33,7 +33,7 @@ enum Cmd {
     Template(agent_cmd::TemplateCmd),
     /// VPSes on the node.
     #[command(subcommand)]
-    Vps(agent_cmd::VpsCmd),
+    Vps(Box<agent_cmd::VpsCmd>),
     /// Facts about the node.
     Node,
 }
@@ -55,7 +55,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     let mut c = agent_cmd::connect(&cli.agent).await?;
     match cli.cmd {
         Cmd::Template(t) => agent_cmd::template(&mut c, t).await.map(|_| 0),
-        Cmd::Vps(v) => agent_cmd::vps(&mut c, v).await,
+        Cmd::Vps(v) => agent_cmd::vps(&mut c, *v).await,
         Cmd::Node => {
             let n = c
                 .get_node(ferry_proto::agent::v1::GetNodeRequest {})

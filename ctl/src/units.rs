@@ -60,7 +60,7 @@ pub fn human_bytes(b: u64) -> String {
 pub fn human_cpu(m: u32) -> String {
     if m == 0 {
         "-".into()
-    } else if m % 1000 == 0 {
+    } else if m.is_multiple_of(1000) {
         format!("{}", m / 1000)
     } else {
         format!("{m}m")

@@ -182,6 +182,15 @@ fn unpack_tar(reader: impl Read, dest: &Path, limits: ImportLimits) -> Result<(u
                         raw.display()
                     )));
                 }
+                // Linked here, from the checked in-tree path: the tar crate's own
+                // unpack would resolve the link's source against our cwd.
+                check_no_symlink_parents(dest, &rel, &raw)?;
+                let target = dest.join(&rel);
+                let _ = std::fs::remove_file(&target);
+                std::fs::hard_link(&full, &target).map_err(|e| {
+                    AgentError::BadArchive(format!("hard link {}: {e}", raw.display()))
+                })?;
+                continue;
             }
             EntryType::Char | EntryType::Block => {
                 if rel.starts_with("dev") {
@@ -282,6 +291,9 @@ mod tests {
                 gnu.name[..name.len()].copy_from_slice(name.as_bytes());
             }
             h.set_entry_type(*kind);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
             h.set_size(data.len() as u64);
             h.set_mode(if *kind == EntryType::Directory {
                 0o755

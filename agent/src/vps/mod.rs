@@ -90,7 +90,7 @@ impl Agent {
         }
         let layout = Layout::detect()?;
         let capacity = node_capacity();
-        let instance = instance_id(&cfg.run_dir);
+        let instance = Paths::instance_id(&cfg.run_dir);
         crate::template::ensure_busybox(&paths, &cfg.busybox)?;
         let host = crate::net::Netlink::host()?;
         crate::net::ensure_bridge(&host, &cfg.bridge, cfg.bridge_cidr).await?;
@@ -194,11 +194,6 @@ pub fn node_capacity() -> Capacity {
         cpu_millicores: cpus * 1000,
         memory_bytes: mem,
     }
-}
-
-fn instance_id(run_dir: &Path) -> String {
-    use sha2::Digest;
-    hex::encode(&sha2::Sha256::digest(run_dir.as_os_str().as_encoded_bytes())[..6])
 }
 
 pub(crate) fn is_mounted(path: &Path) -> bool {

@@ -1,0 +1,401 @@
+//! Test hosts: each is a network namespace with its own agent, data dir, run
+//! dir and bridge, like a separate server. Cleanup does not trust the agent: it
+//! kills by cgroup and by path, unmounts, removes cgroups and the netns, so a
+//! failed or killed test leaves nothing, and leftovers of a killed earlier run
+//! are swept at the next start.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use ferry_proto::agent::v1 as pb;
+use ferry_proto::agent::v1::agent_service_client::AgentServiceClient;
+use tonic::transport::Channel;
+
+pub const ROOT: &str = "/var/tmp/ferry-tests";
+pub const AGENT: &str = env!("CARGO_BIN_EXE_ferry-agent");
+pub const BRIDGE: &str = "fbr0";
+pub const BRIDGE_CIDR: &str = "10.77.0.1/16";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+static SWEEP: std::sync::Once = std::sync::Once::new();
+
+/// Serializes tests that load the CPU or memory, so their measurements hold.
+pub static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+pub struct Host {
+    pub id: String,
+    pub dir: PathBuf,
+    agent: Option<Child>,
+}
+
+impl Host {
+    pub async fn new() -> Host {
+        SWEEP.call_once(sweep_leftovers);
+        let id = format!(
+            "ft{}x{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let dir = Path::new(ROOT).join(&id);
+        cleanup(&id);
+        std::fs::create_dir_all(&dir).expect("creating test dir");
+        run_ok("ip", &["netns", "add", &id]);
+        run_ok("ip", &["-n", &id, "link", "set", "lo", "up"]);
+        let mut h = Host {
+            id,
+            dir,
+            agent: None,
+        };
+        h.start_agent().await;
+        h
+    }
+
+    pub fn sock(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.join("run")
+    }
+    pub fn netns_path(&self) -> String {
+        format!("/run/netns/{}", self.id)
+    }
+
+    pub async fn start_agent(&mut self) {
+        let _ = std::fs::remove_file(self.sock());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .unwrap();
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", self.netns_path()))
+            .arg("--")
+            .arg(AGENT)
+            .args(["--listen", &format!("unix:{}", self.sock().display())])
+            .args(["--data-dir", self.data_dir().to_str().unwrap()])
+            .args(["--run-dir", self.run_dir().to_str().unwrap()])
+            .args(["--bridge", BRIDGE, "--bridge-cidr", BRIDGE_CIDR])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawning the agent");
+        self.agent = Some(child);
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.sock().exists() && self.try_client().await.is_some() {
+                return;
+            }
+            if let Some(Ok(Some(st))) = self.agent.as_mut().map(|c| c.try_wait()) {
+                panic!("agent exited with {st}: {}", self.agent_log());
+            }
+            assert!(
+                Instant::now() < end,
+                "agent did not come up: {}",
+                self.agent_log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL, the way a crash would end it.
+    pub fn kill_agent(&mut self) {
+        if let Some(mut c) = self.agent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    async fn try_client(&self) -> Option<AgentServiceClient<Channel>> {
+        let ch = ferry_proto::addr::connect(&ferry_proto::addr::Addr::Unix(self.sock()))
+            .await
+            .ok()?;
+        Some(AgentServiceClient::new(ch))
+    }
+
+    pub async fn client(&self) -> AgentServiceClient<Channel> {
+        self.try_client().await.expect("connecting to the agent")
+    }
+
+    /// A shell command in this host's network namespace.
+    pub fn sh(&self, cmd: &str) -> Output {
+        Command::new("nsenter")
+            .arg(format!("--net={}", self.netns_path()))
+            .args(["--", "/bin/sh", "-c", cmd])
+            .output()
+            .expect("nsenter")
+    }
+
+    /// An HTTP GET from this host's network namespace; the body, or "" on failure.
+    pub fn http_get(&self, url: &str) -> String {
+        let o = self.sh(&format!("curl -s -m 3 {url}"));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    pub fn instance(&self) -> String {
+        ferry_agent::paths::Paths::instance_id(&self.run_dir())
+    }
+
+    /// Every cgroup directory a VPS of this host would have.
+    pub fn cgroup_dirs(&self, vps: &str) -> Vec<PathBuf> {
+        let layout = ferry_agent::cgroup::Layout::detect().expect("cgroup layout");
+        ferry_agent::cgroup::VpsCgroup::new(layout, &self.instance(), vps).dirs()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.kill_agent();
+        cleanup(&self.id);
+    }
+}
+
+fn cgroup_mounts() -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter(|l| l.contains(" - cgroup ") || l.contains(" - cgroup2 "))
+        .filter_map(|l| l.split(' ').nth(4).map(PathBuf::from))
+        .collect()
+}
+
+/// Removes everything a test host made, agent or no agent.
+pub fn cleanup(id: &str) {
+    let dir = Path::new(ROOT).join(id);
+    let dir_s = dir.to_string_lossy().to_string();
+    // Agents and monitors name the dir on their command line.
+    for p in pids_matching(|cmdline| cmdline.contains(&dir_s)) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let inst = ferry_agent::paths::Paths::instance_id(&dir.join("run"));
+    for m in cgroup_mounts() {
+        let base = m.join("ferry").join(&inst);
+        if !base.exists() {
+            continue;
+        }
+        for _ in 0..100 {
+            let mut leaves = Vec::new();
+            collect_dirs(&base, &mut leaves);
+            leaves.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+            for d in &leaves {
+                if let Ok(procs) = std::fs::read_to_string(d.join("cgroup.procs")) {
+                    for p in procs.lines().filter_map(|l| l.trim().parse().ok()) {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(p),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
+                let _ = std::fs::remove_dir(d);
+            }
+            if !base.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // Deepest mounts first.
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut mounts: Vec<String> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(&dir_s))
+        .map(str::to_string)
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in mounts {
+        let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    if Path::new("/run/netns").join(id).exists() {
+        let _ = Command::new("ip").args(["netns", "del", id]).status();
+    }
+}
+
+fn collect_dirs(d: &Path, out: &mut Vec<PathBuf>) {
+    out.push(d.to_path_buf());
+    if let Ok(rd) = std::fs::read_dir(d) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                collect_dirs(&e.path(), out);
+            }
+        }
+    }
+}
+
+fn pids_matching(f: impl Fn(&str) -> bool) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| *p != me)
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .map(|b| f(&String::from_utf8_lossy(&b).replace('\0', " ")))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// Hosts of test processes that no longer run (a killed earlier run).
+fn sweep_leftovers() {
+    let mut ids: Vec<String> = std::fs::read_dir(ROOT)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .collect();
+    ids.extend(
+        std::fs::read_dir("/run/netns")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_string)),
+    );
+    for id in ids {
+        let Some(pid) = id
+            .strip_prefix("ft")
+            .and_then(|r| r.split('x').next())
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() as i32 && !Path::new(&format!("/proc/{pid}")).exists() {
+            cleanup(&id);
+        }
+    }
+}
+
+pub fn run_ok(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Bounds a test: a hang fails it instead of holding CI.
+pub async fn bounded<F: std::future::Future<Output = ()>>(secs: u64, f: F) {
+    tokio::time::timeout(Duration::from_secs(secs), f)
+        .await
+        .expect("test timed out");
+}
+
+pub fn spec(name: &str, ip: Option<&str>) -> pb::VpsSpec {
+    pb::VpsSpec {
+        name: name.into(),
+        template: "busybox".into(),
+        limits: Some(pb::Limits {
+            memory_bytes: 128 << 20,
+            ..Default::default()
+        }),
+        net: ip.map(|i| pb::NetConfig {
+            ip: i.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub async fn create_started(c: &mut AgentServiceClient<Channel>, spec: pb::VpsSpec) -> pb::Vps {
+    c.create_vps(pb::CreateVpsRequest {
+        spec: Some(spec),
+        start: true,
+    })
+    .await
+    .expect("create+start")
+    .into_inner()
+}
+
+pub struct ExecResult {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+pub async fn exec(c: &mut AgentServiceClient<Channel>, name: &str, argv: &[&str]) -> ExecResult {
+    exec_t(c, name, argv, 60).await
+}
+
+pub async fn exec_t(
+    c: &mut AgentServiceClient<Channel>,
+    name: &str,
+    argv: &[&str],
+    timeout: u32,
+) -> ExecResult {
+    let req = pb::ExecRequest {
+        name: name.into(),
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        timeout_secs: timeout,
+        ..Default::default()
+    };
+    let mut s = c.exec(req).await.expect("exec").into_inner();
+    let (mut out, mut err, mut code) = (Vec::new(), Vec::new(), -999);
+    while let Some(m) = s.message().await.expect("exec stream") {
+        match m.item {
+            Some(pb::exec_output::Item::Stdout(b)) => out.extend(b),
+            Some(pb::exec_output::Item::Stderr(b)) => err.extend(b),
+            Some(pb::exec_output::Item::ExitCode(c)) => code = c,
+            None => {}
+        }
+    }
+    ExecResult {
+        code,
+        stdout: String::from_utf8_lossy(&out).into(),
+        stderr: String::from_utf8_lossy(&err).into(),
+    }
+}
+
+pub async fn get(c: &mut AgentServiceClient<Channel>, name: &str) -> pb::Vps {
+    c.get_vps(pb::GetVpsRequest { name: name.into() })
+        .await
+        .expect("get")
+        .into_inner()
+}
+
+/// Polls until `f` holds for the VPS, or panics after `secs`.
+pub async fn wait_for(
+    c: &mut AgentServiceClient<Channel>,
+    name: &str,
+    secs: u64,
+    what: &str,
+    f: impl Fn(&pb::Vps) -> bool,
+) -> pb::Vps {
+    let end = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let v = get(c, name).await;
+        if f(&v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out waiting for {name}: {what}; last: {v:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn running(v: &pb::Vps) -> bool {
+    v.status == pb::VpsStatus::Running as i32
+}
+pub fn stopped(v: &pb::Vps) -> bool {
+    v.status == pb::VpsStatus::Stopped as i32
+}

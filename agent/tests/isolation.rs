@@ -1,0 +1,177 @@
+//! A VPS is its own server: hostname, process tree, files, capabilities, masks.
+
+mod common;
+use common::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vps_sees_only_itself() {
+    bounded(120, async {
+        let h = Host::new().await;
+        let mut c = h.client().await;
+        let mut s = spec("iso1", None);
+        s.hostname = "box.example".into();
+        let v = create_started(&mut c, s).await;
+        assert!(v.init_pid > 0);
+
+        let r = exec(&mut c, "iso1", &["hostname"]).await;
+        assert_eq!((r.code, r.stdout.trim()), (0, "box.example"));
+
+        // ps: init is PID 1 and every process is the VPS's own.
+        let r = exec(&mut c, "iso1", &["ps", "-o", "pid,comm"]).await;
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let lines: Vec<&str> = r.stdout.lines().skip(1).collect();
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["1", "init"]),
+            "{}",
+            r.stdout
+        );
+        assert!(
+            lines.len() <= 4,
+            "only init, httpd, ps (and sh): {}",
+            r.stdout
+        );
+        assert!(
+            !r.stdout.contains("ferry-agent") && !r.stdout.contains("cargo"),
+            "{}",
+            r.stdout
+        );
+
+        // A host file is invisible; the VPS's own tree is the template's.
+        let marker = h.dir.join("host-secret");
+        std::fs::write(&marker, "x").unwrap();
+        let r = exec(&mut c, "iso1", &["ls", marker.to_str().unwrap()]).await;
+        assert_ne!(r.code, 0, "host file visible inside: {}", r.stdout);
+        let r = exec(&mut c, "iso1", &["cat", "/etc/inittab"]).await;
+        assert!(r.stdout.contains("httpd"), "{}", r.stdout);
+
+        // Capabilities: no SYS_MODULE (16), SYS_RAWIO (17), SYS_TIME (25); SYS_ADMIN (21) kept.
+        let r = exec(&mut c, "iso1", &["grep", "CapBnd", "/proc/self/status"]).await;
+        let bnd = u64::from_str_radix(r.stdout.split_whitespace().nth(1).unwrap(), 16).unwrap();
+        for dropped in [2, 16, 17, 25, 33, 34, 39] {
+            assert_eq!(bnd & (1 << dropped), 0, "cap {dropped} kept: {bnd:x}");
+        }
+        assert_ne!(bnd & (1 << 21), 0);
+        // Setting the clock fails even for root (busybox date says so but exits 0).
+        let r = exec(&mut c, "iso1", &["date", "-s", "2000-01-01"]).await;
+        assert!(
+            r.stderr.contains("not permitted"),
+            "date -s inside a VPS: {} {}",
+            r.stdout,
+            r.stderr
+        );
+        let year = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            / 31_557_600
+            + 1970;
+        assert!(year > 2020, "host clock moved");
+
+        // Masks: whichever of these the host kernel has read as empty inside.
+        let mut checked = 0;
+        for f in [
+            "kcore",
+            "sysrq-trigger",
+            "keys",
+            "timer_list",
+            "sched_debug",
+            "latency_stats",
+        ] {
+            if std::path::Path::new("/proc").join(f).exists() {
+                let r = exec(&mut c, "iso1", &["sh", "-c", &format!("wc -c < /proc/{f}")]).await;
+                assert_eq!(
+                    (r.code, r.stdout.trim()),
+                    (0, "0"),
+                    "/proc/{f} not masked: {}",
+                    r.stderr
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 1, "no maskable /proc file on this kernel");
+        let r = exec(
+            &mut c,
+            "iso1",
+            &[
+                "sh",
+                "-c",
+                "find /proc/acpi /sys/firmware -mindepth 1 | wc -l; touch /proc/acpi/x",
+            ],
+        )
+        .await;
+        assert_ne!(r.code, 0, "masked dir writable");
+        assert_eq!(r.stdout.trim(), "0", "masked dirs not empty: {}", r.stdout);
+        let r = exec(
+            &mut c,
+            "iso1",
+            &["sh", "-c", "echo 1 > /proc/sys/kernel/sysrq"],
+        )
+        .await;
+        assert_ne!(r.code, 0, "/proc/sys/kernel writable");
+        let r = exec(
+            &mut c,
+            "iso1",
+            &[
+                "sh",
+                "-c",
+                "echo 1 > /proc/sys/net/ipv4/ip_forward && cat /proc/sys/net/ipv4/ip_forward",
+            ],
+        )
+        .await;
+        assert_eq!(
+            (r.code, r.stdout.trim()),
+            (0, "1"),
+            "the VPS's own net sysctls are writable: {}",
+            r.stderr
+        );
+        let r = exec(&mut c, "iso1", &["sh", "-c", "touch /sys/x"]).await;
+        assert_ne!(r.code, 0, "/sys writable");
+
+        // A minimal /dev: the listed nodes, nothing of the host's disks.
+        let r = exec(&mut c, "iso1", &["ls", "/dev"]).await;
+        for n in [
+            "null", "zero", "full", "random", "urandom", "tty", "ptmx", "pts", "shm",
+        ] {
+            assert!(
+                r.stdout.split_whitespace().any(|x| x == n),
+                "/dev/{n} missing: {}",
+                r.stdout
+            );
+        }
+        assert!(
+            !r.stdout.contains("vda") && !r.stdout.contains("sda"),
+            "{}",
+            r.stdout
+        );
+        // A device node made inside cannot be opened (device cgroup).
+        let r = exec(
+            &mut c,
+            "iso1",
+            &["sh", "-c", "mknod /tmp/disk b 254 0 && head -c1 /tmp/disk"],
+        )
+        .await;
+        assert_ne!(r.code, 0, "opened a block device: {}", r.stdout);
+
+        // Init holds no descriptor of the agent's or the monitor's: only 0, 1, 2.
+        let r = exec(&mut c, "iso1", &["ls", "/proc/1/fd"]).await;
+        assert_eq!(
+            r.stdout.split_whitespace().collect::<Vec<_>>(),
+            ["0", "1", "2"],
+            "{}",
+            r.stdout
+        );
+        // And it leads its own session inside the pid namespace.
+        let r = exec(&mut c, "iso1", &["cat", "/proc/1/stat"]).await;
+        let after = r.stdout.rsplit_once(')').unwrap().1;
+        let f: Vec<&str> = after.split_whitespace().collect();
+        assert_eq!(
+            (f[2], f[3]),
+            ("1", "1"),
+            "pgid and sid of init: {}",
+            r.stdout
+        );
+    })
+    .await;
+}

@@ -1,0 +1,93 @@
+//! Service addresses as operators write them, on both ends of a connection:
+//! `HOST:PORT`, `http://HOST:PORT`, or `unix:/path/to.sock`.
+
+use std::path::PathBuf;
+
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Addr {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for Addr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(p) = s
+            .strip_prefix("unix://")
+            .or_else(|| s.strip_prefix("unix:"))
+        {
+            if !p.starts_with('/') {
+                return Err(format!("{s:?}: a unix socket address needs an absolute path (unix:/run/ferry/agent.sock)"));
+            }
+            return Ok(Addr::Unix(PathBuf::from(p)));
+        }
+        let hostport = s.strip_prefix("http://").unwrap_or(s);
+        if hostport
+            .rsplit_once(':')
+            .is_none_or(|(_, port)| port.parse::<u16>().is_err())
+        {
+            return Err(format!("{s:?} is not HOST:PORT or unix:/path"));
+        }
+        Ok(Addr::Tcp(hostport.to_string()))
+    }
+}
+
+impl std::fmt::Display for Addr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Addr::Tcp(h) => write!(f, "{h}"),
+            Addr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// Connects a gRPC channel to `addr`.
+pub async fn connect(addr: &Addr) -> Result<Channel, tonic::transport::Error> {
+    match addr {
+        Addr::Tcp(h) => {
+            Endpoint::from_shared(format!("http://{h}"))?
+                .connect()
+                .await
+        }
+        Addr::Unix(p) => {
+            let p = p.clone();
+            // The URI is a placeholder: the connector below decides where to go.
+            Endpoint::from_static("http://localhost")
+                .connect_with_connector(tower::service_fn(move |_| {
+                    let p = p.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                            tokio::net::UnixStream::connect(p).await?,
+                        ))
+                    }
+                }))
+                .await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_tcp_and_unix() {
+        assert_eq!(
+            "127.0.0.1:7700".parse::<Addr>().unwrap(),
+            Addr::Tcp("127.0.0.1:7700".into())
+        );
+        assert_eq!(
+            "http://h:1".parse::<Addr>().unwrap(),
+            Addr::Tcp("h:1".into())
+        );
+        assert_eq!(
+            "unix:/run/a.sock".parse::<Addr>().unwrap(),
+            Addr::Unix("/run/a.sock".into())
+        );
+        assert!("unix:rel.sock".parse::<Addr>().is_err());
+        assert!("nohost".parse::<Addr>().is_err());
+        assert!("h:99999".parse::<Addr>().is_err());
+    }
+}
