@@ -376,6 +376,11 @@ mod tests {
                 tar_with(&[("etc/sda", EntryType::Block, b"", None)]),
                 "device node",
             ),
+            // An absolute hard-link target means the tree's own /etc/passwd, never the host's.
+            (
+                tar_with(&[("hl2", EntryType::Link, b"", Some("/etc/passwd"))]),
+                "not in the archive",
+            ),
             (
                 b"this is not an archive at all, just some text that goes on".repeat(10),
                 "not a tar",
