@@ -41,6 +41,67 @@ pub struct VpsConfig {
     pub init: Vec<String>,
     pub autostart: bool,
     pub generation: u64,
+    /// Signal number that asks init to shut down.
+    #[serde(default = "default_stop_signal")]
+    pub stop_signal: i32,
+}
+
+fn default_stop_signal() -> i32 {
+    libc::SIGTERM
+}
+
+/// "SIGTERM", "TERM", "15", "SIGRTMIN+3" → a signal number a stop may use.
+pub fn parse_stop_signal(s: &str) -> Result<i32> {
+    if s.is_empty() {
+        return Ok(libc::SIGTERM);
+    }
+    let t = s.trim().to_ascii_uppercase();
+    let t = t.strip_prefix("SIG").unwrap_or(&t);
+    let n = if let Ok(n) = t.parse::<i32>() {
+        n
+    } else if let Some(off) = t.strip_prefix("RTMIN+") {
+        let off: i32 = off
+            .parse()
+            .map_err(|_| AgentError::invalid("stop_signal", format!("{s:?} is not a signal")))?;
+        libc::SIGRTMIN() + off
+    } else {
+        match t {
+            "TERM" => libc::SIGTERM,
+            "PWR" => libc::SIGPWR,
+            "INT" => libc::SIGINT,
+            "QUIT" => libc::SIGQUIT,
+            "HUP" => libc::SIGHUP,
+            "USR1" => libc::SIGUSR1,
+            "USR2" => libc::SIGUSR2,
+            _ => {
+                return Err(AgentError::invalid(
+                    "stop_signal",
+                    format!("{s:?} is not a signal name like SIGTERM"),
+                ))
+            }
+        }
+    };
+    if n <= 0 || n > libc::SIGRTMAX() || n == libc::SIGKILL || n == libc::SIGSTOP {
+        return Err(AgentError::invalid(
+            "stop_signal",
+            format!("{s:?} cannot ask init to stop"),
+        ));
+    }
+    Ok(n)
+}
+
+pub fn format_signal(n: i32) -> String {
+    match n {
+        libc::SIGTERM => "SIGTERM".into(),
+        libc::SIGPWR => "SIGPWR".into(),
+        libc::SIGINT => "SIGINT".into(),
+        libc::SIGQUIT => "SIGQUIT".into(),
+        libc::SIGHUP => "SIGHUP".into(),
+        libc::SIGUSR1 => "SIGUSR1".into(),
+        libc::SIGUSR2 => "SIGUSR2".into(),
+        n if n >= libc::SIGRTMIN() => format!("SIGRTMIN+{}", n - libc::SIGRTMIN()),
+        n => n.to_string(),
+    }
 }
 
 /// Checks a name against DNS label rules (RFC 1123): 1-63 of `a-z0-9-`, not
@@ -226,6 +287,7 @@ pub fn validate_spec(
         init,
         autostart: spec.autostart,
         generation: spec.generation,
+        stop_signal: parse_stop_signal(&spec.stop_signal)?,
     })
 }
 
@@ -321,6 +383,7 @@ impl VpsConfig {
             init: self.init.clone(),
             autostart: self.autostart,
             generation: self.generation,
+            stop_signal: format_signal(self.stop_signal),
         }
     }
 }
@@ -386,6 +449,16 @@ mod tests {
         assert_eq!(n.gateway, Ipv4Addr::new(10, 77, 0, 1));
         assert_eq!(n.mac, mac_from_name("web1"));
         assert_eq!(mac_from_name("web1"), mac_from_name("web1"));
+        assert_eq!(c.stop_signal, libc::SIGTERM);
+        for (name, n) in [
+            ("SIGPWR", libc::SIGPWR),
+            ("pwr", libc::SIGPWR),
+            ("SIGRTMIN+3", libc::SIGRTMIN() + 3),
+            ("15", 15),
+        ] {
+            assert_eq!(parse_stop_signal(name).unwrap(), n, "{name}");
+            assert_eq!(parse_stop_signal(&format_signal(n)).unwrap(), n);
+        }
         assert_ne!(mac_from_name("web1"), mac_from_name("web2"));
     }
 
@@ -437,6 +510,11 @@ mod tests {
             (Box::new(|s| s.template = "../etc".into()), "template"),
             (Box::new(|s| s.hostname = "bad_host".into()), "hostname"),
             (Box::new(|s| s.init = vec!["sbin/init".into()]), "init"),
+            (
+                Box::new(|s| s.stop_signal = "SIGKILL".into()),
+                "stop_signal",
+            ),
+            (Box::new(|s| s.stop_signal = "NOPE".into()), "stop_signal"),
         ];
         for (mutate, field) in cases {
             let mut s = spec("web1");

@@ -84,6 +84,10 @@ pub enum VpsCmd {
         /// Start when the node boots.
         #[arg(long)]
         autostart: bool,
+        /// Signal that asks init to shut down: SIGTERM (busybox), SIGPWR (Debian
+        /// sysvinit template), SIGRTMIN+3 (systemd).
+        #[arg(long, default_value = "SIGTERM")]
+        stop_signal: String,
         #[arg(long)]
         start: bool,
     },
@@ -284,7 +288,7 @@ pub fn vps_json(v: &pb::Vps) -> serde_json::Value {
         "name": spec.name, "status": status_name(v.status), "template": spec.template, "hostname": spec.hostname,
         "ip": n.ip, "prefix_len": n.prefix_len, "gateway": n.gateway, "mac": v.mac, "host_veth": v.host_veth,
         "limits": {"cpu_millicores": l.cpu_millicores, "cpu_weight": l.cpu_weight, "memory_bytes": l.memory_bytes, "swap_bytes": l.swap_bytes, "pids": l.pids},
-        "init": spec.init, "autostart": spec.autostart, "init_pid": v.init_pid, "started_unix": v.started_unix,
+        "init": spec.init, "autostart": spec.autostart, "stop_signal": spec.stop_signal, "init_pid": v.init_pid, "started_unix": v.started_unix,
         "stop_reason": v.stop_reason, "exit_code": v.exit_code, "exit_signal": v.exit_signal, "reboots": v.reboots,
         "usage": {"cpu_nanos": u.cpu_nanos, "memory_bytes": u.memory_bytes, "memory_peak_bytes": u.memory_peak_bytes, "pids": u.pids, "oom_kills": u.oom_kills, "disk_bytes": u.disk_bytes},
     })
@@ -329,6 +333,7 @@ pub async fn vps(c: &mut AgentServiceClient<Channel>, cmd: VpsCmd) -> Result<i32
             mac,
             init,
             autostart,
+            stop_signal,
             start,
         } => {
             let l = limits_req(&name, &limits, None)?;
@@ -363,6 +368,7 @@ pub async fn vps(c: &mut AgentServiceClient<Channel>, cmd: VpsCmd) -> Result<i32
                 init,
                 autostart,
                 generation: 0,
+                stop_signal,
             };
             let v = c
                 .create_vps(pb::CreateVpsRequest {
@@ -552,7 +558,10 @@ fn print_show(v: &pb::Vps) {
                 v.mac.clone()
             },
         ),
-        ("Init", s.init.join(" ")),
+        (
+            "Init",
+            format!("{} (stops on {})", s.init.join(" "), s.stop_signal),
+        ),
         (
             "CPU",
             format!("{} (weight {})", human_cpu(l.cpu_millicores), l.cpu_weight),

@@ -27,7 +27,7 @@ impl Agent {
         timeout: Duration,
         force: bool,
     ) -> Result<()> {
-        self.record(name)?;
+        let rec = self.record(name)?;
         let run = self.paths.vps_run(name);
         let state = match self.status(name) {
             Status::Stopped(_) => return self.teardown(name).await,
@@ -36,11 +36,13 @@ impl Agent {
         std::fs::write(run.join(STOP_MARKER), b"")
             .at("writing stop marker", run.join(STOP_MARKER))?;
         if !force {
-            signal_init(&state, Signal::SIGTERM);
+            // The template's init decides what means "shut down".
+            let sig = Signal::try_from(rec.config.stop_signal).unwrap_or(Signal::SIGTERM);
+            signal_init(&state, sig);
             if self.wait_stopped(name, timeout).await {
                 return self.finish_stop(name, &state).await;
             }
-            tracing::warn!(?timeout, "init ignored SIGTERM; killing");
+            tracing::warn!(?timeout, ?sig, "init did not stop in time; killing");
         }
         signal_init(&state, Signal::SIGKILL);
         if !self.wait_stopped(name, KILL_WAIT).await {

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what Ferry needs on a fresh Debian 12 machine (as root). Idempotent:
+# does nothing when everything is present.
+#   busybox-static  the built-in busybox template
+#   iproute2        `ip`, used by the tests and the demo to make test hosts (netns)
+#   util-linux      nsenter, to run an agent inside a test host's netns
+#   curl            HTTP checks from the host side
+#   debootstrap     building the Debian template
+#   runc, rsync     the peers the benchmarks measure against
+set -euo pipefail
+pkgs=(busybox-static iproute2 util-linux curl debootstrap runc rsync ca-certificates zstd)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+command -v cargo >/dev/null || { echo "cargo is missing: install a Rust toolchain (rustup)" >&2; exit 1; }
+# Kernel bits the agent uses.
+modprobe overlay 2>/dev/null || true
+grep -qw overlay /proc/filesystems || { echo "the kernel has no overlayfs" >&2; exit 1; }

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test command: installs what is needed, then runs every test (unit tests,
+# and the integration tests that start real agents and VPSes: root required).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "run as root: the tests create namespaces, cgroups and veths" >&2; exit 1; }
+./scripts/install-deps.sh
+cargo build --workspace --all-targets
+cargo test --workspace -- --test-threads=4
