@@ -17,8 +17,8 @@ impl Agent {
                     "VPS {name} is running; stop it first or destroy with force"
                 )));
             }
-            self.stop_locked(name, Duration::from_secs(10), false)
-                .await?;
+            // Forced: the VPS is going away, its shutdown scripts need not run.
+            self.stop_locked(name, Duration::ZERO, true).await?;
         }
         self.teardown(name).await?;
         crate::template::remove_tree(&self.paths.vps_run(name))?;
