@@ -4,6 +4,7 @@
 //! A VPS's cgroup lives at `ferry/<agent instance>/<vps>` below each hierarchy's root,
 //! so several agents sharing one kernel (the local cluster) never collide.
 
+pub mod devices;
 mod v1;
 mod v2;
 

@@ -8,25 +8,6 @@ use crate::spec::LimitsConfig;
 
 const CFS_PERIOD_US: u64 = 100_000;
 
-/// Devices a VPS may use (everything else is denied; mknod of any node is allowed,
-/// but opening it is not unless listed): null, zero, full, random, urandom, tty,
-/// console, ptmx, the devpts slaves, tun, fuse.
-const DEVICE_ALLOW: &[&str] = &[
-    "c *:* m",
-    "b *:* m",
-    "c 1:3 rwm",
-    "c 1:5 rwm",
-    "c 1:7 rwm",
-    "c 1:8 rwm",
-    "c 1:9 rwm",
-    "c 5:0 rwm",
-    "c 5:1 rwm",
-    "c 5:2 rwm",
-    "c 136:* rwm",
-    "c 10:200 rwm",
-    "c 10:229 rwm",
-];
-
 fn has(ctrls: &[String], c: &str) -> bool {
     ctrls.iter().any(|x| x == c)
 }
@@ -59,8 +40,8 @@ pub fn create(mounts: &[(Vec<String>, PathBuf)], rel: &Path) -> Result<()> {
         if has(ctrls, "devices") {
             let dir = mount.join(rel);
             write(&dir, "devices.deny", "a")?;
-            for rule in DEVICE_ALLOW {
-                write(&dir, "devices.allow", rule)?;
+            for rule in super::devices::VPS_DEVICES {
+                write(&dir, "devices.allow", &rule.v1_line())?;
             }
         }
     }

@@ -1,8 +1,6 @@
 //! cgroup v2: one directory in the unified hierarchy.
 //!
-//! Device access on v2 is a BPF program attached to the cgroup; the agent does not
-//! attach one yet (see docs/agent.md), so on v2 only the capability set and the
-//! minimal /dev keep devices out.
+//! Device access on v2 is an eBPF program attached to the cgroup (see `devices`).
 
 use std::path::Path;
 
@@ -30,6 +28,7 @@ pub fn create(root: &Path, rel: &Path) -> Result<()> {
             std::fs::create_dir(&dir).at("creating cgroup", &dir)?;
         }
     }
+    super::devices::attach(&dir, super::devices::VPS_DEVICES).at("limiting devices", &dir)?;
     Ok(())
 }
 
