@@ -91,15 +91,7 @@ async fn debian_template_boots_sysvinit() {
         assert_eq!(r.code, 0, "{}", r.stdout);
         // Stop is a clean shutdown, not a kill after the timeout.
         let t = Instant::now();
-        let v = c
-            .stop_vps(pb::StopVpsRequest {
-                name: "deb1".into(),
-                timeout_secs: 20,
-                force: false,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let v = stop(&mut c, "deb1", 20, false).await;
         assert!(stopped(&v) && v.exit_signal != 9, "{v:?}");
         assert!(
             t.elapsed() < Duration::from_secs(15),

@@ -89,15 +89,7 @@ async fn start_stop_restart_reboot_poweroff_destroy() {
         })
         .await
         .unwrap();
-        let v = c
-            .stop_vps(pb::StopVpsRequest {
-                name: "life1".into(),
-                timeout_secs: 10,
-                force: false,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let v = stop(&mut c, "life1", 10, false).await;
         assert!(stopped(&v));
         assert_eq!(v.stop_reason, "stopped");
 
@@ -110,15 +102,7 @@ async fn start_stop_restart_reboot_poweroff_destroy() {
         ];
         create_started(&mut c, s).await;
         let t = std::time::Instant::now();
-        let v = c
-            .stop_vps(pb::StopVpsRequest {
-                name: "stubborn".into(),
-                timeout_secs: 1,
-                force: false,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let v = stop(&mut c, "stubborn", 1, false).await;
         assert!(stopped(&v) && t.elapsed() < std::time::Duration::from_secs(8));
         assert_eq!(v.exit_signal, 9);
 
@@ -257,13 +241,7 @@ async fn exec_streams_output_and_exit_code() {
         }
         assert_eq!(got, Some(tonic::Code::DeadlineExceeded));
         // Exec into a stopped VPS is refused.
-        c.stop_vps(pb::StopVpsRequest {
-            name: "ex1".into(),
-            force: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        stop(&mut c, "ex1", 0, true).await;
         let e = c
             .exec(pb::ExecRequest {
                 name: "ex1".into(),

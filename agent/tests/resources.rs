@@ -112,15 +112,7 @@ async fn pids_limit_contains_a_fork_bomb() {
             .status()
             .unwrap()
             .success());
-        let v = c
-            .stop_vps(pb::StopVpsRequest {
-                name: "bomb1".into(),
-                timeout_secs: 2,
-                force: true,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let v = stop(&mut c, "bomb1", 2, true).await;
         assert!(stopped(&v));
     })
     .await;
@@ -156,7 +148,7 @@ async fn cpu_quota_caps_a_busy_loop_at_half_a_core() {
         let cores = (u1 - u0) as f64 / t0.elapsed().as_nanos() as f64;
         println!("cpu1 used {cores:.3} cores with a 1000m quota");
         assert!(cores > 0.75, "raised quota not applied: {cores:.3}");
-        c.stop_vps(pb::StopVpsRequest { name: "cpu1".into(), force: true, ..Default::default() }).await.unwrap();
+        stop(&mut c, "cpu1", 0, true).await;
     })
     .await;
 }

@@ -43,19 +43,20 @@ async fn sigkilled_agent_leaves_vpses_running_and_readopts_them() {
         assert_eq!(by("kb").init_pid, b.init_pid);
         // Still fully manageable: exec, stop, and an in-VPS poweroff seen by the new agent.
         assert_eq!(exec(&mut c, "ka", &["hostname"]).await.stdout.trim(), "ka");
-        let v = c
-            .stop_vps(pb::StopVpsRequest {
-                name: "ka".into(),
-                timeout_secs: 10,
-                force: false,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let v = stop(&mut c, "ka", 10, false).await;
         assert!(stopped(&v));
         let _ = exec(&mut c, "kb", &["poweroff"]).await;
         let v = wait_for(&mut c, "kb", 15, "poweroff", stopped).await;
         assert_eq!(v.stop_reason, "poweroff");
+        // The new agent watches monitors it did not start: kb's cgroup is released.
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while h.cgroup_dirs("kb").iter().any(|d| d.exists()) {
+            assert!(
+                std::time::Instant::now() < end,
+                "adopted VPS's cgroup kept after poweroff"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
     })
     .await;
 }
@@ -71,13 +72,7 @@ async fn autostart_vps_comes_back_after_a_host_reboot() {
         create_started(&mut c, spec("manual1", None)).await;
         // A reboot: every VPS process ends, and /run (the run dir) is emptied.
         for n in ["auto1", "manual1"] {
-            c.stop_vps(pb::StopVpsRequest {
-                name: n.into(),
-                force: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+            stop(&mut c, n, 0, true).await;
         }
         h.kill_agent();
         std::fs::remove_dir_all(h.run_dir()).unwrap();
@@ -91,13 +86,7 @@ async fn autostart_vps_comes_back_after_a_host_reboot() {
         );
         assert_eq!(h.http_get("http://10.77.0.40/").trim(), "auto1");
         // A plain agent restart (no reboot) does not start stopped VPSes.
-        c.stop_vps(pb::StopVpsRequest {
-            name: "auto1".into(),
-            force: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        stop(&mut c, "auto1", 0, true).await;
         h.kill_agent();
         h.start_agent().await;
         let mut c = h.client().await;

@@ -10,7 +10,7 @@ mod veth;
 
 pub use bridge::ensure_bridge;
 pub use netns::{create_netns, remove_netns};
-pub use veth::{host_veth_name, remove_veth, setup_vps_network, veth_exists};
+pub use veth::{host_veth_name, remove_veth, setup_vps_network};
 
 use std::os::fd::{AsFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::path::Path;

@@ -25,10 +25,6 @@ pub fn host_veth_name(instance: &str, vps: &str) -> String {
     format!("fv{}", &hex::encode(h)[..12])
 }
 
-pub async fn veth_exists(host: &Netlink, name: &str) -> Result<bool> {
-    Ok(host.link_index(name).await?.is_some())
-}
-
 /// Creates and wires the pair. On error, whatever was made is removed again.
 pub async fn setup_vps_network(
     host: &Netlink,

@@ -1,9 +1,16 @@
 //! Agent start-up: find the VPSes an earlier agent left running, release what
 //! stopped ones still hold, and after a host reboot start the autostart ones.
-//! A background loop keeps releasing VPSes that stop on their own (poweroff).
+//!
+//! VPSes that stop on their own (poweroff, init exiting) are released when their
+//! monitor exits: each running VPS has a watch on its monitor's pidfd, which
+//! works for monitors of an earlier agent too (they are not our children). A
+//! slow sweep catches anything a watch could not see.
 
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
 
 use super::{Agent, Status};
 use crate::error::Result;
@@ -11,7 +18,7 @@ use crate::error::Result;
 const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 
 impl Agent {
-    pub(super) async fn adopt(&self) -> Result<()> {
+    pub(super) async fn adopt(self: &Arc<Self>) -> Result<()> {
         let marker = self.paths.run_dir.join("boot_id");
         let boot = std::fs::read_to_string(BOOT_ID).unwrap_or_default();
         // The run dir lives on /run, which a reboot empties: no marker (or another
@@ -23,6 +30,7 @@ impl Agent {
             match self.status(&name) {
                 Status::Running(s) | Status::Stopping(s) => {
                     tracing::info!(vps = %name, init_pid = s.init_pid, "adopted running VPS");
+                    self.watch(&name);
                 }
                 Status::Stopped(_) => {
                     if let Err(e) = self.teardown(&name).await {
@@ -41,21 +49,64 @@ impl Agent {
         Ok(())
     }
 
-    /// Releases the kernel objects of VPSes that stopped by themselves.
+    /// Watches the VPS's monitor (or, if it is gone, its init) and releases the
+    /// VPS's kernel objects when it ends and the VPS is not running any more.
+    pub(super) fn watch(self: &Arc<Self>, name: &str) {
+        let Some(st) = crate::runtime::RuntimeState::read(&self.paths.vps_run(name)) else {
+            return;
+        };
+        let pid = if st.monitor_alive() {
+            st.monitor_pid
+        } else {
+            st.init_pid
+        };
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor.
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if raw < 0 {
+            return; // Already gone: the sweep releases it.
+        }
+        // SAFETY: a fresh descriptor from pidfd_open, owned from here on.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+        // SAFETY: `fd` is an open pidfd owned by the AsyncFd for its whole life;
+        // its raw descriptor never changes.
+        let Ok(afd) = (unsafe { AsyncFd::register(fd) }) else {
+            return;
+        };
+        let agent = Arc::clone(self);
+        let name = name.to_string();
+        tokio::spawn(async move {
+            // A pidfd turns readable when its process exits.
+            let _ = afd.readable().await;
+            agent.release_if_stopped(&name).await;
+        });
+    }
+
+    async fn release_if_stopped(&self, name: &str) {
+        let lock = self.lock_for(name);
+        let _g = lock.lock().await;
+        if self.status(name).is_running() || !self.holds_resources(name) {
+            return;
+        }
+        if let Err(e) = self.teardown(name).await {
+            tracing::warn!(vps = %name, error = %e, "releasing a stopped VPS");
+        }
+    }
+
+    /// The safety net behind the watches.
     pub fn spawn_reaper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let agent = Arc::clone(self);
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                for rec in agent.records() {
-                    let name = rec.config.name;
-                    if agent.status(&name).is_running() || !agent.holds_resources(&name) {
-                        continue;
-                    }
-                    let lock = agent.lock_for(&name);
-                    let Ok(_g) = lock.try_lock() else { continue };
-                    if let Err(e) = agent.teardown(&name).await {
-                        tracing::warn!(vps = %name, error = %e, "releasing a stopped VPS");
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                let names: Vec<String> = std::fs::read_dir(&agent.paths.run_dir)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                    .collect();
+                for name in names {
+                    if agent.holds_resources(&name) && !agent.status(&name).is_running() {
+                        agent.release_if_stopped(&name).await;
                     }
                 }
             }

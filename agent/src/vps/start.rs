@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::mount::{mount, MsFlags};
@@ -17,13 +18,13 @@ const LAUNCH_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl Agent {
     #[tracing::instrument(skip(self))]
-    pub async fn start(&self, name: &str) -> Result<()> {
+    pub async fn start(self: &Arc<Self>, name: &str) -> Result<()> {
         let lock = self.lock_for(name);
         let _g = lock.lock().await;
         self.start_locked(name).await
     }
 
-    pub(super) async fn start_locked(&self, name: &str) -> Result<()> {
+    pub(super) async fn start_locked(self: &Arc<Self>, name: &str) -> Result<()> {
         let rec = self.record(name)?;
         if self.status(name).is_running() {
             return Ok(());
@@ -31,6 +32,9 @@ impl Agent {
         // Whatever a previous run left (an init that died while no agent watched).
         self.teardown(name).await?;
         let res = self.bring_up(&rec).await;
+        if res.is_ok() {
+            self.watch(name);
+        }
         if let Err(e) = &res {
             tracing::warn!(error = %e, "start failed; cleaning up");
             if let Err(e2) = self.teardown(name).await {

@@ -88,7 +88,12 @@ impl Agent {
     }
 
     #[tracing::instrument(skip(self))]
-    pub async fn restart(&self, name: &str, timeout: Duration, force: bool) -> Result<()> {
+    pub async fn restart(
+        self: &std::sync::Arc<Self>,
+        name: &str,
+        timeout: Duration,
+        force: bool,
+    ) -> Result<()> {
         let lock = self.lock_for(name);
         let _g = lock.lock().await;
         self.stop_locked(name, timeout, force).await?;

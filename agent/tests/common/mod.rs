@@ -364,6 +364,23 @@ pub async fn exec_t(
     }
 }
 
+/// Stops a VPS through the API and returns it as it is afterwards.
+pub async fn stop(
+    c: &mut AgentServiceClient<Channel>,
+    name: &str,
+    timeout_secs: u32,
+    force: bool,
+) -> pb::Vps {
+    c.stop_vps(pb::StopVpsRequest {
+        name: name.into(),
+        timeout_secs,
+        force,
+    })
+    .await
+    .expect("stop")
+    .into_inner()
+}
+
 pub async fn get(c: &mut AgentServiceClient<Channel>, name: &str) -> pb::Vps {
     c.get_vps(pb::GetVpsRequest { name: name.into() })
         .await
