@@ -2,7 +2,11 @@
 //! build needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/ferry/agent/v1/agent.proto"];
+    let files = [
+        "proto/ferry/agent/v1/agent.proto",
+        "proto/ferry/controller/v1/raft.proto",
+        "proto/ferry/controller/v1/controller.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

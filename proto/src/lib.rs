@@ -3,15 +3,24 @@
 //! # Layout
 //! - `proto/ferry/agent/v1/agent.proto`: `ferry.agent.v1.AgentService`, the node agent
 //!   (templates, VPS lifecycle, exec, console).
+//! - `proto/ferry/controller/v1/controller.proto`: `ferry.controller.v1.ControllerService`,
+//!   the cluster API.
+//! - `proto/ferry/controller/v1/raft.proto`: Raft between controller replicas.
 //!
 //! - [`addr`]: service addresses (`HOST:PORT`, `unix:/path`) and connecting to them.
 //!
-//! Generated code is re-exported per package: [`agent::v1`].
+//! Generated code is re-exported per package: [`agent::v1`], [`controller::v1`].
 
 pub mod addr;
 
 pub mod agent {
     pub mod v1 {
         tonic::include_proto!("ferry.agent.v1");
+    }
+}
+
+pub mod controller {
+    pub mod v1 {
+        tonic::include_proto!("ferry.controller.v1");
     }
 }

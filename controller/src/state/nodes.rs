@@ -1,0 +1,146 @@
+//! Nodes: the agents that run VPSes.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::{reject, ClusterState, RejectCode, Response};
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Capacity {
+    pub cpu_millicores: u64,
+    pub memory_bytes: u64,
+    pub disk_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeRecord {
+    pub id: u64,
+    pub name: String,
+    pub addr: String,
+    pub capacity: Capacity,
+    pub labels: BTreeMap<String, String>,
+    pub cordoned: bool,
+    pub down: bool,
+    pub last_heartbeat_ms: i64,
+}
+
+impl NodeRecord {
+    pub fn status(&self) -> &'static str {
+        if self.down {
+            "down"
+        } else if self.cordoned {
+            "cordoned"
+        } else {
+            "ready"
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum NodeCmd {
+    /// An agent joins, or rejoins under the same name (it keeps its id).
+    Register {
+        name: String,
+        addr: String,
+        capacity: Capacity,
+        labels: BTreeMap<String, String>,
+        now_ms: i64,
+    },
+    Cordon {
+        name: String,
+        cordon: bool,
+        now_ms: i64,
+    },
+}
+
+impl ClusterState {
+    pub(super) fn apply_node(&mut self, c: NodeCmd) -> Response {
+        match c {
+            NodeCmd::Register {
+                name,
+                addr,
+                capacity,
+                labels,
+                now_ms,
+            } => {
+                if let Some(other) = self
+                    .nodes
+                    .values()
+                    .find(|n| n.addr == addr && n.name != name)
+                {
+                    return reject(
+                        RejectCode::AlreadyExists,
+                        format!(
+                            "address {addr} is already registered by node {}",
+                            other.name
+                        ),
+                    );
+                }
+                let rec = match self.nodes.get_mut(&name) {
+                    Some(n) => {
+                        n.addr = addr;
+                        n.capacity = capacity;
+                        n.labels = labels;
+                        n.down = false;
+                        n.last_heartbeat_ms = now_ms;
+                        self.events.push(now_ms, "node", &name, "re-registered");
+                        n.clone()
+                    }
+                    None => {
+                        self.next_node_id += 1;
+                        let n = NodeRecord {
+                            id: self.next_node_id,
+                            name: name.clone(),
+                            addr,
+                            capacity,
+                            labels,
+                            cordoned: false,
+                            down: false,
+                            last_heartbeat_ms: now_ms,
+                        };
+                        self.nodes.insert(name.clone(), n.clone());
+                        self.events.push(
+                            now_ms,
+                            "node",
+                            &name,
+                            format!("registered as node {}", n.id),
+                        );
+                        n
+                    }
+                };
+                Response::Node(rec)
+            }
+            NodeCmd::Cordon {
+                name,
+                cordon,
+                now_ms,
+            } => match self.nodes.get_mut(&name) {
+                None => reject(RejectCode::NotFound, format!("node {name:?} not found")),
+                Some(n) => {
+                    n.cordoned = cordon;
+                    let n = n.clone();
+                    self.events.push(
+                        now_ms,
+                        "node",
+                        &name,
+                        if cordon { "cordoned" } else { "uncordoned" },
+                    );
+                    Response::Node(n)
+                }
+            },
+        }
+    }
+
+    /// Limits of the VPSes placed on a node, summed.
+    pub fn allocated(&self, node: &str) -> (Capacity, u32) {
+        let mut c = Capacity::default();
+        let mut n = 0;
+        for v in self.vps.values().filter(|v| v.node == node) {
+            c.cpu_millicores += v.spec.cpu_millicores as u64;
+            c.memory_bytes += v.spec.memory_bytes;
+            n += 1;
+        }
+        (c, n)
+    }
+}

@@ -1,0 +1,224 @@
+//! VPSes, cluster-wide: spec, where they run, desired and observed state, and
+//! the generation that fences every change an agent is asked to make.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use ferry_proto::agent::v1 as apb;
+use serde::{Deserialize, Serialize};
+
+use super::{reject, ClusterState, RejectCode, Response};
+use crate::scheduler::{self, PlacementReq};
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Desired {
+    Running,
+    Stopped,
+}
+
+impl Desired {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Desired::Running => "running",
+            Desired::Stopped => "stopped",
+        }
+    }
+}
+
+/// The VPS spec as the cluster stores it (the wire type, made serializable).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VpsSpecData {
+    pub name: String,
+    pub template: String,
+    pub hostname: String,
+    pub cpu_millicores: u32,
+    pub cpu_weight: u32,
+    pub memory_bytes: u64,
+    pub swap_bytes: u64,
+    pub pids: u32,
+    pub ip: Option<Ipv4Addr>,
+    pub prefix_len: u32,
+    pub gateway: String,
+    pub mac: String,
+    pub init: Vec<String>,
+    pub autostart: bool,
+    pub stop_signal: String,
+}
+
+impl VpsSpecData {
+    pub fn from_pb(s: &apb::VpsSpec) -> Result<Self, String> {
+        let l = s.limits.unwrap_or_default();
+        let n = s.net.clone().unwrap_or_default();
+        let ip = if n.ip.is_empty() {
+            None
+        } else {
+            Some(
+                n.ip.parse()
+                    .map_err(|_| format!("invalid net.ip: {:?} is not an IPv4 address", n.ip))?,
+            )
+        };
+        Ok(Self {
+            name: s.name.clone(),
+            template: s.template.clone(),
+            hostname: s.hostname.clone(),
+            cpu_millicores: l.cpu_millicores,
+            cpu_weight: l.cpu_weight,
+            memory_bytes: l.memory_bytes,
+            swap_bytes: l.swap_bytes,
+            pids: l.pids,
+            ip,
+            prefix_len: n.prefix_len,
+            gateway: n.gateway,
+            mac: n.mac,
+            init: s.init.clone(),
+            autostart: s.autostart,
+            stop_signal: s.stop_signal.clone(),
+        })
+    }
+
+    pub fn to_pb(&self, generation: u64) -> apb::VpsSpec {
+        apb::VpsSpec {
+            name: self.name.clone(),
+            template: self.template.clone(),
+            hostname: self.hostname.clone(),
+            limits: Some(apb::Limits {
+                cpu_millicores: self.cpu_millicores,
+                cpu_weight: self.cpu_weight,
+                memory_bytes: self.memory_bytes,
+                swap_bytes: self.swap_bytes,
+                pids: self.pids,
+            }),
+            net: self.ip.map(|ip| apb::NetConfig {
+                ip: ip.to_string(),
+                prefix_len: self.prefix_len,
+                gateway: self.gateway.clone(),
+                mac: self.mac.clone(),
+            }),
+            init: self.init.clone(),
+            autostart: self.autostart,
+            generation,
+            stop_signal: self.stop_signal.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VpsRecord {
+    pub spec: VpsSpecData,
+    pub node: String,
+    pub desired: Desired,
+    /// What its node last reported ("pending" until it does).
+    pub observed: String,
+    /// Bumped by every change an agent must carry out; agents refuse older ones.
+    pub generation: u64,
+    pub placement_reason: String,
+    pub anti_affinity_group: String,
+    pub created_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum VpsCmd {
+    Create {
+        spec: VpsSpecData,
+        pin_node: String,
+        node_selector: BTreeMap<String, String>,
+        anti_affinity_group: String,
+        desired: Desired,
+        allocate_ip: bool,
+        now_ms: i64,
+    },
+    Delete {
+        name: String,
+        now_ms: i64,
+    },
+}
+
+impl ClusterState {
+    pub(super) fn apply_vps(&mut self, c: VpsCmd) -> Response {
+        match c {
+            VpsCmd::Create {
+                mut spec,
+                pin_node,
+                node_selector,
+                anti_affinity_group,
+                desired,
+                allocate_ip,
+                now_ms,
+            } => {
+                if self.vps.contains_key(&spec.name) {
+                    return reject(
+                        RejectCode::AlreadyExists,
+                        format!("VPS {:?} already exists", spec.name),
+                    );
+                }
+                if let Some(ip) = spec.ip {
+                    if let Some(h) = self.ip_pool.holder(ip) {
+                        return reject(
+                            RejectCode::AlreadyExists,
+                            format!("net.ip {ip} is already held by VPS {h}"),
+                        );
+                    }
+                } else if allocate_ip {
+                    match self.ip_pool.next_free() {
+                        Some(ip) => spec.ip = Some(ip),
+                        None if self.ip_pool.cidr.is_none() => {
+                            return reject(
+                                RejectCode::FailedPrecondition,
+                                "the cluster has no IP pool; give net.ip",
+                            )
+                        }
+                        None => {
+                            return reject(
+                                RejectCode::ResourceExhausted,
+                                "the cluster IP pool is exhausted",
+                            )
+                        }
+                    }
+                }
+                let req = PlacementReq {
+                    cpu_millicores: spec.cpu_millicores as u64,
+                    memory_bytes: spec.memory_bytes,
+                    pin_node: &pin_node,
+                    node_selector: &node_selector,
+                    anti_affinity_group: &anti_affinity_group,
+                };
+                let (node, reason) = match scheduler::place(self, &req) {
+                    Ok(p) => p,
+                    Err(why) => return reject(RejectCode::ResourceExhausted, why),
+                };
+                if let Some(ip) = spec.ip {
+                    self.ip_pool.take(ip, &spec.name);
+                }
+                let rec = VpsRecord {
+                    spec,
+                    node: node.clone(),
+                    desired,
+                    observed: "pending".into(),
+                    generation: 1,
+                    placement_reason: reason,
+                    anti_affinity_group,
+                    created_ms: now_ms,
+                };
+                self.events.push(
+                    now_ms,
+                    "vps",
+                    &rec.spec.name,
+                    format!("placed on {node}: {}", rec.placement_reason),
+                );
+                self.vps.insert(rec.spec.name.clone(), rec.clone());
+                Response::Vps(rec)
+            }
+            VpsCmd::Delete { name, now_ms } => match self.vps.remove(&name) {
+                None => reject(RejectCode::NotFound, format!("VPS {name:?} not found")),
+                Some(v) => {
+                    if let Some(ip) = v.spec.ip {
+                        self.ip_pool.release(ip);
+                    }
+                    self.events
+                        .push(now_ms, "vps", &name, format!("deleted from {}", v.node));
+                    Response::Ok
+                }
+            },
+        }
+    }
+}
