@@ -107,22 +107,7 @@ pub fn format_signal(n: i32) -> String {
 /// Checks a name against DNS label rules (RFC 1123): 1-63 of `a-z0-9-`, not
 /// starting or ending with `-`. Used for VPS and template names alike.
 pub fn validate_name(field: &'static str, name: &str) -> Result<()> {
-    if name.is_empty() || name.len() > 63 {
-        return Err(AgentError::invalid(
-            field,
-            format!("{name:?} must be 1 to 63 characters"),
-        ));
-    }
-    let ok_chars = name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if !ok_chars || name.starts_with('-') || name.ends_with('-') {
-        return Err(AgentError::invalid(
-            field,
-            format!("{name:?} is not a DNS label (lowercase letters, digits and '-', not at either end)"),
-        ));
-    }
-    Ok(())
+    ferry_proto::names::check_dns_label(name).map_err(|reason| AgentError::invalid(field, reason))
 }
 
 fn validate_hostname(h: &str) -> Result<()> {

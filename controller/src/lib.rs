@@ -9,7 +9,12 @@
 //! - [`store`]: redb-backed Raft log and state machine with snapshots.
 //! - [`error`].
 
+pub mod api;
 pub mod error;
+pub mod host;
+pub mod member;
+pub mod network;
+pub mod raft_service;
 pub mod scheduler;
 pub mod state;
 pub mod store;

@@ -7,11 +7,13 @@
 //!   the cluster API.
 //! - `proto/ferry/controller/v1/raft.proto`: Raft between controller replicas.
 //!
+//! - [`names`]: naming rules both sides enforce.
 //! - [`addr`]: service addresses (`HOST:PORT`, `unix:/path`) and connecting to them.
 //!
 //! Generated code is re-exported per package: [`agent::v1`], [`controller::v1`].
 
 pub mod addr;
+pub mod names;
 
 pub mod agent {
     pub mod v1 {

@@ -61,7 +61,7 @@ pub enum RejectCode {
 pub enum Response {
     Ok,
     Node(NodeRecord),
-    Vps(VpsRecord),
+    Vps(Box<VpsRecord>),
     MemberId(u64),
     /// The command changed nothing, for this reason.
     Rejected {

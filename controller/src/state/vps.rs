@@ -119,7 +119,7 @@ pub struct VpsRecord {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum VpsCmd {
     Create {
-        spec: VpsSpecData,
+        spec: Box<VpsSpecData>,
         pin_node: String,
         node_selector: BTreeMap<String, String>,
         anti_affinity_group: String,
@@ -190,7 +190,7 @@ impl ClusterState {
                     self.ip_pool.take(ip, &spec.name);
                 }
                 let rec = VpsRecord {
-                    spec,
+                    spec: *spec,
                     node: node.clone(),
                     desired,
                     observed: "pending".into(),
@@ -206,7 +206,7 @@ impl ClusterState {
                     format!("placed on {node}: {}", rec.placement_reason),
                 );
                 self.vps.insert(rec.spec.name.clone(), rec.clone());
-                Response::Vps(rec)
+                Response::Vps(Box::new(rec))
             }
             VpsCmd::Delete { name, now_ms } => match self.vps.remove(&name) {
                 None => reject(RejectCode::NotFound, format!("VPS {name:?} not found")),

@@ -1,0 +1,99 @@
+//! `ferry.controller.v1.ControllerService`: request checks, then a Raft write
+//! ([`Member::propose`]) or a linearizable read ([`Member::read_barrier`] then
+//! the local state). One module per concept; this file only routes.
+
+mod members;
+mod nodes;
+mod vps;
+
+use std::sync::Arc;
+
+use ferry_proto::controller::v1 as cpb;
+use ferry_proto::controller::v1::controller_service_server::ControllerService;
+use tonic::{Request, Response, Status};
+
+use crate::error::ControllerError;
+use crate::host::Controller;
+use crate::state::Response as Applied;
+
+pub struct Api {
+    pub ctl: Arc<Controller>,
+}
+
+type R<T> = Result<Response<T>, Status>;
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Turns a rejected command into its error.
+pub(crate) fn applied(r: Applied) -> Result<Applied, ControllerError> {
+    match r {
+        Applied::Rejected { code, message } => Err(ControllerError::Rejected { code, message }),
+        r => Ok(r),
+    }
+}
+
+#[tonic::async_trait]
+impl ControllerService for Api {
+    async fn cluster_status(
+        &self,
+        _: Request<cpb::ClusterStatusRequest>,
+    ) -> R<cpb::ClusterStatusResponse> {
+        Ok(Response::new(self.ctl.member().await?.status()))
+    }
+    async fn add_member(
+        &self,
+        req: Request<cpb::AddMemberRequest>,
+    ) -> R<cpb::ClusterStatusResponse> {
+        Ok(Response::new(
+            members::add(&self.ctl, req.into_inner()).await?,
+        ))
+    }
+    async fn remove_member(
+        &self,
+        req: Request<cpb::RemoveMemberRequest>,
+    ) -> R<cpb::ClusterStatusResponse> {
+        Ok(Response::new(
+            members::remove(&self.ctl, req.into_inner()).await?,
+        ))
+    }
+    async fn register_node(&self, req: Request<cpb::RegisterNodeRequest>) -> R<cpb::Node> {
+        Ok(Response::new(
+            nodes::register(&self.ctl, req.into_inner()).await?,
+        ))
+    }
+    async fn list_nodes(&self, _: Request<cpb::ListNodesRequest>) -> R<cpb::ListNodesResponse> {
+        Ok(Response::new(nodes::list(&self.ctl).await?))
+    }
+    async fn get_node(&self, req: Request<cpb::GetNodeRequest>) -> R<cpb::Node> {
+        Ok(Response::new(
+            nodes::get(&self.ctl, &req.into_inner().name).await?,
+        ))
+    }
+    async fn cordon_node(&self, req: Request<cpb::CordonNodeRequest>) -> R<cpb::Node> {
+        Ok(Response::new(
+            nodes::cordon(&self.ctl, req.into_inner()).await?,
+        ))
+    }
+    async fn create_vps(&self, req: Request<cpb::CreateVpsRequest>) -> R<cpb::ClusterVps> {
+        Ok(Response::new(
+            vps::create(&self.ctl, req.into_inner()).await?,
+        ))
+    }
+    async fn get_vps(&self, req: Request<cpb::GetVpsRequest>) -> R<cpb::ClusterVps> {
+        Ok(Response::new(
+            vps::get(&self.ctl, &req.into_inner().name).await?,
+        ))
+    }
+    async fn list_vps(&self, req: Request<cpb::ListVpsRequest>) -> R<cpb::ListVpsResponse> {
+        Ok(Response::new(vps::list(&self.ctl, req.into_inner()).await?))
+    }
+    async fn delete_vps(&self, req: Request<cpb::DeleteVpsRequest>) -> R<cpb::DeleteVpsResponse> {
+        vps::delete(&self.ctl, &req.into_inner().name).await?;
+        Ok(Response::new(cpb::DeleteVpsResponse {}))
+    }
+}

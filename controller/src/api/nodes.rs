@@ -1,0 +1,114 @@
+//! Nodes: an agent registers; operators list, inspect, cordon.
+
+use ferry_proto::controller::v1 as cpb;
+
+use super::{applied, now_ms};
+use crate::error::ControllerError;
+use crate::host::Controller;
+use crate::state::{Capacity, ClusterState, NodeCmd, NodeRecord, RejectCode, Request, Response};
+
+pub(crate) fn to_pb(s: &ClusterState, n: &NodeRecord) -> cpb::Node {
+    let (alloc, count) = s.allocated(&n.name);
+    let cap = |c: &Capacity| cpb::Capacity {
+        cpu_millicores: c.cpu_millicores as u32,
+        memory_bytes: c.memory_bytes,
+        disk_bytes: c.disk_bytes,
+    };
+    cpb::Node {
+        id: n.id,
+        name: n.name.clone(),
+        addr: n.addr.clone(),
+        capacity: Some(cap(&n.capacity)),
+        labels: n.labels.clone().into_iter().collect(),
+        status: n.status().into(),
+        last_heartbeat_unix_ms: n.last_heartbeat_ms,
+        allocated: Some(cap(&alloc)),
+        vps_count: count,
+    }
+}
+
+pub async fn register(
+    ctl: &Controller,
+    r: cpb::RegisterNodeRequest,
+) -> Result<cpb::Node, ControllerError> {
+    ferry_proto::names::check_dns_label(&r.name)
+        .map_err(|e| ControllerError::invalid("name", e))?;
+    r.addr
+        .parse::<ferry_proto::addr::Addr>()
+        .map_err(|e| ControllerError::invalid("addr", e))?;
+    let c = r.capacity.unwrap_or_default();
+    if c.cpu_millicores == 0 || c.memory_bytes == 0 {
+        return Err(ControllerError::invalid(
+            "capacity",
+            "cpu_millicores and memory_bytes must be above 0",
+        ));
+    }
+    for k in r.labels.keys() {
+        if k.is_empty() || k.contains('=') || k.contains(',') {
+            return Err(ControllerError::invalid(
+                "labels",
+                format!("{k:?} is not a label key"),
+            ));
+        }
+    }
+    let m = ctl.member().await?;
+    let cmd = NodeCmd::Register {
+        name: r.name,
+        addr: r.addr,
+        capacity: Capacity {
+            cpu_millicores: c.cpu_millicores as u64,
+            memory_bytes: c.memory_bytes,
+            disk_bytes: c.disk_bytes,
+        },
+        labels: r.labels.into_iter().collect(),
+        now_ms: now_ms(),
+    };
+    match applied(m.propose(Request::Node(cmd)).await?)? {
+        Response::Node(n) => Ok(m.sm.read(|a| to_pb(&a.state, &n))),
+        r => Err(ControllerError::Raft(format!("unexpected {r:?}"))),
+    }
+}
+
+pub async fn list(ctl: &Controller) -> Result<cpb::ListNodesResponse, ControllerError> {
+    let m = ctl.member().await?;
+    m.read_barrier().await?;
+    Ok(m.sm.read(|a| cpb::ListNodesResponse {
+        nodes: a.state.nodes.values().map(|n| to_pb(&a.state, n)).collect(),
+    }))
+}
+
+pub async fn get(ctl: &Controller, name: &str) -> Result<cpb::Node, ControllerError> {
+    let m = ctl.member().await?;
+    m.read_barrier().await?;
+    m.sm.read(|a| a.state.nodes.get(name).map(|n| to_pb(&a.state, n)))
+        .ok_or_else(|| ControllerError::Rejected {
+            code: RejectCode::NotFound,
+            message: format!("node {name:?} not found"),
+        })
+}
+
+pub async fn cordon(
+    ctl: &Controller,
+    r: cpb::CordonNodeRequest,
+) -> Result<cpb::Node, ControllerError> {
+    let m = ctl.member().await?;
+    // Unknown nodes are refused before anything is written.
+    m.read_barrier().await?;
+    if !m.sm.read(|a| a.state.nodes.contains_key(&r.name)) {
+        return Err(ControllerError::Rejected {
+            code: RejectCode::NotFound,
+            message: format!("node {:?} not found", r.name),
+        });
+    }
+    match applied(
+        m.propose(Request::Node(NodeCmd::Cordon {
+            name: r.name,
+            cordon: r.cordon,
+            now_ms: now_ms(),
+        }))
+        .await?,
+    )? {
+        Response::Node(n) => Ok(m.sm.read(|a| to_pb(&a.state, &n))),
+        r => Err(ControllerError::Raft(format!("unexpected {r:?}"))),
+    }
+}

@@ -1,0 +1,206 @@
+//! VPSes, cluster-wide. A create is checked in full against the current state
+//! before it is proposed (bad input writes no Raft entry); placement itself
+//! happens when the entry is applied, identically on every replica.
+
+use std::collections::BTreeMap;
+
+use ferry_proto::controller::v1 as cpb;
+
+use super::{applied, now_ms};
+use crate::error::ControllerError;
+use crate::host::Controller;
+use crate::scheduler::{self, PlacementReq};
+use crate::state::{
+    ClusterState, Desired, RejectCode, Request, Response, VpsCmd, VpsRecord, VpsSpecData,
+};
+
+/// Smallest memory limit a VPS may have (as on the agent).
+const MIN_MEMORY: u64 = 8 << 20;
+
+pub(crate) fn to_pb(v: &VpsRecord) -> cpb::ClusterVps {
+    cpb::ClusterVps {
+        spec: Some(v.spec.to_pb(v.generation)),
+        node: v.node.clone(),
+        desired: v.desired.as_str().into(),
+        observed: v.observed.clone(),
+        generation: v.generation,
+        placement_reason: v.placement_reason.clone(),
+        created_unix_ms: v.created_ms,
+    }
+}
+
+fn not_found(name: &str) -> ControllerError {
+    ControllerError::Rejected {
+        code: RejectCode::NotFound,
+        message: format!("VPS {name:?} not found"),
+    }
+}
+
+/// Field checks that need no state.
+fn check_spec(spec: &VpsSpecData) -> Result<(), ControllerError> {
+    ferry_proto::names::check_dns_label(&spec.name)
+        .map_err(|e| ControllerError::invalid("spec.name", e))?;
+    ferry_proto::names::check_dns_label(&spec.template)
+        .map_err(|e| ControllerError::invalid("spec.template", e))?;
+    if spec.memory_bytes < MIN_MEMORY {
+        return Err(ControllerError::invalid(
+            "spec.limits.memory_bytes",
+            format!("at least {MIN_MEMORY} bytes"),
+        ));
+    }
+    if spec.cpu_weight > 10000 {
+        return Err(ControllerError::invalid(
+            "spec.limits.cpu_weight",
+            "1 to 10000",
+        ));
+    }
+    Ok(())
+}
+
+/// The checks the state can answer now; the same ones run again at apply.
+fn precheck(s: &ClusterState, cmd: &VpsCmd) -> Result<(), ControllerError> {
+    let VpsCmd::Create {
+        spec,
+        pin_node,
+        node_selector,
+        anti_affinity_group,
+        ..
+    } = cmd
+    else {
+        return Ok(());
+    };
+    let rej = |code, message: String| ControllerError::Rejected { code, message };
+    if s.vps.contains_key(&spec.name) {
+        return Err(rej(
+            RejectCode::AlreadyExists,
+            format!("VPS {:?} already exists", spec.name),
+        ));
+    }
+    if !pin_node.is_empty() && !s.nodes.contains_key(pin_node) {
+        return Err(rej(
+            RejectCode::NotFound,
+            format!("placement.node: node {pin_node:?} not found"),
+        ));
+    }
+    if let Some(ip) = spec.ip {
+        if let Some(h) = s.ip_pool.holder(ip) {
+            return Err(rej(
+                RejectCode::AlreadyExists,
+                format!("net.ip {ip} is already held by VPS {h}"),
+            ));
+        }
+    }
+    let req = PlacementReq {
+        cpu_millicores: spec.cpu_millicores as u64,
+        memory_bytes: spec.memory_bytes,
+        pin_node,
+        node_selector,
+        anti_affinity_group,
+    };
+    scheduler::place(s, &req)
+        .map(|_| ())
+        .map_err(|why| rej(RejectCode::ResourceExhausted, why))
+}
+
+pub async fn create(
+    ctl: &Controller,
+    r: cpb::CreateVpsRequest,
+) -> Result<cpb::ClusterVps, ControllerError> {
+    let spec_pb = r
+        .spec
+        .ok_or_else(|| ControllerError::invalid("spec", "missing"))?;
+    let spec =
+        VpsSpecData::from_pb(&spec_pb).map_err(|e| ControllerError::invalid("spec.net.ip", e))?;
+    check_spec(&spec)?;
+    let desired = match r.desired.as_str() {
+        "" | "running" => Desired::Running,
+        "stopped" => Desired::Stopped,
+        d => {
+            return Err(ControllerError::invalid(
+                "desired",
+                format!("{d:?} is not running or stopped"),
+            ))
+        }
+    };
+    let p = r.placement.unwrap_or_default();
+    let cmd = VpsCmd::Create {
+        spec: Box::new(spec),
+        pin_node: p.node,
+        node_selector: p.node_selector.into_iter().collect::<BTreeMap<_, _>>(),
+        anti_affinity_group: p.anti_affinity_group,
+        desired,
+        allocate_ip: r.allocate_ip,
+        now_ms: now_ms(),
+    };
+    let m = ctl.member().await?;
+    m.read_barrier().await?;
+    m.sm.read(|a| precheck(&a.state, &cmd))?;
+    match applied(m.propose(Request::Vps(cmd)).await?)? {
+        Response::Vps(v) => Ok(to_pb(&v)),
+        r => Err(ControllerError::Raft(format!("unexpected {r:?}"))),
+    }
+}
+
+pub async fn get(ctl: &Controller, name: &str) -> Result<cpb::ClusterVps, ControllerError> {
+    let m = ctl.member().await?;
+    m.read_barrier().await?;
+    m.sm.read(|a| a.state.vps.get(name).map(to_pb))
+        .ok_or_else(|| not_found(name))
+}
+
+pub async fn list(
+    ctl: &Controller,
+    f: cpb::ListVpsRequest,
+) -> Result<cpb::ListVpsResponse, ControllerError> {
+    let label = if f.label.is_empty() {
+        None
+    } else {
+        Some(
+            f.label
+                .split_once('=')
+                .ok_or_else(|| ControllerError::invalid("label", "use key=value"))?,
+        )
+    };
+    let m = ctl.member().await?;
+    m.read_barrier().await?;
+    Ok(m.sm.read(|a| {
+        let vps = a
+            .state
+            .vps
+            .values()
+            .filter(|v| f.node.is_empty() || v.node == f.node)
+            .filter(|v| {
+                f.status.is_empty() || v.observed == f.status || v.desired.as_str() == f.status
+            })
+            .filter(|v| match label {
+                None => true,
+                Some((k, val)) => {
+                    a.state
+                        .nodes
+                        .get(&v.node)
+                        .and_then(|n| n.labels.get(k))
+                        .map(String::as_str)
+                        == Some(val)
+                }
+            })
+            .map(to_pb)
+            .collect();
+        cpb::ListVpsResponse { vps }
+    }))
+}
+
+pub async fn delete(ctl: &Controller, name: &str) -> Result<(), ControllerError> {
+    let m = ctl.member().await?;
+    m.read_barrier().await?;
+    if !m.sm.read(|a| a.state.vps.contains_key(name)) {
+        return Err(not_found(name));
+    }
+    applied(
+        m.propose(Request::Vps(VpsCmd::Delete {
+            name: name.to_string(),
+            now_ms: now_ms(),
+        }))
+        .await?,
+    )
+    .map(|_| ())
+}

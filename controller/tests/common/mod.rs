@@ -1,0 +1,191 @@
+//! Controller replicas as real processes on loopback, each with its own data
+//! dir and port: killed with SIGKILL, frozen with SIGSTOP (cut off from the
+//! others while its peers go on), restarted on the same data.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry_proto::controller::v1 as cpb;
+use ferry_proto::controller::v1::controller_service_client::ControllerServiceClient;
+use tonic::transport::Channel;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_ferry-controller");
+
+pub struct Replica {
+    pub addr: String,
+    pub dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Replica {
+    /// A replica at a fresh loopback port, not started yet.
+    pub fn new(dir: PathBuf) -> Replica {
+        std::fs::create_dir_all(&dir).unwrap();
+        Replica {
+            addr: format!("127.0.0.1:{}", free_port()),
+            dir,
+            child: None,
+        }
+    }
+
+    pub fn spawn(&mut self, init: bool) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("log"))
+            .unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.args([
+            "--listen",
+            &self.addr,
+            "--data-dir",
+            self.dir.join("data").to_str().unwrap(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+        if init {
+            cmd.arg("--init");
+        }
+        self.child = Some(cmd.spawn().expect("spawn ferry-controller"));
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        if let Some(c) = &self.child {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig).unwrap();
+        }
+    }
+
+    pub async fn client(&self) -> ControllerServiceClient<Channel> {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let a: ferry_proto::addr::Addr = self.addr.parse().unwrap();
+            if let Ok(ch) = ferry_proto::addr::connect(&a).await {
+                return ControllerServiceClient::new(ch);
+            }
+            assert!(
+                Instant::now() < end,
+                "replica {} does not answer",
+                self.addr
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+        self.kill();
+    }
+}
+
+pub struct Cluster {
+    pub replicas: Vec<Replica>,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Cluster {
+    /// `n` replicas: the first bootstraps, the others are added one by one.
+    pub async fn start(n: usize) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let mut replicas = Vec::new();
+        for i in 0..n {
+            let mut r = Replica::new(dir.path().join(format!("c{i}")));
+            r.spawn(i == 0);
+            replicas.push(r);
+        }
+        let c = Cluster {
+            replicas,
+            _dir: dir,
+        };
+        let mut first = c.replicas[0].client().await;
+        wait_leader(&mut first).await;
+        for r in &c.replicas[1..] {
+            let _ = r.client().await;
+            first
+                .add_member(cpb::AddMemberRequest {
+                    addr: r.addr.clone(),
+                })
+                .await
+                .expect("add member");
+        }
+        c
+    }
+
+    /// Status as the given replica sees it.
+    pub async fn status(&self, i: usize) -> Result<cpb::ClusterStatusResponse, tonic::Status> {
+        let mut c = self.replicas[i].client().await;
+        c.cluster_status(cpb::ClusterStatusRequest {})
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Index of the current leader, asking the live replicas in `among`.
+    pub async fn leader(&self, among: &[usize]) -> usize {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            for &i in among {
+                if let Ok(s) = self.status(i).await {
+                    if s.leader_id != 0 {
+                        if let Some(j) = self.replicas.iter().position(|r| r.addr == s.leader_addr)
+                        {
+                            if among.contains(&j) {
+                                return j;
+                            }
+                        }
+                    }
+                }
+            }
+            assert!(Instant::now() < end, "no leader among {among:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+pub async fn wait_leader(c: &mut ControllerServiceClient<Channel>) {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(s) = c.cluster_status(cpb::ClusterStatusRequest {}).await {
+            if s.get_ref().leader_id != 0 {
+                return;
+            }
+        }
+        assert!(Instant::now() < end, "no leader");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn node_req(name: &str, port: u16) -> cpb::RegisterNodeRequest {
+    cpb::RegisterNodeRequest {
+        name: name.into(),
+        addr: format!("10.0.0.1:{port}"),
+        capacity: Some(cpb::Capacity {
+            cpu_millicores: 4000,
+            memory_bytes: 8 << 30,
+            disk_bytes: 0,
+        }),
+        labels: Default::default(),
+    }
+}

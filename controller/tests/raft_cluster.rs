@@ -1,0 +1,188 @@
+//! A three-voter controller cluster over real sockets.
+
+mod common;
+use std::time::{Duration, Instant};
+
+use common::*;
+use ferry_proto::controller::v1 as cpb;
+use nix::sys::signal::Signal;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn leader_failover_keeps_every_acknowledged_write_and_restart_restores_all() {
+    let mut cl = Cluster::start(3).await;
+    let st = cl.status(0).await.unwrap();
+    assert_eq!(
+        st.members.iter().filter(|m| m.role == "voter").count(),
+        3,
+        "{st:?}"
+    );
+    let ids: Vec<u64> = st.members.iter().map(|m| m.id).collect();
+    assert_eq!(ids, [1, 2, 3]);
+
+    // Writes through every replica (followers forward to the leader).
+    let mut acked = Vec::new();
+    for i in 0..30 {
+        let mut c = cl.replicas[i % 3].client().await;
+        c.register_node(node_req(&format!("n{i}"), 1000 + i as u16))
+            .await
+            .expect("write");
+        acked.push(format!("n{i}"));
+    }
+
+    let leader = cl.leader(&[0, 1, 2]).await;
+    cl.replicas[leader].kill();
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    let killed_at = Instant::now();
+    // The first write accepted after the kill, through a survivor.
+    let mut c = cl.replicas[survivors[0]].client().await;
+    loop {
+        match c.register_node(node_req("after-failover", 2000)).await {
+            Ok(_) => break,
+            Err(e) => assert!(
+                killed_at.elapsed() < Duration::from_secs(10),
+                "no write accepted: {e}"
+            ),
+        }
+    }
+    let failover = killed_at.elapsed();
+    println!("leader killed -> first accepted write: {failover:?}");
+    acked.push("after-failover".into());
+    let new_leader = cl.leader(&survivors).await;
+    assert_ne!(new_leader, leader);
+
+    // No acknowledged write is lost, on either survivor.
+    for &i in &survivors {
+        let mut c = cl.replicas[i].client().await;
+        let nodes = c
+            .list_nodes(cpb::ListNodesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes;
+        for name in &acked {
+            assert!(
+                nodes.iter().any(|n| &n.name == name),
+                "{name} lost on replica {i}"
+            );
+        }
+    }
+
+    // The old leader comes back as a follower and catches up.
+    cl.replicas[leader].spawn(false);
+    let mut c = cl.replicas[leader].client().await;
+    let nodes = c
+        .list_nodes(cpb::ListNodesRequest {})
+        .await
+        .expect("read on the returning replica")
+        .into_inner()
+        .nodes;
+    assert_eq!(nodes.len(), acked.len());
+
+    // All three down, all three back: the full state comes from disk.
+    for r in &mut cl.replicas {
+        r.kill();
+    }
+    for r in &mut cl.replicas {
+        r.spawn(false);
+    }
+    let mut c = cl.replicas[0].client().await;
+    wait_leader(&mut c).await;
+    let nodes = c
+        .list_nodes(cpb::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    assert_eq!(nodes.len(), acked.len(), "state after a full restart");
+    let st = cl.status(0).await.unwrap();
+    assert_eq!(st.members.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn isolated_minority_neither_commits_nor_serves_stale_reads() {
+    let cl = Cluster::start(3).await;
+    let leader = cl.leader(&[0, 1, 2]).await;
+    let minority = (leader + 1) % 3;
+    let majority: Vec<usize> = (0..3).filter(|i| *i != minority).collect();
+    let mut c = cl.replicas[majority[0]].client().await;
+    c.register_node(node_req("before", 1)).await.unwrap();
+
+    // The minority misses a write...
+    cl.replicas[minority].signal(Signal::SIGSTOP);
+    c.register_node(node_req("while-away", 2)).await.unwrap();
+    // ...then runs again while the majority is cut off: it holds stale state.
+    for &i in &majority {
+        cl.replicas[i].signal(Signal::SIGSTOP);
+    }
+    cl.replicas[minority].signal(Signal::SIGCONT);
+
+    let mut m = cl.replicas[minority].client().await;
+    let read = m
+        .get_node(cpb::GetNodeRequest {
+            name: "before".into(),
+        })
+        .await;
+    assert_eq!(
+        read.err().map(|e| e.code()),
+        Some(tonic::Code::Unavailable),
+        "an isolated replica served a read"
+    );
+    let list = m.list_nodes(cpb::ListNodesRequest {}).await;
+    assert!(
+        list.is_err(),
+        "an isolated replica served a (stale) list: {list:?}"
+    );
+    let write = m.register_node(node_req("from-minority", 3)).await;
+    assert!(write.is_err(), "an isolated replica committed a write");
+
+    // Reunited: the write made while it was away is there, the refused one is not.
+    for &i in &majority {
+        cl.replicas[i].signal(Signal::SIGCONT);
+    }
+    let end = Instant::now() + Duration::from_secs(10);
+    let nodes = loop {
+        match m.list_nodes(cpb::ListNodesRequest {}).await {
+            Ok(r) => break r.into_inner().nodes,
+            Err(e) => assert!(Instant::now() < end, "no read after healing: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+    assert!(names.contains(&"while-away"), "{names:?}");
+    assert!(!names.contains(&"from-minority"), "{names:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn member_ids_are_never_reused() {
+    let mut cl = Cluster::start(3).await;
+    let mut c = cl.replicas[0].client().await;
+    let st = c
+        .remove_member(cpb::RemoveMemberRequest { id: 3 })
+        .await
+        .expect("remove")
+        .into_inner();
+    assert!(!st.members.iter().any(|m| m.id == 3), "{st:?}");
+    cl.replicas[2].kill();
+    // A new replica at a new address gets a new id.
+    let mut r = Replica::new(cl.replicas[2].dir.with_file_name("c3"));
+    r.spawn(false);
+    let _ = r.client().await;
+    let st = c
+        .add_member(cpb::AddMemberRequest {
+            addr: r.addr.clone(),
+        })
+        .await
+        .expect("add")
+        .into_inner();
+    let ids: Vec<u64> = st.members.iter().map(|m| m.id).collect();
+    assert_eq!(ids, [1, 2, 4], "{st:?}");
+    // Adding an address that is a member already is refused.
+    let e = c
+        .add_member(cpb::AddMemberRequest {
+            addr: r.addr.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists);
+    cl.replicas.push(r);
+}
