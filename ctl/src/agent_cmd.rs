@@ -45,19 +45,19 @@ pub enum TemplateCmd {
 pub struct LimitArgs {
     /// CPU quota: 500m, 1, 1.5 (cores).
     #[arg(long)]
-    cpu: Option<String>,
+    pub cpu: Option<String>,
     /// Relative CPU weight, 1..10000 (default 100).
     #[arg(long)]
-    cpu_weight: Option<u32>,
+    pub cpu_weight: Option<u32>,
     /// Memory limit: 256M, 1G.
     #[arg(long)]
-    memory: Option<String>,
+    pub memory: Option<String>,
     /// Swap on top of memory: 0, 512M.
     #[arg(long)]
-    swap: Option<String>,
+    pub swap: Option<String>,
     /// Most tasks (processes and threads).
     #[arg(long)]
-    pids: Option<u32>,
+    pub pids: Option<u32>,
 }
 
 #[derive(Subcommand)]
@@ -88,6 +88,9 @@ pub enum VpsCmd {
         /// sysvinit template), SIGRTMIN+3 (systemd).
         #[arg(long, default_value = "SIGTERM")]
         stop_signal: String,
+        /// Cluster mode only: where the VPS may go.
+        #[command(flatten)]
+        placement: Box<crate::cluster_cmd::Placement>,
         #[arg(long)]
         start: bool,
     },
@@ -279,19 +282,55 @@ fn status_name(s: i32) -> &'static str {
     }
 }
 
-pub fn vps_json(v: &pb::Vps) -> serde_json::Value {
-    let spec = v.spec.clone().unwrap_or_default();
+/// The spec part of a VPS as JSON, shared by node-local and cluster output.
+pub fn spec_json(spec: Option<&pb::VpsSpec>) -> serde_json::Value {
+    let spec = spec.cloned().unwrap_or_default();
     let l = spec.limits.unwrap_or_default();
     let n = spec.net.unwrap_or_default();
-    let u = v.usage.unwrap_or_default();
     json!({
-        "name": spec.name, "status": status_name(v.status), "template": spec.template, "hostname": spec.hostname,
-        "ip": n.ip, "prefix_len": n.prefix_len, "gateway": n.gateway, "mac": v.mac, "host_veth": v.host_veth,
+        "name": spec.name, "template": spec.template, "hostname": spec.hostname,
+        "ip": n.ip, "prefix_len": n.prefix_len, "gateway": n.gateway,
         "limits": {"cpu_millicores": l.cpu_millicores, "cpu_weight": l.cpu_weight, "memory_bytes": l.memory_bytes, "swap_bytes": l.swap_bytes, "pids": l.pids},
-        "init": spec.init, "autostart": spec.autostart, "stop_signal": spec.stop_signal, "init_pid": v.init_pid, "started_unix": v.started_unix,
-        "stop_reason": v.stop_reason, "exit_code": v.exit_code, "exit_signal": v.exit_signal, "reboots": v.reboots,
-        "usage": {"cpu_nanos": u.cpu_nanos, "memory_bytes": u.memory_bytes, "memory_peak_bytes": u.memory_peak_bytes, "pids": u.pids, "oom_kills": u.oom_kills, "disk_bytes": u.disk_bytes},
+        "init": spec.init, "autostart": spec.autostart, "stop_signal": spec.stop_signal,
     })
+}
+
+pub fn vps_json(v: &pb::Vps) -> serde_json::Value {
+    let u = v.usage.unwrap_or_default();
+    let mut j = spec_json(v.spec.as_ref());
+    for (k, val) in [
+        ("status", json!(status_name(v.status))),
+        ("mac", json!(v.mac)),
+        ("host_veth", json!(v.host_veth)),
+        ("init_pid", json!(v.init_pid)),
+        ("started_unix", json!(v.started_unix)),
+        ("stop_reason", json!(v.stop_reason)),
+        ("exit_code", json!(v.exit_code)),
+        ("exit_signal", json!(v.exit_signal)),
+        ("reboots", json!(v.reboots)),
+        (
+            "usage",
+            json!({"cpu_nanos": u.cpu_nanos, "memory_bytes": u.memory_bytes, "memory_peak_bytes": u.memory_peak_bytes, "pids": u.pids, "oom_kills": u.oom_kills, "disk_bytes": u.disk_bytes}),
+        ),
+    ] {
+        j[k] = val;
+    }
+    j
+}
+
+/// "10.77.0.10" or "10.77.0.10/16" → (address, prefix or 0); "" when absent.
+pub fn split_ip(ip: Option<&str>) -> Result<(String, u32)> {
+    match ip.map(|s| {
+        s.split_once('/')
+            .map(|(a, p)| (a.to_string(), p.to_string()))
+            .unwrap_or((s.to_string(), String::new()))
+    }) {
+        Some((a, p)) if !p.is_empty() => {
+            Ok((a, p.parse::<u32>().context("--ip prefix must be a number")?))
+        }
+        Some((a, _)) => Ok((a, 0)),
+        None => Ok((String::new(), 0)),
+    }
 }
 
 fn limits_req(name: &str, l: &LimitArgs, autostart: Option<bool>) -> Result<pb::SetVpsRequest> {
@@ -335,19 +374,16 @@ pub async fn vps(c: &mut AgentServiceClient<Channel>, cmd: VpsCmd) -> Result<i32
             autostart,
             stop_signal,
             start,
+            placement,
         } => {
+            if placement.node.is_some()
+                || !placement.selector.is_empty()
+                || placement.anti_affinity.is_some()
+            {
+                bail!("--node, --selector and --anti-affinity place VPSes across a cluster: use --controller");
+            }
             let l = limits_req(&name, &limits, None)?;
-            let (ip, prefix_len) = match ip.as_deref().map(|s| {
-                s.split_once('/')
-                    .map(|(a, p)| (a.to_string(), p.to_string()))
-                    .unwrap_or((s.to_string(), String::new()))
-            }) {
-                Some((a, p)) if !p.is_empty() => {
-                    (a, p.parse::<u32>().context("--ip prefix must be a number")?)
-                }
-                Some((a, _)) => (a, 0),
-                None => (String::new(), 0),
-            };
+            let (ip, prefix_len) = split_ip(ip.as_deref())?;
             let spec = pb::VpsSpec {
                 name: name.clone(),
                 template,

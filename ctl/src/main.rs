@@ -2,10 +2,13 @@
 //!
 //! # Layout
 //! - `agent_cmd`: node-local mode (`--agent ADDR`): templates and VPSes on one agent.
+//! - `cluster_cmd`: cluster mode (`--controller ADDR[,ADDR...]`): nodes, VPSes
+//!   across nodes, controller replicas.
 //! - `units`: sizes and CPU amounts as operators type them.
 //! - `table`: aligned tables.
 
 mod agent_cmd;
+mod cluster_cmd;
 mod table;
 mod units;
 
@@ -22,6 +25,9 @@ struct Cli {
         default_value = "127.0.0.1:7700"
     )]
     agent: String,
+    /// Controller addresses (any replica; comma-separated for failover): cluster mode.
+    #[arg(long, global = true, env = "FERRY_CONTROLLER")]
+    controller: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -31,11 +37,29 @@ enum Cmd {
     /// Templates on the node.
     #[command(subcommand)]
     Template(agent_cmd::TemplateCmd),
-    /// VPSes on the node.
+    /// VPSes: on the node (--agent) or across the cluster (--controller).
     #[command(subcommand)]
     Vps(Box<agent_cmd::VpsCmd>),
-    /// Facts about the node.
-    Node,
+    /// Cluster nodes (--controller).
+    #[command(subcommand)]
+    Node(cluster_cmd::NodeCmd),
+    /// Facts about the agent's node (--agent).
+    Info,
+    /// The controller cluster (--controller).
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Controller replicas (--controller).
+    #[command(subcommand)]
+    Controller(cluster_cmd::ControllerCmd),
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Replicas, leader, term, commit index.
+    Status {
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: agent_cmd::Output,
+    },
 }
 
 #[tokio::main]
@@ -52,11 +76,34 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<i32> {
-    let mut c = agent_cmd::connect(&cli.agent).await?;
+    let cluster = || -> anyhow::Result<&str> {
+        cli.controller.as_deref().ok_or_else(|| {
+            anyhow::anyhow!("this command needs --controller ADDR (or FERRY_CONTROLLER)")
+        })
+    };
     match cli.cmd {
-        Cmd::Template(t) => agent_cmd::template(&mut c, t).await.map(|_| 0),
-        Cmd::Vps(v) => agent_cmd::vps(&mut c, *v).await,
-        Cmd::Node => {
+        Cmd::Vps(v) if cli.controller.is_some() => {
+            cluster_cmd::vps(&mut cluster_cmd::connect(cluster()?).await?, *v).await
+        }
+        Cmd::Node(n) => cluster_cmd::node(&mut cluster_cmd::connect(cluster()?).await?, n)
+            .await
+            .map(|_| 0),
+        Cmd::Cluster(ClusterCmd::Status { output }) => {
+            cluster_cmd::status(&mut cluster_cmd::connect(cluster()?).await?, output)
+                .await
+                .map(|_| 0)
+        }
+        Cmd::Controller(c) => {
+            cluster_cmd::controller(&mut cluster_cmd::connect(cluster()?).await?, c)
+                .await
+                .map(|_| 0)
+        }
+        Cmd::Template(t) => agent_cmd::template(&mut agent_cmd::connect(&cli.agent).await?, t)
+            .await
+            .map(|_| 0),
+        Cmd::Vps(v) => agent_cmd::vps(&mut agent_cmd::connect(&cli.agent).await?, *v).await,
+        Cmd::Info => {
+            let mut c = agent_cmd::connect(&cli.agent).await?;
             let n = c
                 .get_node(ferry_proto::agent::v1::GetNodeRequest {})
                 .await?

@@ -1,0 +1,434 @@
+//! Cluster mode (`--controller ADDR[,ADDR...]` or FERRY_CONTROLLER): the
+//! controller's view of nodes, VPSes and its own replicas. Any replica will
+//! do: followers pass writes to the leader.
+
+use std::collections::HashMap;
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use ferry_proto::agent::v1 as apb;
+use ferry_proto::controller::v1 as cpb;
+use ferry_proto::controller::v1::controller_service_client::ControllerServiceClient;
+use serde_json::json;
+use tonic::transport::Channel;
+
+use crate::agent_cmd::{LimitArgs, Output, VpsCmd};
+use crate::table;
+use crate::units::{human_bytes, human_cpu, parse_bytes, parse_cpu};
+
+#[derive(Subcommand)]
+pub enum ControllerCmd {
+    /// Add a waiting controller replica (started without --init) as a voter.
+    Add { addr: String },
+    /// Remove a replica by id (its id is never used again).
+    Remove { id: u64 },
+}
+
+#[derive(Subcommand)]
+pub enum NodeCmd {
+    /// Nodes of the cluster (cluster mode), or this agent's facts (node-local).
+    Ls {
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Output,
+    },
+    Show {
+        name: String,
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Place no new VPSes on the node.
+    Cordon {
+        name: String,
+    },
+    Uncordon {
+        name: String,
+    },
+}
+
+/// Connects to the first controller of the list that answers.
+pub async fn connect(addrs: &str) -> Result<ControllerServiceClient<Channel>> {
+    let mut last = None;
+    for a in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        let addr: ferry_proto::addr::Addr = a.parse().map_err(anyhow::Error::msg)?;
+        match ferry_proto::addr::connect(&addr).await {
+            Ok(ch) => return Ok(ControllerServiceClient::new(ch)),
+            Err(e) => last = Some(format!("{addr}: {e}")),
+        }
+    }
+    bail!(
+        "no controller answered ({})",
+        last.unwrap_or_else(|| "no address given".into())
+    )
+}
+
+pub async fn status(c: &mut ControllerServiceClient<Channel>, output: Output) -> Result<()> {
+    let s = c
+        .cluster_status(cpb::ClusterStatusRequest {})
+        .await?
+        .into_inner();
+    if output == Output::Json {
+        let members: Vec<_> = s
+            .members
+            .iter()
+            .map(|m| json!({"id": m.id, "addr": m.addr, "role": m.role}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"leader_id": s.leader_id, "leader_addr": s.leader_addr, "term": s.term,
+                "commit_index": s.commit_index, "last_applied": s.last_applied, "answered_by": s.self_id, "members": members})
+            )?
+        );
+        return Ok(());
+    }
+    println!(
+        "leader {} ({}), term {}, commit index {}, applied {} (answered by {})",
+        s.leader_id, s.leader_addr, s.term, s.commit_index, s.last_applied, s.self_id
+    );
+    let rows: Vec<Vec<String>> = s
+        .members
+        .iter()
+        .map(|m| {
+            let lead = if m.id == s.leader_id { "leader" } else { "" };
+            vec![
+                m.id.to_string(),
+                m.addr.clone(),
+                m.role.clone(),
+                lead.to_string(),
+            ]
+        })
+        .collect();
+    table::print(&["ID", "ADDRESS", "ROLE", ""], &rows);
+    Ok(())
+}
+
+pub async fn controller(
+    c: &mut ControllerServiceClient<Channel>,
+    cmd: ControllerCmd,
+) -> Result<()> {
+    let s = match cmd {
+        ControllerCmd::Add { addr } => c
+            .add_member(cpb::AddMemberRequest { addr })
+            .await?
+            .into_inner(),
+        ControllerCmd::Remove { id } => c
+            .remove_member(cpb::RemoveMemberRequest { id })
+            .await?
+            .into_inner(),
+    };
+    let list: Vec<String> = s
+        .members
+        .iter()
+        .map(|m| format!("{} {} ({})", m.id, m.addr, m.role))
+        .collect();
+    println!("members: {}", list.join(", "));
+    Ok(())
+}
+
+fn node_json(n: &cpb::Node) -> serde_json::Value {
+    let cap = n.capacity.unwrap_or_default();
+    let al = n.allocated.unwrap_or_default();
+    json!({"id": n.id, "name": n.name, "addr": n.addr, "status": n.status, "labels": n.labels,
+        "capacity": {"cpu_millicores": cap.cpu_millicores, "memory_bytes": cap.memory_bytes},
+        "allocated": {"cpu_millicores": al.cpu_millicores, "memory_bytes": al.memory_bytes},
+        "vps_count": n.vps_count, "last_heartbeat_unix_ms": n.last_heartbeat_unix_ms})
+}
+
+pub async fn node(c: &mut ControllerServiceClient<Channel>, cmd: NodeCmd) -> Result<()> {
+    match cmd {
+        NodeCmd::Ls { output } => {
+            let nodes = c
+                .list_nodes(cpb::ListNodesRequest {})
+                .await?
+                .into_inner()
+                .nodes;
+            if output == Output::Json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&nodes.iter().map(node_json).collect::<Vec<_>>())?
+                );
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = nodes
+                .iter()
+                .map(|n| {
+                    let cap = n.capacity.unwrap_or_default();
+                    let al = n.allocated.unwrap_or_default();
+                    vec![
+                        n.name.clone(),
+                        n.status.clone(),
+                        n.addr.clone(),
+                        format!(
+                            "{}/{}",
+                            human_cpu(al.cpu_millicores),
+                            human_cpu(cap.cpu_millicores)
+                        ),
+                        format!(
+                            "{}/{}",
+                            human_bytes(al.memory_bytes),
+                            human_bytes(cap.memory_bytes)
+                        ),
+                        n.vps_count.to_string(),
+                    ]
+                })
+                .collect();
+            table::print(&["NAME", "STATUS", "ADDRESS", "CPU", "MEM", "VPS"], &rows);
+        }
+        NodeCmd::Show { name, output } => {
+            let n = c.get_node(cpb::GetNodeRequest { name }).await?.into_inner();
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&node_json(&n))?);
+                return Ok(());
+            }
+            let cap = n.capacity.unwrap_or_default();
+            let al = n.allocated.unwrap_or_default();
+            let mut labels: Vec<String> =
+                n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            labels.sort();
+            for (k, v) in [
+                ("Name", n.name.clone()),
+                ("Id", n.id.to_string()),
+                ("Status", n.status.clone()),
+                ("Address", n.addr.clone()),
+                (
+                    "Labels",
+                    if labels.is_empty() {
+                        "-".into()
+                    } else {
+                        labels.join(",")
+                    },
+                ),
+                (
+                    "CPU",
+                    format!(
+                        "{} allocated of {}",
+                        human_cpu(al.cpu_millicores),
+                        human_cpu(cap.cpu_millicores)
+                    ),
+                ),
+                (
+                    "Memory",
+                    format!(
+                        "{} allocated of {}",
+                        human_bytes(al.memory_bytes),
+                        human_bytes(cap.memory_bytes)
+                    ),
+                ),
+                ("VPSes", n.vps_count.to_string()),
+            ] {
+                println!("{k:<8} {v}");
+            }
+        }
+        NodeCmd::Cordon { name } => {
+            c.cordon_node(cpb::CordonNodeRequest {
+                name: name.clone(),
+                cordon: true,
+            })
+            .await?;
+            println!("cordoned node {name}");
+        }
+        NodeCmd::Uncordon { name } => {
+            c.cordon_node(cpb::CordonNodeRequest {
+                name: name.clone(),
+                cordon: false,
+            })
+            .await?;
+            println!("uncordoned node {name}");
+        }
+    }
+    Ok(())
+}
+
+fn cvps_json(v: &cpb::ClusterVps) -> serde_json::Value {
+    let mut j = crate::agent_cmd::spec_json(v.spec.as_ref());
+    j["node"] = json!(v.node);
+    j["desired"] = json!(v.desired);
+    j["status"] = json!(v.observed);
+    j["generation"] = json!(v.generation);
+    j["placement_reason"] = json!(v.placement_reason);
+    j
+}
+
+/// VPS commands against the controller.
+pub async fn vps(c: &mut ControllerServiceClient<Channel>, cmd: VpsCmd) -> Result<i32> {
+    match cmd {
+        VpsCmd::Create {
+            name,
+            template,
+            hostname,
+            limits,
+            ip,
+            gateway,
+            mac,
+            init,
+            autostart,
+            stop_signal,
+            start,
+            placement,
+        } => {
+            let l = limit_values(&limits)?;
+            let (ip, prefix_len) = crate::agent_cmd::split_ip(ip.as_deref())?;
+            let spec = apb::VpsSpec {
+                name: name.clone(),
+                template,
+                hostname: hostname.unwrap_or_default(),
+                limits: Some(l),
+                net: (!ip.is_empty()).then(|| apb::NetConfig {
+                    ip: ip.clone(),
+                    prefix_len,
+                    gateway: gateway.unwrap_or_default(),
+                    mac: mac.unwrap_or_default(),
+                }),
+                init,
+                autostart,
+                generation: 0,
+                stop_signal,
+            };
+            let req = cpb::CreateVpsRequest {
+                spec: Some(spec),
+                placement: Some(cpb::Placement {
+                    node: placement.node.unwrap_or_default(),
+                    node_selector: placement.selector.into_iter().collect::<HashMap<_, _>>(),
+                    anti_affinity_group: placement.anti_affinity.unwrap_or_default(),
+                }),
+                desired: if start {
+                    "running".into()
+                } else {
+                    "stopped".into()
+                },
+                allocate_ip: ip.is_empty(),
+            };
+            let v = c.create_vps(req).await?.into_inner();
+            let got_ip = v
+                .spec
+                .as_ref()
+                .and_then(|s| s.net.as_ref())
+                .map(|n| n.ip.clone())
+                .unwrap_or_default();
+            println!(
+                "created VPS {name} on {} ({}), ip {got_ip}",
+                v.node, v.placement_reason
+            );
+        }
+        VpsCmd::Ls { output } => {
+            let vs = c
+                .list_vps(cpb::ListVpsRequest::default())
+                .await?
+                .into_inner()
+                .vps;
+            if output == Output::Json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&vs.iter().map(cvps_json).collect::<Vec<_>>())?
+                );
+                return Ok(0);
+            }
+            let rows: Vec<Vec<String>> = vs
+                .iter()
+                .map(|v| {
+                    let s = v.spec.clone().unwrap_or_default();
+                    let l = s.limits.unwrap_or_default();
+                    vec![
+                        s.name,
+                        v.node.clone(),
+                        v.observed.clone(),
+                        s.net
+                            .map(|n| n.ip)
+                            .filter(|i| !i.is_empty())
+                            .unwrap_or_else(|| "-".into()),
+                        human_cpu(l.cpu_millicores),
+                        human_bytes(l.memory_bytes),
+                        v.desired.clone(),
+                    ]
+                })
+                .collect();
+            table::print(
+                &["NAME", "NODE", "STATUS", "IP", "CPU", "MEM", "DESIRED"],
+                &rows,
+            );
+        }
+        VpsCmd::Show { name, output } => {
+            let v = c.get_vps(cpb::GetVpsRequest { name }).await?.into_inner();
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&cvps_json(&v))?);
+            } else {
+                let s = v.spec.clone().unwrap_or_default();
+                let l = s.limits.unwrap_or_default();
+                let ip = s.net.map(|n| n.ip).unwrap_or_default();
+                for (k, val) in [
+                    ("Name", s.name),
+                    ("Node", v.node.clone()),
+                    ("Placed", v.placement_reason.clone()),
+                    ("Status", format!("{} (desired {})", v.observed, v.desired)),
+                    ("IP", if ip.is_empty() { "-".into() } else { ip }),
+                    ("CPU", human_cpu(l.cpu_millicores)),
+                    ("Memory", human_bytes(l.memory_bytes)),
+                    ("Generation", v.generation.to_string()),
+                ] {
+                    println!("{k:<10} {val}");
+                }
+            }
+        }
+        VpsCmd::Destroy { name, .. } => {
+            c.delete_vps(cpb::DeleteVpsRequest { name: name.clone() })
+                .await?;
+            println!("deleted VPS {name}");
+        }
+        _ => bail!(
+            "this command works node-local only for now (--agent ADDR on the VPS's node): \
+             cluster-wide start, stop, exec, logs and set come with the controller's reconciler"
+        ),
+    }
+    Ok(0)
+}
+
+/// Where a cluster-mode create may go.
+#[derive(clap::Args, Default, Clone)]
+pub struct Placement {
+    /// Pin to this node.
+    #[arg(long = "node")]
+    pub node: Option<String>,
+    /// Only nodes with this label (key=value; repeatable).
+    #[arg(long = "selector", value_parser = parse_kv)]
+    pub selector: Vec<(String, String)>,
+    /// At most one VPS of this group per node.
+    #[arg(long)]
+    pub anti_affinity: Option<String>,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not key=value"))
+}
+
+fn limit_values(l: &LimitArgs) -> Result<apb::Limits> {
+    Ok(apb::Limits {
+        cpu_millicores: l
+            .cpu
+            .as_deref()
+            .map(parse_cpu)
+            .transpose()
+            .map_err(anyhow::Error::msg)
+            .context("--cpu")?
+            .unwrap_or(0),
+        cpu_weight: l.cpu_weight.unwrap_or(0),
+        memory_bytes: l
+            .memory
+            .as_deref()
+            .map(parse_bytes)
+            .transpose()
+            .map_err(anyhow::Error::msg)
+            .context("--memory")?
+            .unwrap_or(256 << 20),
+        swap_bytes: l
+            .swap
+            .as_deref()
+            .map(parse_bytes)
+            .transpose()
+            .map_err(anyhow::Error::msg)
+            .context("--swap")?
+            .unwrap_or(0),
+        pids: l.pids.unwrap_or(0),
+    })
+}
