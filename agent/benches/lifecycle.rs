@@ -92,9 +92,13 @@ async fn main() {
             let t = Instant::now();
             create_started(&mut c, s).await;
             v.push(t.elapsed());
-            c.destroy_vps(pb::DestroyVpsRequest { name, force: true })
-                .await
-                .unwrap();
+            c.destroy_vps(pb::DestroyVpsRequest {
+                name,
+                force: true,
+                generation: 0,
+            })
+            .await
+            .unwrap();
         }
         lat.push(summary(label, v));
     }
@@ -180,6 +184,7 @@ async fn main() {
         c.destroy_vps(pb::DestroyVpsRequest {
             name: v.spec.as_ref().unwrap().name.clone(),
             force: true,
+            generation: 0,
         })
         .await
         .unwrap();

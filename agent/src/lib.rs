@@ -10,10 +10,12 @@
 //! - [`cgroup`]: per-VPS cgroups on v1 and v2 behind one interface.
 //! - [`net`]: bridge, persistent netns and veth through rtnetlink.
 //! - [`template`]: safe archive import and the built-in busybox template.
+//! - [`cluster`]: joining a controller and heartbeating to it (`--controller`).
 //! - [`spec`]: validation of wire specs into stored configs.
 //! - [`paths`], [`error`].
 
 pub mod cgroup;
+pub mod cluster;
 pub mod error;
 pub mod net;
 pub mod paths;

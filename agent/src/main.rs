@@ -45,6 +45,24 @@ struct ServeArgs {
     /// Static busybox for the built-in `busybox` template (Debian: busybox-static).
     #[arg(long, default_value = "/bin/busybox")]
     busybox: PathBuf,
+    /// Join a cluster: controller addresses, comma-separated.
+    #[arg(long, env = "FERRY_CONTROLLER", value_delimiter = ',')]
+    controller: Vec<Addr>,
+    /// This node's name in the cluster (default: the host name).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// The address controllers reach this agent at (default: --listen).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Node labels for placement, key=value (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not key=value"))
 }
 
 #[derive(Subcommand)]
@@ -102,6 +120,25 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         };
         let agent = Agent::open(cfg).await.context("starting the agent")?;
         agent.spawn_reaper();
+        if !args.controller.is_empty() {
+            let node_name = match args.node_name.clone() {
+                Some(n) => n,
+                None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+            };
+            ferry_proto::names::check_dns_label(&node_name)
+                .map_err(anyhow::Error::msg)
+                .context("--node-name")?;
+            let link = ferry_agent::cluster::ClusterLink {
+                controllers: args.controller.clone(),
+                node_name,
+                advertise: args
+                    .advertise
+                    .clone()
+                    .unwrap_or_else(|| args.listen.to_string()),
+                labels: args.labels.iter().cloned().collect(),
+            };
+            ferry_agent::cluster::spawn(agent.clone(), link);
+        }
         tracing::info!(listen = %args.listen, "agent serving");
         let svc = AgentServiceServer::new(ferry_agent::service::Service { agent })
             .max_decoding_message_size(16 << 20);

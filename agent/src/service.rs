@@ -167,13 +167,16 @@ impl AgentService for Service {
     }
 
     async fn start_vps(&self, req: Request<pb::StartVpsRequest>) -> R<pb::Vps> {
-        let name = req.into_inner().name;
+        let r = req.into_inner();
+        let name = r.name;
+        self.agent.fence(&name, r.generation)?;
         self.agent.start(&name).await?;
         self.vps(&name).await
     }
 
     async fn stop_vps(&self, req: Request<pb::StopVpsRequest>) -> R<pb::Vps> {
         let r = req.into_inner();
+        self.agent.fence(&r.name, r.generation)?;
         self.agent
             .stop(&r.name, stop_timeout(r.timeout_secs), r.force)
             .await?;
@@ -182,6 +185,7 @@ impl AgentService for Service {
 
     async fn restart_vps(&self, req: Request<pb::StopVpsRequest>) -> R<pb::Vps> {
         let r = req.into_inner();
+        self.agent.fence(&r.name, r.generation)?;
         self.agent
             .restart(&r.name, stop_timeout(r.timeout_secs), r.force)
             .await?;
@@ -190,6 +194,7 @@ impl AgentService for Service {
 
     async fn destroy_vps(&self, req: Request<pb::DestroyVpsRequest>) -> R<pb::DestroyVpsResponse> {
         let r = req.into_inner();
+        self.agent.fence(&r.name, r.generation)?;
         self.agent.destroy(&r.name, r.force).await?;
         Ok(Response::new(pb::DestroyVpsResponse {}))
     }

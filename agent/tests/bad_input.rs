@@ -96,6 +96,7 @@ async fn bad_specs_are_refused_cleanly() {
             (
                 c.start_vps(pb::StartVpsRequest {
                     name: "ghost".into(),
+                    generation: 0,
                 })
                 .await
                 .map(|_| ()),
@@ -114,6 +115,7 @@ async fn bad_specs_are_refused_cleanly() {
                 c.destroy_vps(pb::DestroyVpsRequest {
                     name: "../../x".into(),
                     force: true,
+                    generation: 0,
                 })
                 .await
                 .map(|_| ()),

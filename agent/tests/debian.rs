@@ -101,6 +101,7 @@ async fn debian_template_boots_sysvinit() {
         c.destroy_vps(pb::DestroyVpsRequest {
             name: "deb1".into(),
             force: true,
+            generation: 0,
         })
         .await
         .unwrap();

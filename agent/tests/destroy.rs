@@ -25,6 +25,7 @@ async fn destroy_leaves_nothing_behind() {
         c.destroy_vps(pb::DestroyVpsRequest {
             name: "gone1".into(),
             force: true,
+            generation: 0,
         })
         .await
         .unwrap();

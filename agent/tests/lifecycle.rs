@@ -19,6 +19,7 @@ async fn start_stop_restart_reboot_poweroff_destroy() {
         let v = c
             .start_vps(pb::StartVpsRequest {
                 name: "life1".into(),
+                generation: 0,
             })
             .await
             .unwrap()
@@ -64,6 +65,7 @@ async fn start_stop_restart_reboot_poweroff_destroy() {
                 name: "life1".into(),
                 timeout_secs: 10,
                 force: false,
+                generation: 0,
             })
             .await
             .unwrap()
@@ -86,6 +88,7 @@ async fn start_stop_restart_reboot_poweroff_destroy() {
         // Start again, then stop through the API (SIGTERM; busybox init shuts down).
         c.start_vps(pb::StartVpsRequest {
             name: "life1".into(),
+            generation: 0,
         })
         .await
         .unwrap();
@@ -109,6 +112,7 @@ async fn start_stop_restart_reboot_poweroff_destroy() {
         // Destroy refuses a running VPS unless forced.
         c.start_vps(pb::StartVpsRequest {
             name: "life1".into(),
+            generation: 0,
         })
         .await
         .unwrap();
@@ -116,6 +120,7 @@ async fn start_stop_restart_reboot_poweroff_destroy() {
             .destroy_vps(pb::DestroyVpsRequest {
                 name: "life1".into(),
                 force: false,
+                generation: 0,
             })
             .await
             .unwrap_err();
@@ -123,6 +128,7 @@ async fn start_stop_restart_reboot_poweroff_destroy() {
         c.destroy_vps(pb::DestroyVpsRequest {
             name: "life1".into(),
             force: true,
+            generation: 0,
         })
         .await
         .unwrap();
@@ -173,6 +179,7 @@ async fn init_exit_is_reported_with_its_status() {
         let e = c
             .start_vps(pb::StartVpsRequest {
                 name: "noinit".into(),
+                generation: 0,
             })
             .await
             .unwrap_err();

@@ -24,6 +24,8 @@ pub struct Controller {
     /// The address other replicas and clients reach this one at.
     pub addr: String,
     member: RwLock<Option<Arc<Member>>>,
+    /// The leader's in-memory view of node heartbeats.
+    pub leader: crate::leader::LeaderState,
 }
 
 impl Controller {
@@ -40,6 +42,7 @@ impl Controller {
             dir,
             addr,
             member: RwLock::new(None),
+            leader: Default::default(),
         });
         let ident_path = c.dir.join("member.json");
         if let Ok(bytes) = std::fs::read(&ident_path) {
@@ -65,6 +68,7 @@ impl Controller {
                 c.addr
             );
         }
+        crate::leader::spawn(c.clone());
         Ok(c)
     }
 

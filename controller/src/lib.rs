@@ -6,12 +6,17 @@
 //! - [`state`]: the replicated state and its commands, one module per command
 //!   family (nodes, vps, ippool, members, events).
 //! - [`scheduler`]: deterministic placement with explanations.
+//! - [`leader`]: the leader's timers: node liveness and the reconciler.
+//! - [`member`], [`host`]: a replica's Raft instance and the process around it.
+//! - [`network`], [`raft_service`]: Raft between replicas over gRPC.
+//! - [`api`]: the cluster API.
 //! - [`store`]: redb-backed Raft log and state machine with snapshots.
 //! - [`error`].
 
 pub mod api;
 pub mod error;
 pub mod host;
+pub mod leader;
 pub mod member;
 pub mod network;
 pub mod raft_service;

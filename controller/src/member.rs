@@ -59,7 +59,7 @@ impl Member {
         addr: String,
     ) -> Result<Arc<Member>, ControllerError> {
         let (log, sm) = store::open(dir)?;
-        let raft = Raft::new(id, raft_config()?, Network, log, sm.clone())
+        let raft = Raft::new(id, raft_config()?, Network::default(), log, sm.clone())
             .await
             .map_err(|e| ControllerError::Raft(e.to_string()))?;
         Ok(Arc::new(Member { id, addr, raft, sm }))

@@ -2,6 +2,8 @@
 //! A replica that cannot be reached is reported Unreachable, so openraft backs
 //! off instead of hammering it.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_proto::controller::v1::raft_service_client::RaftServiceClient;
@@ -21,17 +23,30 @@ use tonic::transport::Channel;
 
 use crate::types::{NodeId, TypeConfig};
 
+/// Hands out connections to peers. One HTTP/2 channel per peer address is
+/// kept and shared (a channel multiplexes calls): openraft asks for a new
+/// client for every leadership check, and dialing each time made those checks
+/// miss their one-heartbeat deadline under load.
 #[derive(Clone, Default)]
-pub struct Network;
+pub struct Network {
+    channels: Arc<Mutex<HashMap<String, RaftServiceClient<Channel>>>>,
+}
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Conn;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Conn {
+        let client = self
+            .channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&node.addr)
+            .cloned();
         Conn {
             target,
             addr: node.addr.clone(),
-            client: None,
+            client,
+            cache: self.channels.clone(),
         }
     }
 }
@@ -40,6 +55,7 @@ pub struct Conn {
     target: NodeId,
     addr: String,
     client: Option<RaftServiceClient<Channel>>,
+    cache: Arc<Mutex<HashMap<String, RaftServiceClient<Channel>>>>,
 }
 
 /// Connects lazily; a failed connection is dropped so the next call redials.
@@ -62,6 +78,15 @@ type Rpc =
         -> futures::future::BoxFuture<'static, Result<tonic::Response<RaftPayload>, tonic::Status>>;
 
 impl Conn {
+    /// Drops a channel that failed, so the next call dials afresh.
+    fn forget(&mut self) {
+        self.client = None;
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.addr);
+    }
+
     async fn call<Req, Resp, E>(
         &mut self,
         req: &Req,
@@ -78,6 +103,10 @@ impl Conn {
             let c = raft_client(&self.addr)
                 .await
                 .map_err(|e| RPCError::Unreachable(Unreachable::new(&std::io::Error::other(e))))?;
+            self.cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(self.addr.clone(), c.clone());
             self.client = Some(c);
         }
         let client = self.client.clone().ok_or_else(|| {
@@ -86,7 +115,7 @@ impl Conn {
         let resp = match tokio::time::timeout(timeout, rpc(client, RaftPayload { json })).await {
             Ok(Ok(r)) => r.into_inner(),
             Ok(Err(status)) => {
-                self.client = None;
+                self.forget();
                 let e = std::io::Error::other(format!("{}: {}", self.addr, status.message()));
                 return Err(if status.code() == tonic::Code::Unavailable {
                     RPCError::Unreachable(Unreachable::new(&e))
@@ -95,7 +124,7 @@ impl Conn {
                 });
             }
             Err(_) => {
-                self.client = None;
+                self.forget();
                 return Err(RPCError::Unreachable(Unreachable::new(
                     &std::io::Error::other(format!("{} timed out", self.addr)),
                 )));

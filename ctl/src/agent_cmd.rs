@@ -424,7 +424,10 @@ pub async fn vps(c: &mut AgentServiceClient<Channel>, cmd: VpsCmd) -> Result<i32
         }
         VpsCmd::Start { name } => {
             let v = c
-                .start_vps(pb::StartVpsRequest { name: name.clone() })
+                .start_vps(pb::StartVpsRequest {
+                    name: name.clone(),
+                    generation: 0,
+                })
                 .await?
                 .into_inner();
             println!("started VPS {name} (init pid {})", v.init_pid);
@@ -438,6 +441,7 @@ pub async fn vps(c: &mut AgentServiceClient<Channel>, cmd: VpsCmd) -> Result<i32
                 name: name.clone(),
                 timeout_secs: timeout,
                 force,
+                generation: 0,
             })
             .await?;
             println!("stopped VPS {name}");
@@ -452,6 +456,7 @@ pub async fn vps(c: &mut AgentServiceClient<Channel>, cmd: VpsCmd) -> Result<i32
                     name: name.clone(),
                     timeout_secs: timeout,
                     force,
+                    generation: 0,
                 })
                 .await?
                 .into_inner();
@@ -461,6 +466,7 @@ pub async fn vps(c: &mut AgentServiceClient<Channel>, cmd: VpsCmd) -> Result<i32
             c.destroy_vps(pb::DestroyVpsRequest {
                 name: name.clone(),
                 force,
+                generation: 0,
             })
             .await?;
             println!("destroyed VPS {name}");

@@ -14,6 +14,14 @@ impl Agent {
         let _g = self.create_lock.lock().await;
         let dir = self.paths.vps(&config.name);
         if dir.exists() {
+            // A controller retrying the same create (same generation) gets the VPS.
+            if config.generation > 0 {
+                if let Ok(existing) = self.record(&config.name) {
+                    if existing.config.generation == config.generation {
+                        return Ok(existing);
+                    }
+                }
+            }
             return Err(AgentError::exists("VPS", &config.name));
         }
         crate::template::get(&self.paths, &config.template)?;

@@ -142,6 +142,27 @@ impl Agent {
         out
     }
 
+    /// Refuses a controller's call that carries an older generation than the
+    /// one this agent holds for the VPS (a newer one is recorded). Generation 0,
+    /// node-local use, is never refused.
+    pub fn fence(&self, name: &str, generation: u64) -> Result<()> {
+        if generation == 0 {
+            return Ok(());
+        }
+        let mut rec = self.record(name)?;
+        if rec.config.generation > generation {
+            return Err(AgentError::FailedPrecondition(format!(
+                "stale request for VPS {name}: generation {generation} is older than {} held here",
+                rec.config.generation
+            )));
+        }
+        if rec.config.generation < generation {
+            rec.config.generation = generation;
+            self.save_record(&rec)?;
+        }
+        Ok(())
+    }
+
     /// The VPS's runtime status as of now.
     pub fn status(&self, name: &str) -> Status {
         let run = self.paths.vps_run(name);

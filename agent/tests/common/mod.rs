@@ -29,10 +29,16 @@ pub struct Host {
     pub id: String,
     pub dir: PathBuf,
     agent: Option<Child>,
+    /// More agent flags (e.g. --controller).
+    pub extra_args: Vec<String>,
 }
 
 impl Host {
     pub async fn new() -> Host {
+        Self::with_args(Vec::new()).await
+    }
+
+    pub async fn with_args(extra_args: Vec<String>) -> Host {
         SWEEP.call_once(sweep_leftovers);
         let id = format!(
             "ft{}x{}",
@@ -48,6 +54,7 @@ impl Host {
             id,
             dir,
             agent: None,
+            extra_args,
         };
         h.start_agent().await;
         h
@@ -81,6 +88,7 @@ impl Host {
             .args(["--data-dir", self.data_dir().to_str().unwrap()])
             .args(["--run-dir", self.run_dir().to_str().unwrap()])
             .args(["--bridge", BRIDGE, "--bridge-cidr", BRIDGE_CIDR])
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -375,6 +383,7 @@ pub async fn stop(
         name: name.into(),
         timeout_secs,
         force,
+        generation: 0,
     })
     .await
     .expect("stop")

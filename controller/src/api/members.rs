@@ -18,7 +18,7 @@ use crate::state::members::MemberCmd;
 use crate::state::{Request, Response};
 
 /// The leader's API client, when this replica is not the leader.
-async fn leader_client(
+pub(crate) async fn leader_client(
     m: &Member,
 ) -> Result<Option<ControllerServiceClient<tonic::transport::Channel>>, ControllerError> {
     let st = m.status();
@@ -38,7 +38,7 @@ async fn leader_client(
     Ok(Some(ControllerServiceClient::new(ch)))
 }
 
-fn from_status(s: tonic::Status) -> ControllerError {
+pub(crate) fn from_status(s: tonic::Status) -> ControllerError {
     ControllerError::Unavailable(format!("leader: {}", s.message()))
 }
 

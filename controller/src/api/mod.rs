@@ -2,7 +2,7 @@
 //! ([`Member::propose`]) or a linearizable read ([`Member::read_barrier`] then
 //! the local state). One module per concept; this file only routes.
 
-mod members;
+pub(crate) mod members;
 mod nodes;
 mod vps;
 
@@ -77,6 +77,30 @@ impl ControllerService for Api {
     async fn cordon_node(&self, req: Request<cpb::CordonNodeRequest>) -> R<cpb::Node> {
         Ok(Response::new(
             nodes::cordon(&self.ctl, req.into_inner()).await?,
+        ))
+    }
+    async fn heartbeat(&self, req: Request<cpb::HeartbeatRequest>) -> R<cpb::HeartbeatResponse> {
+        nodes::heartbeat(&self.ctl, req.into_inner()).await?;
+        Ok(Response::new(cpb::HeartbeatResponse {}))
+    }
+    async fn start_vps(&self, req: Request<cpb::SetDesiredRequest>) -> R<cpb::ClusterVps> {
+        Ok(Response::new(
+            vps::set_desired(
+                &self.ctl,
+                &req.into_inner().name,
+                crate::state::Desired::Running,
+            )
+            .await?,
+        ))
+    }
+    async fn stop_vps(&self, req: Request<cpb::SetDesiredRequest>) -> R<cpb::ClusterVps> {
+        Ok(Response::new(
+            vps::set_desired(
+                &self.ctl,
+                &req.into_inner().name,
+                crate::state::Desired::Stopped,
+            )
+            .await?,
         ))
     }
     async fn create_vps(&self, req: Request<cpb::CreateVpsRequest>) -> R<cpb::ClusterVps> {

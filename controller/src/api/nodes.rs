@@ -112,3 +112,66 @@ pub async fn cordon(
         r => Err(ControllerError::Raft(format!("unexpected {r:?}"))),
     }
 }
+
+/// An agent's report. Kept in the leader's memory; written through Raft only
+/// when something changed (the node was down, a VPS's observed state moved).
+pub async fn heartbeat(ctl: &Controller, r: cpb::HeartbeatRequest) -> Result<(), ControllerError> {
+    let m = ctl.member().await?;
+    if let Some(mut leader) = super::members::leader_client(&m).await? {
+        return leader
+            .heartbeat(r)
+            .await
+            .map(|_| ())
+            .map_err(super::members::from_status);
+    }
+    let reports: std::collections::HashMap<String, (u64, String)> = r
+        .vps
+        .iter()
+        .map(|v| (v.name.clone(), (v.generation, v.status.clone())))
+        .collect();
+    let (known, was_down, changes) = m.sm.read(|a| {
+        let Some(n) = a.state.nodes.get(&r.node) else {
+            return (false, false, Vec::new());
+        };
+        let changes: Vec<(String, String)> = a
+            .state
+            .vps
+            .values()
+            .filter(|v| v.node == r.node)
+            .filter_map(|v| {
+                let now = reports
+                    .get(&v.spec.name)
+                    .map(|(_, s)| s.clone())
+                    .unwrap_or_else(|| "pending".into());
+                (now != v.observed).then(|| (v.spec.name.clone(), now))
+            })
+            .collect();
+        (true, n.down, changes)
+    });
+    if !known {
+        return Err(ControllerError::Rejected {
+            code: RejectCode::NotFound,
+            message: format!("node {:?} is not registered", r.node),
+        });
+    }
+    ctl.leader.record(&r.node, reports);
+    if was_down {
+        applied(
+            m.propose(Request::Node(NodeCmd::SetDown {
+                name: r.node.clone(),
+                down: false,
+                now_ms: now_ms(),
+            }))
+            .await?,
+        )?;
+    }
+    if !changes.is_empty() {
+        applied(
+            m.propose(Request::Vps(crate::state::VpsCmd::Observe {
+                updates: changes,
+            }))
+            .await?,
+        )?;
+    }
+    Ok(())
+}

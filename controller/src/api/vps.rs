@@ -133,7 +133,8 @@ pub async fn create(
         now_ms: now_ms(),
     };
     let m = ctl.member().await?;
-    m.read_barrier().await?;
+    // Local state is enough here: apply checks everything again, so a replica
+    // a little behind can at worst let a doomed create write one entry.
     m.sm.read(|a| precheck(&a.state, &cmd))?;
     match applied(m.propose(Request::Vps(cmd)).await?)? {
         Response::Vps(v) => Ok(to_pb(&v)),
@@ -203,4 +204,28 @@ pub async fn delete(ctl: &Controller, name: &str) -> Result<(), ControllerError>
         .await?,
     )
     .map(|_| ())
+}
+
+/// Wants the VPS running or stopped; the reconciler makes its node follow.
+pub async fn set_desired(
+    ctl: &Controller,
+    name: &str,
+    desired: Desired,
+) -> Result<cpb::ClusterVps, ControllerError> {
+    let m = ctl.member().await?;
+    m.read_barrier().await?;
+    if !m.sm.read(|a| a.state.vps.contains_key(name)) {
+        return Err(not_found(name));
+    }
+    match applied(
+        m.propose(Request::Vps(VpsCmd::SetDesired {
+            name: name.to_string(),
+            desired,
+            now_ms: now_ms(),
+        }))
+        .await?,
+    )? {
+        Response::Vps(v) => Ok(to_pb(&v)),
+        r => Err(ControllerError::Raft(format!("unexpected {r:?}"))),
+    }
 }

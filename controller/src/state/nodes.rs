@@ -52,6 +52,13 @@ pub enum NodeCmd {
         cordon: bool,
         now_ms: i64,
     },
+    /// Liveness as the leader sees it: a down node's VPSes become "unknown"
+    /// (never started elsewhere: without fencing that could run one twice).
+    SetDown {
+        name: String,
+        down: bool,
+        now_ms: i64,
+    },
 }
 
 impl ClusterState {
@@ -111,6 +118,32 @@ impl ClusterState {
                 };
                 Response::Node(rec)
             }
+            NodeCmd::SetDown { name, down, now_ms } => match self.nodes.get_mut(&name) {
+                None => reject(RejectCode::NotFound, format!("node {name:?} not found")),
+                Some(n) => {
+                    n.down = down;
+                    if !down {
+                        n.last_heartbeat_ms = now_ms;
+                    }
+                    let n = n.clone();
+                    if down {
+                        for v in self.vps.values_mut().filter(|v| v.node == name) {
+                            v.observed = "unknown".into();
+                        }
+                    }
+                    self.events.push(
+                        now_ms,
+                        "node",
+                        &name,
+                        if down {
+                            "down: no heartbeat"
+                        } else {
+                            "back up"
+                        },
+                    );
+                    Response::Node(n)
+                }
+            },
             NodeCmd::Cordon {
                 name,
                 cordon,

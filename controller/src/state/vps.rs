@@ -131,6 +131,16 @@ pub enum VpsCmd {
         name: String,
         now_ms: i64,
     },
+    /// Run or stop: a new generation, so the node must follow.
+    SetDesired {
+        name: String,
+        desired: Desired,
+        now_ms: i64,
+    },
+    /// What nodes reported (no new generation).
+    Observe {
+        updates: Vec<(String, String)>,
+    },
 }
 
 impl ClusterState {
@@ -207,6 +217,35 @@ impl ClusterState {
                 );
                 self.vps.insert(rec.spec.name.clone(), rec.clone());
                 Response::Vps(Box::new(rec))
+            }
+            VpsCmd::SetDesired {
+                name,
+                desired,
+                now_ms,
+            } => match self.vps.get_mut(&name) {
+                None => reject(RejectCode::NotFound, format!("VPS {name:?} not found")),
+                Some(v) => {
+                    if v.desired != desired {
+                        v.desired = desired;
+                        v.generation += 1;
+                    }
+                    let v = v.clone();
+                    self.events.push(
+                        now_ms,
+                        "vps",
+                        &name,
+                        format!("desired {} (generation {})", desired.as_str(), v.generation),
+                    );
+                    Response::Vps(Box::new(v))
+                }
+            },
+            VpsCmd::Observe { updates } => {
+                for (name, observed) in updates {
+                    if let Some(v) = self.vps.get_mut(&name) {
+                        v.observed = observed;
+                    }
+                }
+                Response::Ok
             }
             VpsCmd::Delete { name, now_ms } => match self.vps.remove(&name) {
                 None => reject(RejectCode::NotFound, format!("VPS {name:?} not found")),

@@ -1,0 +1,307 @@
+//! Agents under a three-replica controller: placed VPSes run on their chosen
+//! nodes; an agent that dies makes its node `down` and its VPSes `unknown`
+//! (nothing started elsewhere); back, it is reconciled and nothing starts twice.
+//! Controllers and agents speak over unix sockets, reachable from every test
+//! host's network namespace.
+
+mod common;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use ferry_proto::agent::v1 as apb;
+use ferry_proto::controller::v1 as cpb;
+use ferry_proto::controller::v1::controller_service_client::ControllerServiceClient;
+
+struct Controllers {
+    dir: tempfile::TempDir,
+    children: Vec<Child>,
+}
+
+impl Drop for Controllers {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Controllers {
+    fn sock(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("c{i}.sock"))
+    }
+    fn addrs(&self) -> String {
+        (0..3)
+            .map(|i| format!("unix:{}", self.sock(i).display()))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+    async fn start() -> Controllers {
+        let bin = Path::new(AGENT).with_file_name("ferry-controller");
+        assert!(
+            bin.exists(),
+            "{} missing: build the workspace first (scripts/test.sh does)",
+            bin.display()
+        );
+        let mut c = Controllers {
+            dir: tempfile::tempdir().unwrap(),
+            children: Vec::new(),
+        };
+        for i in 0..3 {
+            let log = std::fs::File::create(c.dir.path().join(format!("c{i}.log"))).unwrap();
+            let mut cmd = Command::new(&bin);
+            cmd.args(["--listen", &format!("unix:{}", c.sock(i).display())])
+                .args([
+                    "--data-dir",
+                    c.dir.path().join(format!("c{i}")).to_str().unwrap(),
+                ])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log);
+            if i == 0 {
+                cmd.arg("--init");
+            }
+            c.children.push(cmd.spawn().unwrap());
+        }
+        let mut first = c.client(0).await;
+        let end = Instant::now() + Duration::from_secs(10);
+        while first
+            .cluster_status(cpb::ClusterStatusRequest {})
+            .await
+            .map(|s| s.into_inner().leader_id)
+            .unwrap_or(0)
+            == 0
+        {
+            assert!(Instant::now() < end, "no leader");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for i in 1..3 {
+            let _ = c.client(i).await;
+            first
+                .add_member(cpb::AddMemberRequest {
+                    addr: format!("unix:{}", c.sock(i).display()),
+                })
+                .await
+                .expect("add member");
+        }
+        c
+    }
+    async fn client(&self, i: usize) -> ControllerServiceClient<tonic::transport::Channel> {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.sock(i).exists() {
+                if let Ok(ch) =
+                    ferry_proto::addr::connect(&ferry_proto::addr::Addr::Unix(self.sock(i))).await
+                {
+                    return ControllerServiceClient::new(ch);
+                }
+            }
+            assert!(Instant::now() < end, "controller {i} does not answer");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn wait_vps(
+    c: &mut ControllerServiceClient<tonic::transport::Channel>,
+    what: &str,
+    f: impl Fn(&[cpb::ClusterVps]) -> bool,
+) -> Vec<cpb::ClusterVps> {
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let vs = c
+            .list_vps(cpb::ListVpsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .vps;
+        if f(&vs) {
+            return vs;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}: {vs:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn wait_node(
+    c: &mut ControllerServiceClient<tonic::transport::Channel>,
+    name: &str,
+    status: &str,
+    secs: u64,
+) {
+    let end = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Ok(n) = c.get_node(cpb::GetNodeRequest { name: name.into() }).await {
+            if n.get_ref().status == status {
+                return;
+            }
+        }
+        assert!(Instant::now() < end, "node {name} never became {status}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn vps(name: &str, node: &str) -> cpb::CreateVpsRequest {
+    cpb::CreateVpsRequest {
+        spec: Some(apb::VpsSpec {
+            name: name.into(),
+            template: "busybox".into(),
+            limits: Some(apb::Limits {
+                memory_bytes: 64 << 20,
+                cpu_millicores: 200,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        placement: Some(cpb::Placement {
+            node: node.into(),
+            ..Default::default()
+        }),
+        allocate_ip: true,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn controller_drives_agents_and_never_starts_a_vps_twice() {
+    bounded(240, async {
+        let ctl = Controllers::start().await;
+        let args = |name: &str| {
+            vec![
+                "--controller".to_string(),
+                ctl.addrs(),
+                "--node-name".into(),
+                name.into(),
+            ]
+        };
+        let mut a = Host::with_args(args("node-a")).await;
+        let b = Host::with_args(args("node-b")).await;
+        // Agents advertise their unix socket (the default advertise is --listen).
+        let mut c = ctl.client(1).await;
+        wait_node(&mut c, "node-a", "ready", 15).await;
+        wait_node(&mut c, "node-b", "ready", 15).await;
+
+        for (n, node) in [("ca1", "node-a"), ("ca2", "node-a"), ("cb1", "node-b")] {
+            c.create_vps(vps(n, node)).await.expect("create");
+        }
+        wait_vps(&mut c, "all running", |vs| {
+            vs.len() == 3 && vs.iter().all(|v| v.observed == "running")
+        })
+        .await;
+        // Each runs on its chosen agent, with the cluster's generation and address.
+        let mut aa = a.client().await;
+        let mut bb = b.client().await;
+        let ca1 = get(&mut aa, "ca1").await;
+        assert!(running(&ca1));
+        assert_eq!(ca1.spec.as_ref().unwrap().generation, 1);
+        assert!(running(&get(&mut bb, "cb1").await));
+        assert!(
+            bb.get_vps(apb::GetVpsRequest { name: "ca1".into() })
+                .await
+                .is_err(),
+            "ca1 on the wrong node"
+        );
+        let pids: Vec<i32> = [
+            get(&mut aa, "ca1").await.init_pid,
+            get(&mut aa, "ca2").await.init_pid,
+        ]
+        .to_vec();
+
+        // node-a's agent dies: its node goes down, its VPSes unknown, and they
+        // keep running where they are; nothing moves to node-b.
+        a.kill_agent();
+        wait_node(&mut c, "node-a", "down", 15).await;
+        let vs = wait_vps(&mut c, "unknown", |vs| {
+            vs.iter()
+                .filter(|v| v.node == "node-a")
+                .all(|v| v.observed == "unknown")
+        })
+        .await;
+        assert!(vs
+            .iter()
+            .filter(|v| v.node == "node-b")
+            .all(|v| v.observed == "running"));
+        for p in &pids {
+            assert!(
+                Path::new(&format!("/proc/{p}")).exists(),
+                "VPS init {p} died with its agent"
+            );
+        }
+        let on_b = bb
+            .list_vps(apb::ListVpsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .vps;
+        assert_eq!(
+            on_b.len(),
+            1,
+            "a VPS of the down node was started elsewhere"
+        );
+
+        // Back: the node is ready again and reconciled, the same inits run.
+        a.start_agent().await;
+        wait_node(&mut c, "node-a", "ready", 15).await;
+        wait_vps(&mut c, "running again", |vs| {
+            vs.iter().all(|v| v.observed == "running")
+        })
+        .await;
+        let mut aa = a.client().await;
+        assert_eq!(
+            vec![
+                get(&mut aa, "ca1").await.init_pid,
+                get(&mut aa, "ca2").await.init_pid
+            ],
+            pids,
+            "a VPS was started twice"
+        );
+
+        // Desired state flows down: stop, start, delete.
+        let v = c
+            .stop_vps(cpb::SetDesiredRequest { name: "ca2".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(v.generation, 2);
+        wait_vps(&mut c, "ca2 stopped", |vs| {
+            vs.iter()
+                .any(|v| v.spec.as_ref().unwrap().name == "ca2" && v.observed == "stopped")
+        })
+        .await;
+        assert!(stopped(&get(&mut aa, "ca2").await));
+        // The agent now refuses an instruction of the older generation.
+        let e = aa
+            .start_vps(apb::StartVpsRequest {
+                name: "ca2".into(),
+                generation: 1,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{}", e.message());
+        c.start_vps(cpb::SetDesiredRequest { name: "ca2".into() })
+            .await
+            .unwrap();
+        wait_vps(&mut c, "ca2 running", |vs| {
+            vs.iter().all(|v| v.observed == "running")
+        })
+        .await;
+        c.delete_vps(cpb::DeleteVpsRequest { name: "cb1".into() })
+            .await
+            .unwrap();
+        let end = Instant::now() + Duration::from_secs(20);
+        while bb
+            .get_vps(apb::GetVpsRequest { name: "cb1".into() })
+            .await
+            .is_ok()
+        {
+            assert!(
+                Instant::now() < end,
+                "deleted VPS not destroyed on its node"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+}

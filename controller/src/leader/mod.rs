@@ -1,0 +1,90 @@
+//! What only the leader does, on timers: notice nodes that stop reporting
+//! ([`liveness`]) and drive agents to the desired state ([`reconcile`]).
+//! Heartbeats are kept in the leader's memory; only changes (a node down or
+//! back, a VPS's observed state) are written through Raft. A new leader starts
+//! with an empty table and gives every node a full timeout before judging it.
+
+pub mod liveness;
+pub mod reconcile;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::host::Controller;
+
+/// What a node last reported.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub at: Instant,
+    /// VPS name → (generation, status).
+    pub vps: HashMap<String, (u64, String)>,
+}
+
+#[derive(Default)]
+pub struct LeaderState {
+    pub seen: Mutex<HashMap<String, Seen>>,
+    /// When this replica last became leader (None while it is not).
+    pub since: Mutex<Option<Instant>>,
+}
+
+impl LeaderState {
+    pub fn record(&self, node: &str, vps: HashMap<String, (u64, String)>) {
+        let mut g = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        g.insert(
+            node.to_string(),
+            Seen {
+                at: Instant::now(),
+                vps,
+            },
+        );
+    }
+
+    pub fn snapshot(&self) -> HashMap<String, Seen> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Whether this replica leads now; tracks when it started to.
+pub(crate) async fn leading(ctl: &Controller) -> bool {
+    let Ok(m) = ctl.member().await else {
+        return false;
+    };
+    let leads = m.raft.metrics().borrow().current_leader == Some(m.id);
+    let mut since = ctl.leader.since.lock().unwrap_or_else(|p| p.into_inner());
+    match (leads, since.is_some()) {
+        (true, false) => *since = Some(Instant::now()),
+        (false, true) => {
+            *since = None;
+            ctl.leader
+                .seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+        }
+        _ => {}
+    }
+    leads
+}
+
+/// Starts both loops; they idle while this replica does not lead.
+pub fn spawn(ctl: Arc<Controller>) {
+    let c = ctl.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if leading(&c).await {
+                liveness::tick(&c).await;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let mut r = reconcile::Reconciler::default();
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if leading(&ctl).await {
+                r.tick(&ctl).await;
+            }
+        }
+    });
+}

@@ -1,0 +1,311 @@
+//! The reconciler: compares what the cluster wants with what each node last
+//! reported, and calls agents to close the gap. Every call carries the VPS's
+//! generation, so an agent refuses instructions older than what it already
+//! did. Calls are idempotent (a repeated create of the same generation returns
+//! the VPS); failures back off per VPS, up to [`MAX_BACKOFF`]. Nodes that are
+//! down are left alone.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_proto::agent::v1 as apb;
+use ferry_proto::agent::v1::agent_service_client::AgentServiceClient;
+
+use crate::host::Controller;
+use crate::state::{ClusterState, Desired};
+
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Agent calls in flight at once.
+const PARALLEL: usize = 16;
+
+#[derive(Debug, Clone)]
+pub enum Action {
+    Create {
+        spec: Box<apb::VpsSpec>,
+        start: bool,
+    },
+    Start {
+        generation: u64,
+    },
+    Stop {
+        generation: u64,
+    },
+    Destroy {
+        generation: u64,
+    },
+}
+
+/// One thing to do on one node.
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub node_addr: String,
+    pub vps: String,
+    pub action: Action,
+}
+
+/// What to do, from the state and the latest reports (pure; tested alone).
+pub fn plan(s: &ClusterState, seen: &HashMap<String, super::Seen>) -> Vec<Step> {
+    let mut steps = Vec::new();
+    for v in s.vps.values() {
+        let Some(node) = s.nodes.get(&v.node) else {
+            continue;
+        };
+        let Some(report) = seen.get(&v.node) else {
+            continue;
+        };
+        if node.down {
+            continue;
+        }
+        let action = match (report.vps.get(&v.spec.name), v.desired) {
+            (None, d) => Some(Action::Create {
+                spec: Box::new(v.spec.to_pb(v.generation)),
+                start: d == Desired::Running,
+            }),
+            (Some((_, st)), Desired::Running) if st == "stopped" => Some(Action::Start {
+                generation: v.generation,
+            }),
+            (Some((_, st)), Desired::Stopped) if st == "running" => Some(Action::Stop {
+                generation: v.generation,
+            }),
+            _ => None,
+        };
+        if let Some(action) = action {
+            steps.push(Step {
+                node_addr: node.addr.clone(),
+                vps: v.spec.name.clone(),
+                action,
+            });
+        }
+    }
+    // What a node runs for the cluster (generation > 0) that the cluster no
+    // longer has there: deleted, so destroyed. Node-local VPSes (generation 0)
+    // are the operator's and stay.
+    for (node_name, report) in seen {
+        let Some(node) = s.nodes.get(node_name) else {
+            continue;
+        };
+        if node.down {
+            continue;
+        }
+        for (name, (generation, _)) in &report.vps {
+            let ours = s.vps.get(name).is_some_and(|v| &v.node == node_name);
+            if *generation > 0 && !ours {
+                steps.push(Step {
+                    node_addr: node.addr.clone(),
+                    vps: name.clone(),
+                    action: Action::Destroy {
+                        generation: *generation,
+                    },
+                });
+            }
+        }
+    }
+    steps
+}
+
+pub struct Reconciler {
+    inflight: Arc<Mutex<HashSet<String>>>,
+    backoff: Arc<Mutex<HashMap<String, (Instant, Duration)>>>,
+    limit: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for Reconciler {
+    fn default() -> Self {
+        Self {
+            inflight: Default::default(),
+            backoff: Default::default(),
+            limit: Arc::new(tokio::sync::Semaphore::new(PARALLEL)),
+        }
+    }
+}
+
+impl Reconciler {
+    pub async fn tick(&mut self, ctl: &Controller) {
+        let Ok(m) = ctl.member().await else { return };
+        let seen = ctl.leader.snapshot();
+        let steps = m.sm.read(|a| plan(&a.state, &seen));
+        for step in steps {
+            let key = format!("{}/{}", step.node_addr, step.vps);
+            {
+                let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+                if inflight.contains(&key) {
+                    continue;
+                }
+                let b = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+                if b.get(&key)
+                    .is_some_and(|(until, _)| Instant::now() < *until)
+                {
+                    continue;
+                }
+                inflight.insert(key.clone());
+            }
+            let (inflight, backoff, limit) = (
+                self.inflight.clone(),
+                self.backoff.clone(),
+                self.limit.clone(),
+            );
+            tokio::spawn(async move {
+                let _permit = limit.acquire_owned().await;
+                let res = tokio::time::timeout(CALL_TIMEOUT, run(&step))
+                    .await
+                    .unwrap_or_else(|_| Err("timed out".into()));
+                let mut b = backoff.lock().unwrap_or_else(|p| p.into_inner());
+                match res {
+                    Ok(()) => {
+                        tracing::info!(vps = %step.vps, node = %step.node_addr, action = ?short(&step.action), "reconciled");
+                        b.remove(&key);
+                    }
+                    Err(e) => {
+                        let next = b
+                            .get(&key)
+                            .map(|(_, d)| (*d * 2).min(MAX_BACKOFF))
+                            .unwrap_or(Duration::from_millis(500));
+                        tracing::warn!(vps = %step.vps, node = %step.node_addr, error = %e, retry_in = ?next, "reconcile step failed");
+                        b.insert(key.clone(), (Instant::now() + next, next));
+                    }
+                }
+                inflight
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&key);
+            });
+        }
+    }
+}
+
+fn short(a: &Action) -> &'static str {
+    match a {
+        Action::Create { .. } => "create",
+        Action::Start { .. } => "start",
+        Action::Stop { .. } => "stop",
+        Action::Destroy { .. } => "destroy",
+    }
+}
+
+async fn run(step: &Step) -> Result<(), String> {
+    let a: ferry_proto::addr::Addr = step.node_addr.parse()?;
+    let ch = ferry_proto::addr::connect(&a)
+        .await
+        .map_err(|e| format!("agent {a}: {e}"))?;
+    let mut c = AgentServiceClient::new(ch);
+    let name = step.vps.clone();
+    let r = match &step.action {
+        Action::Create { spec, start } => c
+            .create_vps(apb::CreateVpsRequest {
+                spec: Some((**spec).clone()),
+                start: *start,
+            })
+            .await
+            .map(|_| ()),
+        Action::Start { generation } => c
+            .start_vps(apb::StartVpsRequest {
+                name,
+                generation: *generation,
+            })
+            .await
+            .map(|_| ()),
+        Action::Stop { generation } => c
+            .stop_vps(apb::StopVpsRequest {
+                name,
+                generation: *generation,
+                timeout_secs: 0,
+                force: false,
+            })
+            .await
+            .map(|_| ()),
+        Action::Destroy { generation } => c
+            .destroy_vps(apb::DestroyVpsRequest {
+                name,
+                force: true,
+                generation: *generation,
+            })
+            .await
+            .map(|_| ()),
+    };
+    r.map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Capacity, NodeCmd, Request, VpsCmd, VpsSpecData};
+
+    fn state() -> ClusterState {
+        let mut s = ClusterState::default();
+        s.apply(Request::Node(NodeCmd::Register {
+            name: "a".into(),
+            addr: "unix:/a.sock".into(),
+            capacity: Capacity {
+                cpu_millicores: 4000,
+                memory_bytes: 8 << 30,
+                disk_bytes: 0,
+            },
+            labels: Default::default(),
+            now_ms: 0,
+        }));
+        s.apply(Request::Vps(VpsCmd::Create {
+            spec: Box::new(VpsSpecData {
+                name: "v".into(),
+                memory_bytes: 64 << 20,
+                ..Default::default()
+            }),
+            pin_node: String::new(),
+            node_selector: Default::default(),
+            anti_affinity_group: String::new(),
+            desired: Desired::Running,
+            allocate_ip: false,
+            now_ms: 0,
+        }));
+        s
+    }
+
+    fn seen(vps: &[(&str, u64, &str)]) -> HashMap<String, super::super::Seen> {
+        let vps = vps
+            .iter()
+            .map(|(n, g, s)| (n.to_string(), (*g, s.to_string())))
+            .collect();
+        HashMap::from([(
+            "a".to_string(),
+            super::super::Seen {
+                at: Instant::now(),
+                vps,
+            },
+        )])
+    }
+
+    #[test]
+    fn plans_create_start_stop_destroy_and_leaves_node_local_vpses_alone() {
+        let s = state();
+        let kinds = |steps: Vec<Step>| {
+            steps
+                .into_iter()
+                .map(|s| (s.vps, short(&s.action)))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(kinds(plan(&s, &seen(&[]))), [("v".to_string(), "create")]);
+        assert_eq!(
+            kinds(plan(&s, &seen(&[("v", 1, "stopped")]))),
+            [("v".to_string(), "start")]
+        );
+        assert!(plan(&s, &seen(&[("v", 1, "running")])).is_empty());
+        // Deleted from the cluster: destroyed. Made node-local (generation 0): untouched.
+        assert_eq!(
+            kinds(plan(
+                &s,
+                &seen(&[
+                    ("v", 1, "running"),
+                    ("old", 3, "running"),
+                    ("mine", 0, "running")
+                ])
+            )),
+            [("old".to_string(), "destroy")]
+        );
+        // No report from the node yet, or the node down: nothing.
+        assert!(plan(&s, &HashMap::new()).is_empty());
+        let mut down = s.clone();
+        down.nodes.get_mut("a").unwrap().down = true;
+        assert!(plan(&down, &seen(&[])).is_empty());
+    }
+}
