@@ -231,6 +231,8 @@ impl Member {
             commit_index,
             last_applied: applied,
             self_id: self.id,
+            snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+            purged_index: m.purged.map(|l| l.index).unwrap_or(0),
         }
     }
 }

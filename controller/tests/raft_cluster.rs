@@ -186,3 +186,50 @@ async fn member_ids_are_never_reused() {
     assert_eq!(e.code(), tonic::Code::AlreadyExists);
     cl.replicas.push(r);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshots_compact_the_log_and_bring_a_late_replica_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = Replica::new(dir.path().join("c0"));
+    first.spawn(true);
+    let mut c = first.client().await;
+    wait_leader(&mut c).await;
+    // More entries than the snapshot interval (1000), written 25 at a time.
+    let mut tasks = Vec::new();
+    for t in 0..25 {
+        let addr = first.addr.clone();
+        tasks.push(tokio::spawn(async move {
+            let a: ferry_proto::addr::Addr = addr.parse().unwrap();
+            let mut c = ferry_proto::controller::v1::controller_service_client::ControllerServiceClient::new(
+                ferry_proto::addr::connect(&a).await.unwrap(),
+            );
+            for i in 0..48 {
+                c.register_node(node_req(&format!("n{t}-{i}"), (t * 100 + i) as u16)).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let st = c.cluster_status(cpb::ClusterStatusRequest {}).await.unwrap().into_inner();
+    assert!(st.snapshot_index >= 999, "no snapshot built: {st:?}");
+    assert!(st.purged_index > 0, "log not compacted: {st:?}");
+
+    // A replica added now cannot get the purged entries: it must install the snapshot.
+    let mut late = Replica::new(dir.path().join("c1"));
+    late.spawn(false);
+    let _ = late.client().await;
+    c.add_member(cpb::AddMemberRequest { addr: late.addr.clone() }).await.expect("add");
+    let mut l = late.client().await;
+    let nodes = l.list_nodes(cpb::ListNodesRequest {}).await.unwrap().into_inner().nodes;
+    assert_eq!(nodes.len(), 1200);
+    let st = l.cluster_status(cpb::ClusterStatusRequest {}).await.unwrap().into_inner();
+    assert!(st.snapshot_index >= 999, "the late replica did not install a snapshot: {st:?}");
+    // And it survives a restart from its own disk.
+    late.kill();
+    late.spawn(false);
+    let mut l = late.client().await;
+    let nodes = l.list_nodes(cpb::ListNodesRequest {}).await.unwrap().into_inner().nodes;
+    assert_eq!(nodes.len(), 1200);
+    first.kill();
+}
