@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::{ClusterState, NodeRecord};
+use crate::state::{ClusterState, NodeAlloc, NodeRecord};
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub enum Policy {
@@ -50,7 +50,12 @@ pub struct PlacementReq<'a> {
 }
 
 /// Why a node cannot take the VPS, or None.
-fn reject_reason(s: &ClusterState, n: &NodeRecord, r: &PlacementReq) -> Option<String> {
+fn reject_reason(
+    s: &ClusterState,
+    n: &NodeRecord,
+    a: Option<&NodeAlloc>,
+    r: &PlacementReq,
+) -> Option<String> {
     if n.down {
         return Some("down".into());
     }
@@ -66,28 +71,28 @@ fn reject_reason(s: &ClusterState, n: &NodeRecord, r: &PlacementReq) -> Option<S
         }
     }
     if !r.anti_affinity_group.is_empty()
-        && s.vps
-            .values()
-            .any(|v| v.node == n.name && v.anti_affinity_group == r.anti_affinity_group)
+        && a.is_some_and(|a| a.groups.contains_key(r.anti_affinity_group))
     {
         return Some(format!(
             "already holds a VPS of anti-affinity group {}",
             r.anti_affinity_group
         ));
     }
-    let (alloc, _) = s.allocated(&n.name);
+    let (cpu, mem) = a
+        .map(|a| (a.cpu_millicores, a.memory_bytes))
+        .unwrap_or((0, 0));
     let cpu_cap = (n.capacity.cpu_millicores as f64 * s.sched.cpu_overcommit) as u64;
-    if alloc.cpu_millicores + r.cpu_millicores > cpu_cap {
+    if cpu + r.cpu_millicores > cpu_cap {
         return Some(format!(
             "cpu {}m allocated + {}m asked > {}m ({}x overcommit)",
-            alloc.cpu_millicores, r.cpu_millicores, cpu_cap, s.sched.cpu_overcommit
+            cpu, r.cpu_millicores, cpu_cap, s.sched.cpu_overcommit
         ));
     }
     let mem_cap = (n.capacity.memory_bytes as f64 * s.sched.memory_overcommit) as u64;
-    if alloc.memory_bytes + r.memory_bytes > mem_cap {
+    if mem + r.memory_bytes > mem_cap {
         return Some(format!(
             "memory {} MiB allocated + {} MiB asked > {} MiB",
-            alloc.memory_bytes >> 20,
+            mem >> 20,
             r.memory_bytes >> 20,
             mem_cap >> 20
         ));
@@ -96,8 +101,10 @@ fn reject_reason(s: &ClusterState, n: &NodeRecord, r: &PlacementReq) -> Option<S
 }
 
 /// Fullness after placement, 0..=1 (more when overcommitted).
-fn fullness(s: &ClusterState, n: &NodeRecord, r: &PlacementReq) -> f64 {
-    let (alloc, _) = s.allocated(&n.name);
+fn fullness(n: &NodeRecord, a: Option<&NodeAlloc>, r: &PlacementReq) -> f64 {
+    let (cpu, mem) = a
+        .map(|a| (a.cpu_millicores, a.memory_bytes))
+        .unwrap_or((0, 0));
     let frac = |used: u64, cap: u64| {
         if cap == 0 {
             1.0
@@ -105,33 +112,59 @@ fn fullness(s: &ClusterState, n: &NodeRecord, r: &PlacementReq) -> f64 {
             used as f64 / cap as f64
         }
     };
-    (frac(
-        alloc.cpu_millicores + r.cpu_millicores,
-        n.capacity.cpu_millicores,
-    ) + frac(alloc.memory_bytes + r.memory_bytes, n.capacity.memory_bytes))
+    (frac(cpu + r.cpu_millicores, n.capacity.cpu_millicores)
+        + frac(mem + r.memory_bytes, n.capacity.memory_bytes))
         / 2.0
 }
 
+/// Every node with its allocation, walking both name-sorted maps in step (no
+/// lookups: this is the scheduler's hot loop).
+fn nodes_with_alloc(s: &ClusterState) -> impl Iterator<Item = (&NodeRecord, Option<&NodeAlloc>)> {
+    let mut alloc = s.alloc.iter().peekable();
+    s.nodes.iter().map(move |(name, n)| {
+        while alloc
+            .peek()
+            .is_some_and(|(k, _)| k.as_str() < name.as_str())
+        {
+            alloc.next();
+        }
+        let a = alloc.peek().filter(|(k, _)| *k == name).map(|(_, a)| *a);
+        (n, a)
+    })
+}
+
 /// Chooses a node: Ok((node, why)) or Err(why each node was rejected).
+/// One pass over the nodes in name order; a node replaces the best so far only
+/// when strictly better, so ties go to the first name. Reasons are written out
+/// only when needed.
 pub fn place(s: &ClusterState, r: &PlacementReq) -> Result<(String, String), String> {
     if s.nodes.is_empty() {
         return Err("no nodes are registered".into());
     }
-    let mut fits = Vec::new();
-    let mut rejected = Vec::new();
-    for n in s.nodes.values() {
-        match reject_reason(s, n, r) {
-            Some(why) => rejected.push(format!("{}: {why}", n.name)),
-            None => fits.push((fullness(s, n, r), n)),
+    let mut best: Option<(f64, &NodeRecord)> = None;
+    let mut fits = 0usize;
+    for (n, a) in nodes_with_alloc(s) {
+        if reject_reason(s, n, a, r).is_some() {
+            continue;
+        }
+        fits += 1;
+        let f = fullness(n, a, r);
+        let better = match (best, s.sched.policy) {
+            (None, _) => true,
+            (Some((b, _)), Policy::Binpack) => f > b,
+            (Some((b, _)), Policy::Spread) => f < b,
+        };
+        if better {
+            best = Some((f, n));
         }
     }
-    // Nodes iterate in name order and the sort is stable: ties keep name order.
-    match s.sched.policy {
-        Policy::Binpack => fits.sort_by(|a, b| b.0.total_cmp(&a.0)),
-        Policy::Spread => fits.sort_by(|a, b| a.0.total_cmp(&b.0)),
-    }
-    let Some((score, best)) = fits.first() else {
-        return Err(format!("no node can take it: {}", rejected.join("; ")));
+    let rejected = || -> Vec<String> {
+        nodes_with_alloc(s)
+            .filter_map(|(n, a)| reject_reason(s, n, a, r).map(|why| format!("{}: {why}", n.name)))
+            .collect()
+    };
+    let Some((score, node)) = best else {
+        return Err(format!("no node can take it: {}", rejected().join("; ")));
     };
     let policy = match s.sched.policy {
         Policy::Binpack => "binpack",
@@ -139,14 +172,27 @@ pub fn place(s: &ClusterState, r: &PlacementReq) -> Result<(String, String), Str
     };
     let mut why = format!(
         "{policy}: {} is {:.0}% full after placement",
-        best.name,
+        node.name,
         score * 100.0
     );
-    if fits.len() > 1 {
-        why.push_str(&format!(" (best of {} that fit)", fits.len()));
+    if fits > 1 {
+        why.push_str(&format!(" (best of {fits} that fit)"));
     }
-    if !rejected.is_empty() {
-        why.push_str(&format!("; rejected {}", rejected.join("; ")));
+    let others = s.nodes.len() - fits;
+    if others > 0 {
+        let list = rejected();
+        let shown: Vec<&String> = list.iter().take(5).collect();
+        why.push_str(&format!(
+            "; rejected {others}: {}",
+            shown
+                .iter()
+                .map(|x| x.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        ));
+        if others > 5 {
+            why.push_str("; ...");
+        }
     }
-    Ok((best.name.clone(), why))
+    Ok((node.name.clone(), why))
 }

@@ -211,7 +211,11 @@ async fn snapshots_compact_the_log_and_bring_a_late_replica_up() {
     for t in tasks {
         t.await.unwrap();
     }
-    let st = c.cluster_status(cpb::ClusterStatusRequest {}).await.unwrap().into_inner();
+    let st = c
+        .cluster_status(cpb::ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert!(st.snapshot_index >= 999, "no snapshot built: {st:?}");
     assert!(st.purged_index > 0, "log not compacted: {st:?}");
 
@@ -219,17 +223,38 @@ async fn snapshots_compact_the_log_and_bring_a_late_replica_up() {
     let mut late = Replica::new(dir.path().join("c1"));
     late.spawn(false);
     let _ = late.client().await;
-    c.add_member(cpb::AddMemberRequest { addr: late.addr.clone() }).await.expect("add");
+    c.add_member(cpb::AddMemberRequest {
+        addr: late.addr.clone(),
+    })
+    .await
+    .expect("add");
     let mut l = late.client().await;
-    let nodes = l.list_nodes(cpb::ListNodesRequest {}).await.unwrap().into_inner().nodes;
+    let nodes = l
+        .list_nodes(cpb::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
     assert_eq!(nodes.len(), 1200);
-    let st = l.cluster_status(cpb::ClusterStatusRequest {}).await.unwrap().into_inner();
-    assert!(st.snapshot_index >= 999, "the late replica did not install a snapshot: {st:?}");
+    let st = l
+        .cluster_status(cpb::ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        st.snapshot_index >= 999,
+        "the late replica did not install a snapshot: {st:?}"
+    );
     // And it survives a restart from its own disk.
     late.kill();
     late.spawn(false);
     let mut l = late.client().await;
-    let nodes = l.list_nodes(cpb::ListNodesRequest {}).await.unwrap().into_inner().nodes;
+    let nodes = l
+        .list_nodes(cpb::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
     assert_eq!(nodes.len(), 1200);
     first.kill();
 }

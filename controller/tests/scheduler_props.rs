@@ -95,6 +95,12 @@ proptest! {
             let before = s.clone();
             match create(&mut s, &format!("v{i}"), *cpu, mem_mib << 20) {
                 Response::Vps(v) => {
+                    // The scheduler's allocation index agrees with a full recount.
+                    let (idx, count) = s.allocated(&v.node);
+                    let on: Vec<_> = s.vps.values().filter(|x| x.node == v.node).collect();
+                    prop_assert_eq!(count as usize, on.len());
+                    prop_assert_eq!(idx.cpu_millicores, on.iter().map(|x| x.spec.cpu_millicores as u64).sum::<u64>());
+                    prop_assert_eq!(idx.memory_bytes, on.iter().map(|x| x.spec.memory_bytes).sum::<u64>());
                     let n = &s.nodes[&v.node];
                     prop_assert!(!n.cordoned && !n.down, "placed on an unready node");
                     let (alloc, _) = s.allocated(&v.node);

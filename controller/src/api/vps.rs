@@ -133,8 +133,9 @@ pub async fn create(
         now_ms: now_ms(),
     };
     let m = ctl.member().await?;
-    // Local state is enough here: apply checks everything again, so a replica
-    // a little behind can at worst let a doomed create write one entry.
+    // The pre-check must see every acknowledged write (a replica behind could
+    // refuse a VPS for a node registered a moment ago); apply checks again.
+    m.read_barrier().await?;
     m.sm.read(|a| precheck(&a.state, &cmd))?;
     match applied(m.propose(Request::Vps(cmd)).await?)? {
         Response::Vps(v) => Ok(to_pb(&v)),

@@ -32,6 +32,23 @@ pub struct ClusterState {
     pub members: Members,
     pub events: EventLog,
     pub sched: SchedConfig,
+    /// Per-node sums of the VPSes placed there, kept as VPSes come and go so
+    /// placement never scans every VPS (derived: not in snapshots).
+    #[serde(skip)]
+    pub alloc: BTreeMap<String, NodeAlloc>,
+    /// Node address → node name (derived: not in snapshots).
+    #[serde(skip)]
+    pub node_by_addr: BTreeMap<String, String>,
+}
+
+/// What the VPSes on one node add up to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeAlloc {
+    pub cpu_millicores: u64,
+    pub memory_bytes: u64,
+    pub count: u32,
+    /// Anti-affinity group → VPSes of it on the node.
+    pub groups: BTreeMap<String, u32>,
 }
 
 /// A command in the Raft log.
@@ -78,6 +95,44 @@ pub(crate) fn reject(code: RejectCode, message: impl Into<String>) -> Response {
 }
 
 impl ClusterState {
+    /// Rebuilds the derived allocation index (after loading a snapshot).
+    pub fn rebuild_index(&mut self) {
+        self.node_by_addr = self
+            .nodes
+            .values()
+            .map(|n| (n.addr.clone(), n.name.clone()))
+            .collect();
+        self.alloc.clear();
+        let vs: Vec<VpsRecord> = self.vps.values().cloned().collect();
+        for v in &vs {
+            self.index_add(v);
+        }
+    }
+
+    pub(crate) fn index_add(&mut self, v: &VpsRecord) {
+        let a = self.alloc.entry(v.node.clone()).or_default();
+        a.cpu_millicores += v.spec.cpu_millicores as u64;
+        a.memory_bytes += v.spec.memory_bytes;
+        a.count += 1;
+        if !v.anti_affinity_group.is_empty() {
+            *a.groups.entry(v.anti_affinity_group.clone()).or_default() += 1;
+        }
+    }
+
+    pub(crate) fn index_remove(&mut self, v: &VpsRecord) {
+        if let Some(a) = self.alloc.get_mut(&v.node) {
+            a.cpu_millicores -= v.spec.cpu_millicores as u64;
+            a.memory_bytes -= v.spec.memory_bytes;
+            a.count -= 1;
+            if let Some(g) = a.groups.get_mut(&v.anti_affinity_group) {
+                *g -= 1;
+                if *g == 0 {
+                    a.groups.remove(&v.anti_affinity_group);
+                }
+            }
+        }
+    }
+
     pub fn apply(&mut self, req: Request) -> Response {
         match req {
             Request::Node(c) => self.apply_node(c),

@@ -71,21 +71,16 @@ impl ClusterState {
                 labels,
                 now_ms,
             } => {
-                if let Some(other) = self
-                    .nodes
-                    .values()
-                    .find(|n| n.addr == addr && n.name != name)
-                {
+                if let Some(other) = self.node_by_addr.get(&addr).filter(|o| **o != name) {
                     return reject(
                         RejectCode::AlreadyExists,
-                        format!(
-                            "address {addr} is already registered by node {}",
-                            other.name
-                        ),
+                        format!("address {addr} is already registered by node {}", other),
                     );
                 }
                 let rec = match self.nodes.get_mut(&name) {
                     Some(n) => {
+                        self.node_by_addr.remove(&n.addr);
+                        self.node_by_addr.insert(addr.clone(), name.clone());
                         n.addr = addr;
                         n.capacity = capacity;
                         n.labels = labels;
@@ -106,6 +101,7 @@ impl ClusterState {
                             down: false,
                             last_heartbeat_ms: now_ms,
                         };
+                        self.node_by_addr.insert(n.addr.clone(), name.clone());
                         self.nodes.insert(name.clone(), n.clone());
                         self.events.push(
                             now_ms,
@@ -165,15 +161,18 @@ impl ClusterState {
         }
     }
 
-    /// Limits of the VPSes placed on a node, summed.
+    /// Limits of the VPSes placed on a node, summed, and how many there are.
     pub fn allocated(&self, node: &str) -> (Capacity, u32) {
-        let mut c = Capacity::default();
-        let mut n = 0;
-        for v in self.vps.values().filter(|v| v.node == node) {
-            c.cpu_millicores += v.spec.cpu_millicores as u64;
-            c.memory_bytes += v.spec.memory_bytes;
-            n += 1;
+        match self.alloc.get(node) {
+            Some(a) => (
+                Capacity {
+                    cpu_millicores: a.cpu_millicores,
+                    memory_bytes: a.memory_bytes,
+                    disk_bytes: 0,
+                },
+                a.count,
+            ),
+            None => (Capacity::default(), 0),
         }
-        (c, n)
     }
 }

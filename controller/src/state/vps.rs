@@ -215,6 +215,7 @@ impl ClusterState {
                     &rec.spec.name,
                     format!("placed on {node}: {}", rec.placement_reason),
                 );
+                self.index_add(&rec);
                 self.vps.insert(rec.spec.name.clone(), rec.clone());
                 Response::Vps(Box::new(rec))
             }
@@ -250,6 +251,7 @@ impl ClusterState {
             VpsCmd::Delete { name, now_ms } => match self.vps.remove(&name) {
                 None => reject(RejectCode::NotFound, format!("VPS {name:?} not found")),
                 Some(v) => {
+                    self.index_remove(&v);
                     if let Some(ip) = v.spec.ip {
                         self.ip_pool.release(ip);
                     }

@@ -66,10 +66,12 @@ impl StateMachine {
         if let Some(s) = read_snapshot(&db).map_err(ControllerError::Storage)? {
             let body: SnapshotBody = serde_json::from_slice(&s.data)
                 .map_err(|e| ControllerError::Storage(format!("corrupt snapshot: {e}")))?;
+            let mut state = body.state;
+            state.rebuild_index();
             applied = Applied {
                 last_applied: body.last_applied,
                 last_membership: body.last_membership,
-                state: body.state,
+                state,
             };
         }
         Ok(Self {
@@ -174,11 +176,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         blocking(move || write_snapshot(&db, &stored))
             .await
             .map_err(|e| StorageIOError::write_snapshot(Some(sig), &io_err(e)))?;
+        let mut state = body.state;
+        state.rebuild_index();
         let mut g = self.applied.write().unwrap_or_else(|p| p.into_inner());
         *g = Applied {
             last_applied: meta.last_log_id,
             last_membership: meta.last_membership.clone(),
-            state: body.state,
+            state,
         };
         Ok(())
     }
