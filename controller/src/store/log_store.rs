@@ -129,11 +129,26 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|e| StorageIOError::read_vote(&io_err(e)).into())
     }
 
+    /// Saved without its own fsync: the next durable write (an append, a vote)
+    /// carries it to disk. A committed index lost in a crash only shortens the
+    /// replay at start (the leader tells followers the real one); log entries
+    /// themselves are always durable before they are acknowledged.
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         let db = self.db.clone();
-        blocking(move || put_meta(&db, "committed", &committed))
-            .await
-            .map_err(|e| StorageIOError::write(&io_err(e)).into())
+        blocking(move || {
+            let bytes = serde_json::to_vec(&committed).map_err(|e| e.to_string())?;
+            let mut tx = db.begin_write().map_err(|e| e.to_string())?;
+            tx.set_durability(redb::Durability::None)
+                .map_err(|e| e.to_string())?;
+            {
+                let mut t = tx.open_table(META).map_err(|e| e.to_string())?;
+                t.insert("committed", bytes.as_slice())
+                    .map_err(|e| e.to_string())?;
+            }
+            tx.commit().map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| StorageIOError::write(&io_err(e)).into())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
