@@ -27,6 +27,11 @@ down() {
     for p in $(cat "$c/cgroup.procs" 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
     sleep 0.2; rmdir "$c" 2>/dev/null
   done
+  # Each agent's parent cgroup is named after its run dir (see agent/src/paths.rs).
+  for run in $(echo "$DIR/run"); do
+    inst=$(printf %s "$run" | sha256sum | cut -c1-12)
+    rmdir /sys/fs/cgroup/*/ferry/"$inst"/* /sys/fs/cgroup/*/ferry/"$inst" 2>/dev/null
+  done
   grep -o " $DIR[^ ]*" /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m"; done
   rm -rf "$DIR"
   ip netns del "$NS" 2>/dev/null

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The main job: a local Ferry cluster on this one machine. Three "hosts", each
+# a network namespace with its own address on a LAN bridge and its own data
+# dirs, each running a controller replica and an agent. The controllers form
+# a Raft cluster; the agents join it; VPSes are created across the nodes.
+# Cleans up after itself, even when interrupted. Root required.
+#   scripts/cluster-demo.sh          run it and tear it down
+#   scripts/cluster-demo.sh --keep   leave it running (then: scripts/cluster-demo.sh down)
+#   scripts/cluster-demo.sh down     tear down a kept cluster
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DIR=/var/tmp/ferry-cluster
+BIN=$PWD/target/release
+LAN=fbrlan
+CTRL=10.88.0.11:7800,10.88.0.12:7800,10.88.0.13:7800
+
+down() {
+  set +e
+  pkill -f -- "$DIR/" 2>/dev/null
+  sleep 0.3
+  pkill -9 -f -- "$DIR/" 2>/dev/null
+  for c in /sys/fs/cgroup/*/ferry/*/demo-*; do
+    [ -d "$c" ] || continue
+    for p in $(cat "$c/cgroup.procs" 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
+    sleep 0.2; rmdir "$c" 2>/dev/null
+  done
+  # Each agent's parent cgroup is named after its run dir (see agent/src/paths.rs).
+  for run in $(for i in 1 2 3; do echo "$DIR/h$i/run"; done); do
+    inst=$(printf %s "$run" | sha256sum | cut -c1-12)
+    rmdir /sys/fs/cgroup/*/ferry/"$inst"/* /sys/fs/cgroup/*/ferry/"$inst" 2>/dev/null
+  done
+  grep -o " $DIR[^ ]*" /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m"; done
+  for i in 1 2 3; do ip netns del "ferry-h$i" 2>/dev/null; ip link del "fh$i" 2>/dev/null; done
+  ip link del "$LAN" 2>/dev/null
+  rm -rf "$DIR"
+  return 0
+}
+
+if [ "${1:-}" = down ]; then down; echo "cluster torn down"; exit 0; fi
+[ "$(id -u)" = 0 ] || { echo "run as root: hosts are network namespaces, VPSes need cgroups and veths" >&2; exit 1; }
+./scripts/install-deps.sh
+cargo build --release -q -p ferry-agent -p ferry-controller -p ferry-ctl
+down
+[ "${1:-}" = --keep ] || trap down EXIT
+mkdir -p "$DIR"
+
+# The LAN: a bridge in the root namespace, one veth per host.
+ip link add "$LAN" type bridge
+ip addr add 10.88.0.1/24 dev "$LAN"
+ip link set "$LAN" up
+for i in 1 2 3; do
+  ns=ferry-h$i
+  ip netns add "$ns"
+  ip link add "fh$i" type veth peer name eth0 netns "$ns"
+  ip link set "fh$i" master "$LAN" up
+  ip -n "$ns" addr add "10.88.0.1$i/24" dev eth0
+  ip -n "$ns" link set eth0 up
+  ip -n "$ns" link set lo up
+  ip -n "$ns" route add default via 10.88.0.1
+done
+
+on() { local i=$1; shift; nsenter --net=/run/netns/ferry-h$i -- "$@"; }
+ctl() { echo "\$ ferryctl $*" >&2; "$BIN/ferryctl" --controller "$CTRL" "$@"; }
+
+for i in 1 2 3; do
+  init=(); [ "$i" = 1 ] && init=(--init)
+  on "$i" "$BIN/ferry-controller" --listen "10.88.0.1$i:7800" --data-dir "$DIR/h$i/controller" "${init[@]}" \
+    >"$DIR/controller$i.log" 2>&1 &
+done
+for _ in $(seq 100); do "$BIN/ferryctl" --controller 10.88.0.11:7800 cluster status >/dev/null 2>&1 && break; sleep 0.1; done
+ctl controller add 10.88.0.12:7800
+ctl controller add 10.88.0.13:7800
+ctl cluster status
+
+for i in 1 2 3; do
+  on "$i" "$BIN/ferry-agent" --listen "10.88.0.1$i:7700" --data-dir "$DIR/h$i/agent" --run-dir "$DIR/h$i/run" \
+    --controller "$CTRL" --node-name "node$i" --label "zone=z$i" >"$DIR/agent$i.log" 2>&1 &
+done
+for _ in $(seq 100); do
+  [ "$("$BIN/ferryctl" --controller "$CTRL" node ls 2>/dev/null | grep -c ready)" = 3 ] && break; sleep 0.2
+done
+ctl node ls
+
+# Three web VPSes, one per node (anti-affinity), and two more where they fit best.
+for n in 1 2 3; do ctl vps create "demo-web$n" --cpu 250m --memory 64M --anti-affinity web --start; done
+ctl vps create demo-db --cpu 500m --memory 128M --selector zone=z2 --start
+ctl vps create demo-cache --cpu 250m --memory 64M --start
+for _ in $(seq 150); do
+  [ "$("$BIN/ferryctl" --controller "$CTRL" vps ls 2>/dev/null | grep -c ' running ')" = 5 ] && break; sleep 0.2
+done
+ctl vps ls
+ctl node ls
+
+web1_node=$("$BIN/ferryctl" --controller "$CTRL" vps show demo-web1 -o json | grep '"node"' | cut -d'"' -f4)
+web1_ip=$("$BIN/ferryctl" --controller "$CTRL" vps show demo-web1 -o json | grep '"ip"' | cut -d'"' -f4)
+echo; echo "demo-web1 serves HTTP at $web1_ip on $web1_node:"
+on "${web1_node#node}" curl -s -m 3 "http://$web1_ip/"
+echo; ctl vps show demo-db
+if [ "${1:-}" = --keep ]; then
+  echo; echo "left running. Try: $BIN/ferryctl --controller $CTRL vps ls; tear down with: scripts/cluster-demo.sh down"
+fi
