@@ -305,3 +305,106 @@ async fn controller_drives_agents_and_never_starts_a_vps_twice() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hundred_concurrent_creates_run_on_their_chosen_agents() {
+    bounded(420, async {
+        let _heavy = HEAVY.lock().await;
+        let ctl = Controllers::start().await;
+        let args = |name: &str| {
+            vec![
+                "--controller".to_string(),
+                ctl.addrs(),
+                "--node-name".into(),
+                name.into(),
+            ]
+        };
+        let hosts = [
+            Host::with_args(args("n1")).await,
+            Host::with_args(args("n2")).await,
+            Host::with_args(args("n3")).await,
+        ];
+        let mut c = ctl.client(0).await;
+        for n in ["n1", "n2", "n3"] {
+            wait_node(&mut c, n, "ready", 15).await;
+        }
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let sock = ctl.sock(i % 3);
+            tasks.push(tokio::spawn(async move {
+                let ch = ferry_proto::addr::connect(&ferry_proto::addr::Addr::Unix(sock))
+                    .await
+                    .unwrap();
+                let mut c = ControllerServiceClient::new(ch);
+                let mut req = vps(&format!("m{i}"), "");
+                req.placement = Some(cpb::Placement {
+                    anti_affinity_group: String::new(),
+                    ..Default::default()
+                });
+                req.spec.as_mut().unwrap().limits = Some(apb::Limits {
+                    memory_bytes: 16 << 20,
+                    cpu_millicores: 10,
+                    pids: 64,
+                    ..Default::default()
+                });
+                c.create_vps(req).await
+            }));
+        }
+        let mut acked = Vec::new();
+        for t in tasks {
+            if let Ok(v) = t.await.unwrap() {
+                acked.push(v.into_inner().spec.unwrap().name);
+            }
+        }
+        assert_eq!(acked.len(), 200, "creates refused");
+        let vs = wait_vps(&mut c, "200 running", |vs| {
+            vs.len() == 200 && vs.iter().all(|v| v.observed == "running")
+        })
+        .await;
+        let ips: std::collections::BTreeSet<String> = vs
+            .iter()
+            .map(|v| v.spec.as_ref().unwrap().net.as_ref().unwrap().ip.clone())
+            .collect();
+        assert_eq!(ips.len(), 200, "an address was handed out twice");
+        // Every VPS runs on the agent the controller chose, and only there.
+        let mut total = 0;
+        for (h, node) in hosts.iter().zip(["n1", "n2", "n3"]) {
+            let mut a = h.client().await;
+            let on_agent = a
+                .list_vps(apb::ListVpsRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .vps;
+            let mut here: Vec<String> = on_agent
+                .iter()
+                .filter(|v| running(v))
+                .map(|v| v.spec.as_ref().unwrap().name.clone())
+                .collect();
+            let mut placed: Vec<String> = vs
+                .iter()
+                .filter(|v| v.node == node)
+                .map(|v| v.spec.as_ref().unwrap().name.clone())
+                .collect();
+            here.sort();
+            placed.sort();
+            assert_eq!(here, placed, "{node} runs other VPSes than placed there");
+            total += here.len();
+            let n = c
+                .get_node(cpb::GetNodeRequest { name: node.into() })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(n.allocated.unwrap().memory_bytes <= n.capacity.unwrap().memory_bytes);
+        }
+        assert_eq!(total, 200);
+        for v in &vs {
+            c.delete_vps(cpb::DeleteVpsRequest {
+                name: v.spec.as_ref().unwrap().name.clone(),
+            })
+            .await
+            .unwrap();
+        }
+    })
+    .await;
+}
