@@ -195,3 +195,58 @@ async fn concurrent_creates_never_share_an_address_or_overfill_a_node() {
     assert!(ok >= 24, "too few placed: {ok}");
     println!("{ok} of 200 concurrent creates placed");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_are_listed_and_followed_on_any_replica() {
+    let cl = Cluster::start(3).await;
+    let mut c = cl.replicas[0].client().await;
+    c.register_node(node_req("node-e", 1)).await.unwrap();
+    let mut f = cl.replicas[2].client().await;
+    let listed: Vec<cpb::Event> = {
+        let mut s = f
+            .watch_events(cpb::WatchEventsRequest {
+                after_seq: 0,
+                follow: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut v = Vec::new();
+        while let Some(e) = s.message().await.unwrap() {
+            v.push(e);
+        }
+        v
+    };
+    assert!(
+        listed
+            .iter()
+            .any(|e| e.kind == "node" && e.subject == "node-e" && e.message.contains("registered")),
+        "{listed:?}"
+    );
+    let last = listed.last().unwrap().seq;
+    // Following from there, a write through another replica shows up.
+    let mut s = f
+        .watch_events(cpb::WatchEventsRequest {
+            after_seq: last,
+            follow: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    c.cordon_node(cpb::CordonNodeRequest {
+        name: "node-e".into(),
+        cordon: true,
+    })
+    .await
+    .unwrap();
+    let e = tokio::time::timeout(std::time::Duration::from_secs(5), s.message())
+        .await
+        .expect("no event followed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (e.subject.as_str(), e.message.as_str()),
+        ("node-e", "cordoned")
+    );
+    assert!(e.seq > last);
+}

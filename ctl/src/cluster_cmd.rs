@@ -432,3 +432,34 @@ fn limit_values(l: &LimitArgs) -> Result<apb::Limits> {
         pids: l.pids.unwrap_or(0),
     })
 }
+
+/// The cluster's events; with `follow`, new ones as they happen (Ctrl-C ends).
+pub async fn events(
+    c: &mut ControllerServiceClient<Channel>,
+    follow: bool,
+    output: Output,
+) -> Result<()> {
+    let mut s = c
+        .watch_events(cpb::WatchEventsRequest {
+            after_seq: 0,
+            follow,
+        })
+        .await?
+        .into_inner();
+    while let Some(e) = s.message().await? {
+        if output == Output::Json {
+            println!(
+                "{}",
+                json!({"seq": e.seq, "ts_unix_ms": e.ts_unix_ms, "kind": e.kind, "subject": e.subject, "message": e.message})
+            );
+        } else {
+            let secs = e.ts_unix_ms / 1000;
+            let (h, m, sec) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+            println!(
+                "{:>6}  {h:02}:{m:02}:{sec:02}  {:<6} {:<16} {}",
+                e.seq, e.kind, e.subject, e.message
+            );
+        }
+    }
+    Ok(())
+}

@@ -51,6 +51,13 @@ enum Cmd {
     /// Controller replicas (--controller).
     #[command(subcommand)]
     Controller(cluster_cmd::ControllerCmd),
+    /// What happened in the cluster (UTC times); --follow keeps watching.
+    Events {
+        #[arg(long, short)]
+        follow: bool,
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: agent_cmd::Output,
+    },
 }
 
 #[derive(Subcommand)]
@@ -90,6 +97,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             .map(|_| 0),
         Cmd::Cluster(ClusterCmd::Status { output }) => {
             cluster_cmd::status(&mut cluster_cmd::connect(cluster()?).await?, output)
+                .await
+                .map(|_| 0)
+        }
+        Cmd::Events { follow, output } => {
+            cluster_cmd::events(&mut cluster_cmd::connect(cluster()?).await?, follow, output)
                 .await
                 .map(|_| 0)
         }

@@ -2,6 +2,7 @@
 //! ([`Member::propose`]) or a linearizable read ([`Member::read_barrier`] then
 //! the local state). One module per concept; this file only routes.
 
+mod events;
 pub(crate) mod members;
 mod nodes;
 mod vps;
@@ -115,6 +116,16 @@ impl ControllerService for Api {
     }
     async fn list_vps(&self, req: Request<cpb::ListVpsRequest>) -> R<cpb::ListVpsResponse> {
         Ok(Response::new(vps::list(&self.ctl, req.into_inner()).await?))
+    }
+    type WatchEventsStream = events::EventStream;
+
+    async fn watch_events(
+        &self,
+        req: Request<cpb::WatchEventsRequest>,
+    ) -> R<Self::WatchEventsStream> {
+        Ok(Response::new(
+            events::watch(self.ctl.clone(), req.into_inner()).await?,
+        ))
     }
     async fn delete_vps(&self, req: Request<cpb::DeleteVpsRequest>) -> R<cpb::DeleteVpsResponse> {
         vps::delete(&self.ctl, &req.into_inner().name).await?;
