@@ -211,6 +211,7 @@ impl AgentService for Service {
 
     async fn set_vps(&self, req: Request<pb::SetVpsRequest>) -> R<pb::Vps> {
         let r = req.into_inner();
+        self.agent.fence(&r.name, r.generation)?;
         self.agent.set(&r).await?;
         self.vps(&r.name).await
     }

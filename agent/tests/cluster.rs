@@ -287,6 +287,37 @@ async fn controller_drives_agents_and_never_starts_a_vps_twice() {
             vs.iter().all(|v| v.observed == "running")
         })
         .await;
+        // New limits flow down to the running VPS, live.
+        let v = c
+            .update_vps(cpb::UpdateVpsRequest {
+                name: "ca1".into(),
+                memory_bytes: Some(96 << 20),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let on_a = get(&mut aa, "ca1").await;
+            let spec = on_a.spec.unwrap();
+            if spec.limits.unwrap().memory_bytes == 96 << 20 {
+                assert_eq!(spec.generation, v.generation);
+                assert!(running(&get(&mut aa, "ca1").await));
+                break;
+            }
+            assert!(Instant::now() < end, "new limits never reached the agent");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let e = c
+            .update_vps(cpb::UpdateVpsRequest {
+                name: "ca1".into(),
+                memory_bytes: Some(1 << 50),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{}", e.message());
         c.delete_vps(cpb::DeleteVpsRequest { name: "cb1".into() })
             .await
             .unwrap();

@@ -357,6 +357,7 @@ fn limits_req(name: &str, l: &LimitArgs, autostart: Option<bool>) -> Result<pb::
             .map_err(anyhow::Error::msg)?,
         pids: l.pids,
         autostart,
+        generation: 0,
     })
 }
 

@@ -402,33 +402,37 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{s:?} is not key=value"))
 }
 
-fn limit_values(l: &LimitArgs) -> Result<apb::Limits> {
-    Ok(apb::Limits {
-        cpu_millicores: l
-            .cpu
+/// The limits given on the command line, parsed; None where not given.
+fn limit_values_opt(l: &LimitArgs) -> Result<(Option<u32>, Option<u64>, Option<u64>)> {
+    Ok((
+        l.cpu
             .as_deref()
             .map(parse_cpu)
             .transpose()
             .map_err(anyhow::Error::msg)
-            .context("--cpu")?
-            .unwrap_or(0),
+            .context("--cpu")?,
+        l.memory
+            .as_deref()
+            .map(parse_bytes)
+            .transpose()
+            .map_err(anyhow::Error::msg)
+            .context("--memory")?,
+        l.swap
+            .as_deref()
+            .map(parse_bytes)
+            .transpose()
+            .map_err(anyhow::Error::msg)
+            .context("--swap")?,
+    ))
+}
+
+fn limit_values(l: &LimitArgs) -> Result<apb::Limits> {
+    let (cpu, memory, swap) = limit_values_opt(l)?;
+    Ok(apb::Limits {
+        cpu_millicores: cpu.unwrap_or(0),
         cpu_weight: l.cpu_weight.unwrap_or(0),
-        memory_bytes: l
-            .memory
-            .as_deref()
-            .map(parse_bytes)
-            .transpose()
-            .map_err(anyhow::Error::msg)
-            .context("--memory")?
-            .unwrap_or(256 << 20),
-        swap_bytes: l
-            .swap
-            .as_deref()
-            .map(parse_bytes)
-            .transpose()
-            .map_err(anyhow::Error::msg)
-            .context("--swap")?
-            .unwrap_or(0),
+        memory_bytes: memory.unwrap_or(256 << 20),
+        swap_bytes: swap.unwrap_or(0),
         pids: l.pids.unwrap_or(0),
     })
 }

@@ -117,6 +117,11 @@ impl ControllerService for Api {
     async fn list_vps(&self, req: Request<cpb::ListVpsRequest>) -> R<cpb::ListVpsResponse> {
         Ok(Response::new(vps::list(&self.ctl, req.into_inner()).await?))
     }
+    async fn update_vps(&self, req: Request<cpb::UpdateVpsRequest>) -> R<cpb::ClusterVps> {
+        Ok(Response::new(
+            vps::update(&self.ctl, req.into_inner()).await?,
+        ))
+    }
     type WatchEventsStream = events::EventStream;
 
     async fn watch_events(

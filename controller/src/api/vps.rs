@@ -230,3 +230,45 @@ pub async fn set_desired(
         r => Err(ControllerError::Raft(format!("unexpected {r:?}"))),
     }
 }
+
+/// New limits for a VPS; its node applies them (live when it runs).
+pub async fn update(
+    ctl: &Controller,
+    r: cpb::UpdateVpsRequest,
+) -> Result<cpb::ClusterVps, ControllerError> {
+    if r.memory_bytes.is_some_and(|m| m < MIN_MEMORY) {
+        return Err(ControllerError::invalid(
+            "memory_bytes",
+            format!("at least {MIN_MEMORY} bytes"),
+        ));
+    }
+    if r.cpu_weight.is_some_and(|w| !(1..=10000).contains(&w)) {
+        return Err(ControllerError::invalid("cpu_weight", "1 to 10000"));
+    }
+    let limits = crate::state::LimitsUpdate {
+        cpu_millicores: r.cpu_millicores,
+        cpu_weight: r.cpu_weight,
+        memory_bytes: r.memory_bytes,
+        swap_bytes: r.swap_bytes,
+        pids: r.pids,
+    };
+    if limits == crate::state::LimitsUpdate::default() {
+        return Err(ControllerError::invalid("limits", "nothing to change"));
+    }
+    let m = ctl.member().await?;
+    m.read_barrier().await?;
+    if !m.sm.read(|a| a.state.vps.contains_key(&r.name)) {
+        return Err(not_found(&r.name));
+    }
+    match applied(
+        m.propose(Request::Vps(VpsCmd::Update {
+            name: r.name,
+            limits,
+            now_ms: now_ms(),
+        }))
+        .await?,
+    )? {
+        Response::Vps(v) => Ok(to_pb(&v)),
+        r => Err(ControllerError::Raft(format!("unexpected {r:?}"))),
+    }
+}

@@ -35,6 +35,10 @@ pub enum Action {
     Destroy {
         generation: u64,
     },
+    /// The node holds an older generation: bring its limits up to date.
+    Sync {
+        spec: Box<apb::VpsSpec>,
+    },
 }
 
 /// One thing to do on one node.
@@ -68,6 +72,9 @@ pub fn plan(s: &ClusterState, seen: &HashMap<String, super::Seen>) -> Vec<Step> 
             }),
             (Some((_, st)), Desired::Stopped) if st == "running" => Some(Action::Stop {
                 generation: v.generation,
+            }),
+            (Some((g, _)), _) if *g < v.generation => Some(Action::Sync {
+                spec: Box::new(v.spec.to_pb(v.generation)),
             }),
             _ => None,
         };
@@ -181,6 +188,7 @@ fn short(a: &Action) -> &'static str {
         Action::Start { .. } => "start",
         Action::Stop { .. } => "stop",
         Action::Destroy { .. } => "destroy",
+        Action::Sync { .. } => "sync",
     }
 }
 
@@ -215,6 +223,22 @@ async fn run(step: &Step) -> Result<(), String> {
             })
             .await
             .map(|_| ()),
+        Action::Sync { spec } => {
+            let l = spec.limits.unwrap_or_default();
+            c.set_vps(apb::SetVpsRequest {
+                name,
+                cpu_millicores: Some(l.cpu_millicores),
+                // 0 in a spec means the agent's default: keep what the agent has.
+                cpu_weight: (l.cpu_weight != 0).then_some(l.cpu_weight),
+                memory_bytes: Some(l.memory_bytes),
+                swap_bytes: Some(l.swap_bytes),
+                pids: (l.pids != 0).then_some(l.pids),
+                autostart: None,
+                generation: spec.generation,
+            })
+            .await
+            .map(|_| ())
+        }
         Action::Destroy { generation } => c
             .destroy_vps(apb::DestroyVpsRequest {
                 name,
@@ -290,6 +314,13 @@ mod tests {
             [("v".to_string(), "start")]
         );
         assert!(plan(&s, &seen(&[("v", 1, "running")])).is_empty());
+        // A newer generation than the node holds (limits changed): sync.
+        let mut newer = s.clone();
+        newer.vps.get_mut("v").unwrap().generation = 2;
+        assert_eq!(
+            kinds(plan(&newer, &seen(&[("v", 1, "running")]))),
+            [("v".to_string(), "sync")]
+        );
         // Deleted from the cluster: destroyed. Made node-local (generation 0): untouched.
         assert_eq!(
             kinds(plan(

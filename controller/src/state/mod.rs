@@ -17,7 +17,7 @@ pub use events::{Event, EventLog};
 pub use ippool::IpPool;
 pub use members::Members;
 pub use nodes::{Capacity, NodeCmd, NodeRecord};
-pub use vps::{Desired, VpsCmd, VpsRecord, VpsSpecData};
+pub use vps::{Desired, LimitsUpdate, VpsCmd, VpsRecord, VpsSpecData};
 
 use crate::scheduler::SchedConfig;
 

@@ -141,6 +141,22 @@ pub enum VpsCmd {
     Observe {
         updates: Vec<(String, String)>,
     },
+    /// New limits (a new generation: the node must apply them).
+    Update {
+        name: String,
+        limits: LimitsUpdate,
+        now_ms: i64,
+    },
+}
+
+/// Limits to change; None keeps the current value.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LimitsUpdate {
+    pub cpu_millicores: Option<u32>,
+    pub cpu_weight: Option<u32>,
+    pub memory_bytes: Option<u64>,
+    pub swap_bytes: Option<u64>,
+    pub pids: Option<u32>,
 }
 
 impl ClusterState {
@@ -240,6 +256,49 @@ impl ClusterState {
                     Response::Vps(Box::new(v))
                 }
             },
+            VpsCmd::Update {
+                name,
+                limits,
+                now_ms,
+            } => {
+                let Some(old) = self.vps.get(&name).cloned() else {
+                    return reject(RejectCode::NotFound, format!("VPS {name:?} not found"));
+                };
+                let mut new = old.clone();
+                let sp = &mut new.spec;
+                sp.cpu_millicores = limits.cpu_millicores.unwrap_or(sp.cpu_millicores);
+                sp.cpu_weight = limits.cpu_weight.unwrap_or(sp.cpu_weight);
+                sp.memory_bytes = limits.memory_bytes.unwrap_or(sp.memory_bytes);
+                sp.swap_bytes = limits.swap_bytes.unwrap_or(sp.swap_bytes);
+                sp.pids = limits.pids.unwrap_or(sp.pids);
+                // The node must still hold it, counting everything else there.
+                if let Some(n) = self.nodes.get(&old.node) {
+                    let (alloc, _) = self.allocated(&old.node);
+                    let cpu = alloc.cpu_millicores - old.spec.cpu_millicores as u64
+                        + new.spec.cpu_millicores as u64;
+                    let mem = alloc.memory_bytes - old.spec.memory_bytes + new.spec.memory_bytes;
+                    if cpu > (n.capacity.cpu_millicores as f64 * self.sched.cpu_overcommit) as u64
+                        || mem
+                            > (n.capacity.memory_bytes as f64 * self.sched.memory_overcommit) as u64
+                    {
+                        return reject(
+                            RejectCode::ResourceExhausted,
+                            format!("node {} cannot hold the new limits", old.node),
+                        );
+                    }
+                }
+                new.generation += 1;
+                self.index_remove(&old);
+                self.index_add(&new);
+                self.events.push(
+                    now_ms,
+                    "vps",
+                    &name,
+                    format!("limits changed (generation {})", new.generation),
+                );
+                self.vps.insert(name, new.clone());
+                Response::Vps(Box::new(new))
+            }
             VpsCmd::Observe { updates } => {
                 for (name, observed) in updates {
                     if let Some(v) = self.vps.get_mut(&name) {
