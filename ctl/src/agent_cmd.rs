@@ -123,6 +123,15 @@ pub enum VpsCmd {
     Ls {
         #[arg(long, short, value_enum, default_value = "table")]
         output: Output,
+        /// Cluster mode: only VPSes on this node.
+        #[arg(long)]
+        node: Option<String>,
+        /// Cluster mode: only VPSes in this state (running, stopped, unknown, pending).
+        #[arg(long)]
+        status: Option<String>,
+        /// Cluster mode: only VPSes whose node has this label (key=value).
+        #[arg(long)]
+        label: Option<String>,
     },
     Show {
         name: String,
@@ -472,7 +481,15 @@ pub async fn vps(c: &mut AgentServiceClient<Channel>, cmd: VpsCmd) -> Result<i32
             .await?;
             println!("destroyed VPS {name}");
         }
-        VpsCmd::Ls { output } => {
+        VpsCmd::Ls {
+            output,
+            node,
+            status,
+            label,
+        } => {
+            if node.is_some() || status.is_some() || label.is_some() {
+                bail!("--node, --status and --label filter a cluster's VPSes: use --controller");
+            }
             let vs = c.list_vps(pb::ListVpsRequest {}).await?.into_inner().vps;
             if output == Output::Json {
                 println!(

@@ -310,12 +310,18 @@ pub async fn vps(c: &mut ControllerServiceClient<Channel>, cmd: VpsCmd) -> Resul
                 v.node, v.placement_reason
             );
         }
-        VpsCmd::Ls { output } => {
-            let vs = c
-                .list_vps(cpb::ListVpsRequest::default())
-                .await?
-                .into_inner()
-                .vps;
+        VpsCmd::Ls {
+            output,
+            node,
+            status,
+            label,
+        } => {
+            let req = cpb::ListVpsRequest {
+                node: node.unwrap_or_default(),
+                status: status.unwrap_or_default(),
+                label: label.unwrap_or_default(),
+            };
+            let vs = c.list_vps(req).await?.into_inner().vps;
             if output == Output::Json {
                 println!(
                     "{}",

@@ -17,14 +17,9 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "ferryctl", version, about = "Manage Ferry VPSes")]
 struct Cli {
-    /// Agent address for node-local mode.
-    #[arg(
-        long,
-        global = true,
-        env = "FERRY_AGENT",
-        default_value = "127.0.0.1:7700"
-    )]
-    agent: String,
+    /// Agent address for node-local mode (default 127.0.0.1:7700).
+    #[arg(long, global = true, env = "FERRY_AGENT")]
+    agent: Option<String>,
     /// Controller addresses (any replica; comma-separated for failover): cluster mode.
     #[arg(long, global = true, env = "FERRY_CONTROLLER")]
     controller: Option<String>,
@@ -82,7 +77,35 @@ async fn main() {
     std::process::exit(code);
 }
 
-async fn run(cli: Cli) -> anyhow::Result<i32> {
+/// Defaults from `$FERRY_CONFIG` or `~/.config/ferry/config`: lines of
+/// `controller=ADDR[,ADDR...]` and `agent=ADDR` (`#` starts a comment). Flags
+/// and environment variables win over the file.
+fn config_file() -> std::collections::HashMap<String, String> {
+    let path = std::env::var_os("FERRY_CONFIG")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".config/ferry/config"))
+        });
+    let text = path
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .unwrap_or_default();
+    text.lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+async fn run(mut cli: Cli) -> anyhow::Result<i32> {
+    let file = config_file();
+    if cli.controller.is_none() {
+        cli.controller = file.get("controller").cloned();
+    }
+    let agent = cli
+        .agent
+        .clone()
+        .or_else(|| file.get("agent").cloned())
+        .unwrap_or_else(|| "127.0.0.1:7700".into());
     let cluster = || -> anyhow::Result<&str> {
         cli.controller.as_deref().ok_or_else(|| {
             anyhow::anyhow!("this command needs --controller ADDR (or FERRY_CONTROLLER)")
@@ -110,12 +133,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .await
                 .map(|_| 0)
         }
-        Cmd::Template(t) => agent_cmd::template(&mut agent_cmd::connect(&cli.agent).await?, t)
+        Cmd::Template(t) => agent_cmd::template(&mut agent_cmd::connect(&agent).await?, t)
             .await
             .map(|_| 0),
-        Cmd::Vps(v) => agent_cmd::vps(&mut agent_cmd::connect(&cli.agent).await?, *v).await,
+        Cmd::Vps(v) => agent_cmd::vps(&mut agent_cmd::connect(&agent).await?, *v).await,
         Cmd::Info => {
-            let mut c = agent_cmd::connect(&cli.agent).await?;
+            let mut c = agent_cmd::connect(&agent).await?;
             let n = c
                 .get_node(ferry_proto::agent::v1::GetNodeRequest {})
                 .await?
