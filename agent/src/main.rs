@@ -143,42 +143,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let svc = AgentServiceServer::new(ferry_agent::service::Service { agent })
             .max_decoding_message_size(16 << 20);
         let router = tonic::transport::Server::builder().add_service(svc);
-        match &args.listen {
-            Addr::Tcp(h) => {
-                let sa: std::net::SocketAddr = h
-                    .parse()
-                    .with_context(|| format!("--listen {h}: not IP:PORT"))?;
-                router
-                    .serve_with_shutdown(sa, shutdown())
-                    .await
-                    .context("serving gRPC")?;
-            }
-            Addr::Unix(p) => {
-                let _ = std::fs::remove_file(p);
-                if let Some(d) = p.parent() {
-                    std::fs::create_dir_all(d)
-                        .with_context(|| format!("creating {}", d.display()))?;
-                }
-                let l = tokio::net::UnixListener::bind(p)
-                    .with_context(|| format!("binding {}", p.display()))?;
-                router
-                    .serve_with_incoming_shutdown(
-                        tokio_stream::wrappers::UnixListenerStream::new(l),
-                        shutdown(),
-                    )
-                    .await
-                    .context("serving gRPC")?;
-            }
-        }
+        ferry_proto::addr::serve(router, &args.listen)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        tracing::info!("shutting down; VPSes keep running");
         Ok(())
     })
-}
-
-async fn shutdown() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-    }
-    tracing::info!("shutting down; VPSes keep running");
 }

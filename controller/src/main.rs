@@ -81,38 +81,10 @@ fn main() -> anyhow::Result<()> {
                     .max_encoding_message_size(256 << 20),
             )
             .add_service(ControllerServiceServer::new(Api { ctl: ctl.clone() }));
-        match &cli.listen {
-            Addr::Tcp(h) => {
-                let sa: std::net::SocketAddr = h
-                    .parse()
-                    .with_context(|| format!("--listen {h}: not IP:PORT"))?;
-                router
-                    .serve_with_shutdown(sa, shutdown())
-                    .await
-                    .context("serving")?;
-            }
-            Addr::Unix(p) => {
-                let _ = std::fs::remove_file(p);
-                let l = tokio::net::UnixListener::bind(p)
-                    .with_context(|| format!("binding {}", p.display()))?;
-                router
-                    .serve_with_incoming_shutdown(
-                        tokio_stream::wrappers::UnixListenerStream::new(l),
-                        shutdown(),
-                    )
-                    .await
-                    .context("serving")?;
-            }
-        }
+        ferry_proto::addr::serve(router, &cli.listen)
+            .await
+            .map_err(anyhow::Error::msg)?;
         ctl.shutdown().await;
         Ok(())
     })
-}
-
-async fn shutdown() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-    }
 }

@@ -327,6 +327,74 @@ pub fn vps_json(v: &pb::Vps) -> serde_json::Value {
     j
 }
 
+/// The limits given on the command line, parsed; None where not given.
+pub fn limit_values_opt(l: &LimitArgs) -> Result<(Option<u32>, Option<u64>, Option<u64>)> {
+    Ok((
+        l.cpu
+            .as_deref()
+            .map(parse_cpu)
+            .transpose()
+            .map_err(anyhow::Error::msg)
+            .context("--cpu")?,
+        l.memory
+            .as_deref()
+            .map(parse_bytes)
+            .transpose()
+            .map_err(anyhow::Error::msg)
+            .context("--memory")?,
+        l.swap
+            .as_deref()
+            .map(parse_bytes)
+            .transpose()
+            .map_err(anyhow::Error::msg)
+            .context("--swap")?,
+    ))
+}
+
+pub fn limit_values(l: &LimitArgs) -> Result<pb::Limits> {
+    let (cpu, memory, swap) = limit_values_opt(l)?;
+    Ok(pb::Limits {
+        cpu_millicores: cpu.unwrap_or(0),
+        cpu_weight: l.cpu_weight.unwrap_or(0),
+        memory_bytes: memory.unwrap_or(256 << 20),
+        swap_bytes: swap.unwrap_or(0),
+        pids: l.pids.unwrap_or(0),
+    })
+}
+
+/// A VPS spec from `vps create`'s flags, for either mode.
+#[allow(clippy::too_many_arguments)]
+pub fn spec_from_args(
+    name: &str,
+    template: String,
+    hostname: Option<String>,
+    limits: pb::Limits,
+    ip: Option<&str>,
+    gateway: Option<String>,
+    mac: Option<String>,
+    init: Vec<String>,
+    autostart: bool,
+    stop_signal: String,
+) -> Result<pb::VpsSpec> {
+    let (ip, prefix_len) = split_ip(ip)?;
+    Ok(pb::VpsSpec {
+        name: name.to_string(),
+        template,
+        hostname: hostname.unwrap_or_default(),
+        limits: Some(limits),
+        net: (!ip.is_empty()).then(|| pb::NetConfig {
+            ip,
+            prefix_len,
+            gateway: gateway.unwrap_or_default(),
+            mac: mac.unwrap_or_default(),
+        }),
+        init,
+        autostart,
+        generation: 0,
+        stop_signal,
+    })
+}
+
 /// "10.77.0.10" or "10.77.0.10/16" → (address, prefix or 0); "" when absent.
 pub fn split_ip(ip: Option<&str>) -> Result<(String, u32)> {
     match ip.map(|s| {
@@ -343,27 +411,13 @@ pub fn split_ip(ip: Option<&str>) -> Result<(String, u32)> {
 }
 
 fn limits_req(name: &str, l: &LimitArgs, autostart: Option<bool>) -> Result<pb::SetVpsRequest> {
+    let (cpu_millicores, memory_bytes, swap_bytes) = limit_values_opt(l)?;
     Ok(pb::SetVpsRequest {
         name: name.to_string(),
-        cpu_millicores: l
-            .cpu
-            .as_deref()
-            .map(parse_cpu)
-            .transpose()
-            .map_err(anyhow::Error::msg)?,
+        cpu_millicores,
         cpu_weight: l.cpu_weight,
-        memory_bytes: l
-            .memory
-            .as_deref()
-            .map(parse_bytes)
-            .transpose()
-            .map_err(anyhow::Error::msg)?,
-        swap_bytes: l
-            .swap
-            .as_deref()
-            .map(parse_bytes)
-            .transpose()
-            .map_err(anyhow::Error::msg)?,
+        memory_bytes,
+        swap_bytes,
         pids: l.pids,
         autostart,
         generation: 0,
@@ -392,30 +446,18 @@ pub async fn vps(c: &mut AgentServiceClient<Channel>, cmd: VpsCmd) -> Result<i32
             {
                 bail!("--node, --selector and --anti-affinity place VPSes across a cluster: use --controller");
             }
-            let l = limits_req(&name, &limits, None)?;
-            let (ip, prefix_len) = split_ip(ip.as_deref())?;
-            let spec = pb::VpsSpec {
-                name: name.clone(),
+            let spec = spec_from_args(
+                &name,
                 template,
-                hostname: hostname.unwrap_or_default(),
-                limits: Some(pb::Limits {
-                    cpu_millicores: l.cpu_millicores.unwrap_or(0),
-                    cpu_weight: l.cpu_weight.unwrap_or(0),
-                    memory_bytes: l.memory_bytes.unwrap_or(256 << 20),
-                    swap_bytes: l.swap_bytes.unwrap_or(0),
-                    pids: l.pids.unwrap_or(0),
-                }),
-                net: (!ip.is_empty()).then(|| pb::NetConfig {
-                    ip,
-                    prefix_len,
-                    gateway: gateway.unwrap_or_default(),
-                    mac: mac.unwrap_or_default(),
-                }),
+                hostname,
+                limit_values(&limits)?,
+                ip.as_deref(),
+                gateway,
+                mac,
                 init,
                 autostart,
-                generation: 0,
                 stop_signal,
-            };
+            )?;
             let v = c
                 .create_vps(pb::CreateVpsRequest {
                     spec: Some(spec),

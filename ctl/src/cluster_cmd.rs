@@ -4,17 +4,16 @@
 
 use std::collections::HashMap;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Subcommand;
-use ferry_proto::agent::v1 as apb;
 use ferry_proto::controller::v1 as cpb;
 use ferry_proto::controller::v1::controller_service_client::ControllerServiceClient;
 use serde_json::json;
 use tonic::transport::Channel;
 
-use crate::agent_cmd::{LimitArgs, Output, VpsCmd};
+use crate::agent_cmd::{Output, VpsCmd};
 use crate::table;
-use crate::units::{human_bytes, human_cpu, parse_bytes, parse_cpu};
+use crate::units::{human_bytes, human_cpu};
 
 #[derive(Subcommand)]
 pub enum ControllerCmd {
@@ -266,24 +265,19 @@ pub async fn vps(c: &mut ControllerServiceClient<Channel>, cmd: VpsCmd) -> Resul
             start,
             placement,
         } => {
-            let l = limit_values(&limits)?;
-            let (ip, prefix_len) = crate::agent_cmd::split_ip(ip.as_deref())?;
-            let spec = apb::VpsSpec {
-                name: name.clone(),
+            let spec = crate::agent_cmd::spec_from_args(
+                &name,
                 template,
-                hostname: hostname.unwrap_or_default(),
-                limits: Some(l),
-                net: (!ip.is_empty()).then(|| apb::NetConfig {
-                    ip: ip.clone(),
-                    prefix_len,
-                    gateway: gateway.unwrap_or_default(),
-                    mac: mac.unwrap_or_default(),
-                }),
+                hostname,
+                crate::agent_cmd::limit_values(&limits)?,
+                ip.as_deref(),
+                gateway,
+                mac,
                 init,
                 autostart,
-                generation: 0,
                 stop_signal,
-            };
+            )?;
+            let allocate_ip = spec.net.is_none();
             let req = cpb::CreateVpsRequest {
                 spec: Some(spec),
                 placement: Some(cpb::Placement {
@@ -296,7 +290,7 @@ pub async fn vps(c: &mut ControllerServiceClient<Channel>, cmd: VpsCmd) -> Resul
                 } else {
                     "stopped".into()
                 },
-                allocate_ip: ip.is_empty(),
+                allocate_ip,
             };
             let v = c.create_vps(req).await?.into_inner();
             let got_ip = v
@@ -406,41 +400,6 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("{s:?} is not key=value"))
-}
-
-/// The limits given on the command line, parsed; None where not given.
-fn limit_values_opt(l: &LimitArgs) -> Result<(Option<u32>, Option<u64>, Option<u64>)> {
-    Ok((
-        l.cpu
-            .as_deref()
-            .map(parse_cpu)
-            .transpose()
-            .map_err(anyhow::Error::msg)
-            .context("--cpu")?,
-        l.memory
-            .as_deref()
-            .map(parse_bytes)
-            .transpose()
-            .map_err(anyhow::Error::msg)
-            .context("--memory")?,
-        l.swap
-            .as_deref()
-            .map(parse_bytes)
-            .transpose()
-            .map_err(anyhow::Error::msg)
-            .context("--swap")?,
-    ))
-}
-
-fn limit_values(l: &LimitArgs) -> Result<apb::Limits> {
-    let (cpu, memory, swap) = limit_values_opt(l)?;
-    Ok(apb::Limits {
-        cpu_millicores: cpu.unwrap_or(0),
-        cpu_weight: l.cpu_weight.unwrap_or(0),
-        memory_bytes: memory.unwrap_or(256 << 20),
-        swap_bytes: swap.unwrap_or(0),
-        pids: l.pids.unwrap_or(0),
-    })
 }
 
 /// The cluster's events; with `follow`, new ones as they happen (Ctrl-C ends).

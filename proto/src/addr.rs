@@ -68,6 +68,51 @@ pub async fn connect(addr: &Addr) -> Result<Channel, tonic::transport::Error> {
     }
 }
 
+/// Serves `router` on `addr` until SIGINT or SIGTERM: TCP on `HOST:PORT` (an IP
+/// address), or a unix socket (a stale socket file is replaced).
+pub async fn serve(router: tonic::transport::server::Router, addr: &Addr) -> Result<(), String> {
+    match addr {
+        Addr::Tcp(h) => {
+            let sa: std::net::SocketAddr = h
+                .parse()
+                .map_err(|_| format!("{h}: listen needs IP:PORT"))?;
+            router
+                .serve_with_shutdown(sa, shutdown_signal())
+                .await
+                .map_err(|e| format!("serving on {h}: {e}"))
+        }
+        Addr::Unix(p) => {
+            let _ = std::fs::remove_file(p);
+            if let Some(d) = p.parent() {
+                std::fs::create_dir_all(d).map_err(|e| format!("creating {}: {e}", d.display()))?;
+            }
+            let l = tokio::net::UnixListener::bind(p)
+                .map_err(|e| format!("binding {}: {e}", p.display()))?;
+            router
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::UnixListenerStream::new(l),
+                    shutdown_signal(),
+                )
+                .await
+                .map_err(|e| format!("serving on {}: {e}", p.display()))
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async {
+            match term.as_mut() {
+                Some(t) => { t.recv().await; }
+                None => std::future::pending::<()>().await,
+            }
+        } => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
