@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use ferry_proto::controller::v1 as cpb;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, Config, SnapshotPolicy};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::error::ControllerError;
 use crate::network::{raft_client, Network};
@@ -30,6 +31,85 @@ pub struct Member {
     pub addr: String,
     pub raft: Raft,
     pub sm: StateMachine,
+    batcher: mpsc::Sender<Pending>,
+}
+
+/// Why a batched write did not happen here.
+#[derive(Debug, Clone)]
+enum WriteErr {
+    /// This replica does not lead; the leader, if known.
+    Forward(Option<String>),
+    /// Not confirmed in time: the outcome is unknown.
+    Timeout,
+    Other(String),
+}
+
+struct Pending {
+    req: Request,
+    done: oneshot::Sender<Result<Response, WriteErr>>,
+}
+
+/// Most commands in one entry, and most entries in flight at once.
+const BATCH_MAX: usize = 512;
+const BATCHES_IN_FLIGHT: usize = 4;
+
+/// Group commit. openraft 0.9's core flushes the log once per client write,
+/// one after another, so commands are gathered: whatever queued while earlier
+/// entries were being committed goes out as one entry ([`Request::Batch`]),
+/// each caller getting its own result.
+async fn batcher(raft: Raft, mut rx: mpsc::Receiver<Pending>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < BATCH_MAX {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let (reqs, dones): (Vec<Request>, Vec<_>) =
+                batch.into_iter().map(|p| (p.req, p.done)).unzip();
+            let single = reqs.len() == 1;
+            let cmd = if single {
+                reqs.into_iter()
+                    .next()
+                    .unwrap_or(Request::Batch(Vec::new()))
+            } else {
+                Request::Batch(reqs)
+            };
+            let res = match tokio::time::timeout(LEADER_WAIT, raft.client_write(cmd)).await {
+                Err(_) => Err(WriteErr::Timeout),
+                Ok(Ok(r)) => Ok(r.data),
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                    Err(WriteErr::Forward(f.leader_node.map(|n| n.addr)))
+                }
+                Ok(Err(e)) => Err(WriteErr::Other(e.to_string())),
+            };
+            match res {
+                Ok(Response::Batch(rs)) if !single => {
+                    for (done, r) in dones.into_iter().zip(rs) {
+                        let _ = done.send(Ok(r));
+                    }
+                }
+                Ok(r) => {
+                    for done in dones {
+                        let _ = done.send(Ok(r.clone()));
+                    }
+                }
+                Err(e) => {
+                    for done in dones {
+                        let _ = done.send(Err(e.clone()));
+                    }
+                }
+            }
+        });
+    }
 }
 
 /// Raft timing: heartbeats every 50 ms; a follower that hears nothing for
@@ -62,7 +142,15 @@ impl Member {
         let raft = Raft::new(id, raft_config()?, Network::default(), log, sm.clone())
             .await
             .map_err(|e| ControllerError::Raft(e.to_string()))?;
-        Ok(Arc::new(Member { id, addr, raft, sm }))
+        let (tx, rx) = mpsc::channel(4 * BATCH_MAX);
+        tokio::spawn(batcher(raft.clone(), rx));
+        Ok(Arc::new(Member {
+            id,
+            addr,
+            raft,
+            sm,
+            batcher: tx,
+        }))
     }
 
     /// Makes this replica the only voter of a new cluster (a no-op when it is
@@ -83,27 +171,23 @@ impl Member {
     pub async fn propose(&self, req: Request) -> Result<Response, ControllerError> {
         let end = Instant::now() + LEADER_WAIT;
         loop {
-            let write =
-                tokio::time::timeout(LEADER_WAIT, self.raft.client_write(req.clone())).await;
-            let Ok(write) = write else {
-                // Appended but not committed in time: it may still commit later.
-                return Err(ControllerError::Unavailable(
-                    "the write was not committed in time (no quorum?); its outcome is unknown"
-                        .into(),
-                ));
-            };
-            let err = match write {
-                Ok(r) => return Ok(r.data),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                    match f.leader_node {
-                        Some(node) => match forward_propose(&node.addr, &req).await {
-                            Ok(r) => return Ok(r),
-                            Err(e) => e,
-                        },
-                        None => "no leader elected yet".to_string(),
+            let err = match self.write(req.clone()).await {
+                Ok(r) => return Ok(r),
+                Err(WriteErr::Timeout) => {
+                    // Appended but not committed in time: it may still commit later.
+                    return Err(ControllerError::Unavailable(
+                        "the write was not committed in time (no quorum?); its outcome is unknown"
+                            .into(),
+                    ));
+                }
+                Err(WriteErr::Forward(Some(leader))) => {
+                    match forward_propose(&leader, &req).await {
+                        Ok(r) => return Ok(r),
+                        Err(e) => e,
                     }
                 }
-                Err(e) => return Err(ControllerError::Raft(e.to_string())),
+                Err(WriteErr::Forward(None)) => "no leader elected yet".to_string(),
+                Err(WriteErr::Other(e)) => return Err(ControllerError::Raft(e)),
             };
             if Instant::now() >= end {
                 return Err(ControllerError::Unavailable(err));
@@ -114,11 +198,24 @@ impl Member {
 
     /// Commits on this replica only if it leads (the target of a forward).
     pub async fn propose_local(&self, req: Request) -> Result<Response, String> {
-        self.raft
-            .client_write(req)
+        self.write(req).await.map_err(|e| match e {
+            WriteErr::Forward(_) => "this replica no longer leads".to_string(),
+            WriteErr::Timeout => {
+                "the write was not committed in time; its outcome is unknown".to_string()
+            }
+            WriteErr::Other(e) => e,
+        })
+    }
+
+    /// One command through the group-commit batcher.
+    async fn write(&self, req: Request) -> Result<Response, WriteErr> {
+        let (done, rx) = oneshot::channel();
+        self.batcher
+            .send(Pending { req, done })
             .await
-            .map(|r| r.data)
-            .map_err(|e| e.to_string())
+            .map_err(|_| WriteErr::Other("the replica is shutting down".into()))?;
+        rx.await
+            .map_err(|_| WriteErr::Other("the replica is shutting down".into()))?
     }
 
     /// After this returns, a read of the local state sees every write

@@ -62,6 +62,9 @@ pub enum Request {
         ip_pool: Option<ipnet::Ipv4Net>,
         sched: Option<SchedConfig>,
     },
+    /// Several commands in one log entry (group commit): applied in order,
+    /// each with its own result.
+    Batch(Vec<Request>),
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -85,6 +88,8 @@ pub enum Response {
         code: RejectCode,
         message: String,
     },
+    /// The results of a [`Request::Batch`], in order.
+    Batch(Vec<Response>),
 }
 
 pub(crate) fn reject(code: RejectCode, message: impl Into<String>) -> Response {
@@ -138,6 +143,9 @@ impl ClusterState {
             Request::Node(c) => self.apply_node(c),
             Request::Vps(c) => self.apply_vps(c),
             Request::Member(c) => self.apply_member(c),
+            Request::Batch(reqs) => {
+                Response::Batch(reqs.into_iter().map(|r| self.apply(r)).collect())
+            }
             Request::Configure { ip_pool, sched } => {
                 if let Some(p) = ip_pool {
                     self.ip_pool.cidr = Some(p);
@@ -148,5 +156,64 @@ impl ClusterState {
                 Response::Ok
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg(name: &str, addr: &str) -> Request {
+        Request::Node(NodeCmd::Register {
+            name: name.into(),
+            addr: addr.into(),
+            capacity: Capacity {
+                cpu_millicores: 1000,
+                memory_bytes: 1 << 30,
+                disk_bytes: 0,
+            },
+            labels: Default::default(),
+            now_ms: 0,
+        })
+    }
+
+    #[test]
+    fn a_batch_applies_in_order_with_one_result_each() {
+        let mut s = ClusterState::default();
+        let r = s.apply(Request::Batch(vec![
+            reg("a", "h:1"),
+            reg("b", "h:1"), // address already taken by a: refused, the rest goes on
+            Request::Node(NodeCmd::Cordon {
+                name: "a".into(),
+                cordon: true,
+                now_ms: 0,
+            }),
+            Request::Node(NodeCmd::Cordon {
+                name: "zz".into(),
+                cordon: true,
+                now_ms: 0,
+            }),
+        ]));
+        let Response::Batch(rs) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(rs.len(), 4);
+        assert!(matches!(&rs[0], Response::Node(n) if n.name == "a"));
+        assert!(matches!(
+            &rs[1],
+            Response::Rejected {
+                code: RejectCode::AlreadyExists,
+                ..
+            }
+        ));
+        assert!(matches!(&rs[2], Response::Node(n) if n.cordoned));
+        assert!(matches!(
+            &rs[3],
+            Response::Rejected {
+                code: RejectCode::NotFound,
+                ..
+            }
+        ));
+        assert_eq!(s.nodes.len(), 1);
     }
 }
