@@ -83,9 +83,13 @@ pub fn spawn(agent: Arc<Agent>, link: ClusterLink) -> tokio::task::JoinHandle<()
                         }
                     })
                     .collect();
+                let templates = crate::template::list(&agent.paths)
+                    .map(|ts| ts.into_iter().map(|t| t.name).collect())
+                    .unwrap_or_default();
                 let mut req = tonic::Request::new(cpb::HeartbeatRequest {
                     node: link.node_name.clone(),
                     vps,
+                    templates,
                 });
                 req.set_timeout(Duration::from_secs(5));
                 if let Err(e) = c.heartbeat(req).await {

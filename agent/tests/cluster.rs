@@ -183,6 +183,32 @@ async fn controller_drives_agents_and_never_starts_a_vps_twice() {
         wait_node(&mut c, "node-a", "ready", 15).await;
         wait_node(&mut c, "node-b", "ready", 15).await;
 
+        // Nodes report their templates: a VPS of a template no node has is refused,
+        // every node named, and nothing is written.
+        let end = Instant::now() + Duration::from_secs(10);
+        while c
+            .get_node(cpb::GetNodeRequest {
+                name: "node-b".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .templates
+            .is_empty()
+        {
+            assert!(Instant::now() < end, "node-b never reported its templates");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut missing = vps("nt1", "");
+        missing.spec.as_mut().unwrap().template = "nosuch".into();
+        let e = c.create_vps(missing).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{}", e.message());
+        assert!(
+            e.message().contains("node-a: template nosuch missing")
+                && e.message().contains("node-b: template nosuch missing"),
+            "{}",
+            e.message()
+        );
         for (n, node) in [("ca1", "node-a"), ("ca2", "node-a"), ("cb1", "node-b")] {
             c.create_vps(vps(n, node)).await.expect("create");
         }

@@ -37,6 +37,7 @@ impl Controller {
         addr: String,
         init: bool,
         ip_pool: Option<ipnet::Ipv4Net>,
+        sched: crate::scheduler::SchedConfig,
     ) -> Result<Arc<Controller>, ControllerError> {
         let c = Arc::new(Controller {
             dir,
@@ -58,7 +59,7 @@ impl Controller {
             m.bootstrap().await?;
             m.propose(Request::Configure {
                 ip_pool,
-                sched: None,
+                sched: Some(sched),
             })
             .await?;
             tracing::info!("bootstrapped a new cluster as member 1");

@@ -41,6 +41,15 @@ struct Cli {
     /// With --init: the cluster's VPS address pool.
     #[arg(long, default_value = "10.77.0.0/16")]
     ip_pool: ipnet::Ipv4Net,
+    /// With --init: placement policy, `binpack` (fill nodes) or `spread` (even them out).
+    #[arg(long, default_value = "binpack", value_parser = ["binpack", "spread"])]
+    policy: String,
+    /// With --init: allowed sum of CPU limits per node, as a multiple of its CPUs.
+    #[arg(long, default_value_t = 4.0)]
+    cpu_overcommit: f64,
+    /// With --init: allowed sum of memory limits per node, as a multiple of its memory.
+    #[arg(long, default_value_t = 1.0)]
+    memory_overcommit: f64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,6 +72,18 @@ fn main() -> anyhow::Result<()> {
             .parse::<Addr>()
             .map_err(anyhow::Error::msg)
             .context("--advertise")?;
+        if !(cli.cpu_overcommit >= 0.1 && cli.memory_overcommit >= 0.1) {
+            anyhow::bail!("--cpu-overcommit and --memory-overcommit must be at least 0.1");
+        }
+        let sched = ferry_controller::scheduler::SchedConfig {
+            policy: if cli.policy == "spread" {
+                ferry_controller::scheduler::Policy::Spread
+            } else {
+                ferry_controller::scheduler::Policy::Binpack
+            },
+            cpu_overcommit: cli.cpu_overcommit,
+            memory_overcommit: cli.memory_overcommit,
+        };
         // Opening never waits on other replicas: a member starts its Raft, a
         // fresh `--init` commits alone as the only voter.
         let ctl = Controller::open(
@@ -70,6 +91,7 @@ fn main() -> anyhow::Result<()> {
             advertise.clone(),
             cli.init,
             Some(cli.ip_pool),
+            sched,
         )
         .await
         .context("starting the controller")?;

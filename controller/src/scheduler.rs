@@ -1,6 +1,7 @@
 //! Placement: which node a VPS goes to, and why.
 //!
-//! Filters, in order: the node is ready (not down, not cordoned); it is the
+//! Filters, in order: the node is ready (not down, not cordoned); it has the
+//! VPS's template (once it has reported its templates); it is the
 //! pinned node if one is given; it carries every label of the selector; it holds
 //! no VPS of the same anti-affinity group; the VPS's CPU and memory fit within
 //! the node's capacity times the overcommit factors, counting the limits of the
@@ -42,6 +43,8 @@ impl Default for SchedConfig {
 }
 
 pub struct PlacementReq<'a> {
+    /// The VPS's template: a node known not to have it is refused.
+    pub template: &'a str,
     pub cpu_millicores: u64,
     pub memory_bytes: u64,
     pub pin_node: &'a str,
@@ -61,6 +64,11 @@ fn reject_reason(
     }
     if n.cordoned {
         return Some("cordoned".into());
+    }
+    if let Some(t) = &n.templates {
+        if !r.template.is_empty() && !t.contains(r.template) {
+            return Some(format!("template {} missing", r.template));
+        }
     }
     if !r.pin_node.is_empty() && r.pin_node != n.name {
         return Some(format!("not the requested node {}", r.pin_node));

@@ -24,6 +24,7 @@ pub(crate) fn to_pb(s: &ClusterState, n: &NodeRecord) -> cpb::Node {
         last_heartbeat_unix_ms: n.last_heartbeat_ms,
         allocated: Some(cap(&alloc)),
         vps_count: count,
+        templates: n.templates.iter().flatten().cloned().collect(),
     }
 }
 
@@ -129,9 +130,10 @@ pub async fn heartbeat(ctl: &Controller, r: cpb::HeartbeatRequest) -> Result<(),
         .iter()
         .map(|v| (v.name.clone(), (v.generation, v.status.clone())))
         .collect();
-    let (known, was_down, changes) = m.sm.read(|a| {
+    let reported: std::collections::BTreeSet<String> = r.templates.iter().cloned().collect();
+    let (known, was_down, changes, templates_changed) = m.sm.read(|a| {
         let Some(n) = a.state.nodes.get(&r.node) else {
-            return (false, false, Vec::new());
+            return (false, false, Vec::new(), false);
         };
         let changes: Vec<(String, String)> = a
             .state
@@ -146,7 +148,12 @@ pub async fn heartbeat(ctl: &Controller, r: cpb::HeartbeatRequest) -> Result<(),
                 (now != v.observed).then(|| (v.spec.name.clone(), now))
             })
             .collect();
-        (true, n.down, changes)
+        (
+            true,
+            n.down,
+            changes,
+            n.templates.as_ref() != Some(&reported),
+        )
     });
     if !known {
         return Err(ControllerError::Rejected {
@@ -161,6 +168,15 @@ pub async fn heartbeat(ctl: &Controller, r: cpb::HeartbeatRequest) -> Result<(),
                 name: r.node.clone(),
                 down: false,
                 now_ms: now_ms(),
+            }))
+            .await?,
+        )?;
+    }
+    if templates_changed {
+        applied(
+            m.propose(Request::Node(NodeCmd::SetTemplates {
+                name: r.node.clone(),
+                templates: reported,
             }))
             .await?,
         )?;

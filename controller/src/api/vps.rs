@@ -91,6 +91,7 @@ fn precheck(s: &ClusterState, cmd: &VpsCmd) -> Result<(), ControllerError> {
         }
     }
     let req = PlacementReq {
+        template: &spec.template,
         cpu_millicores: spec.cpu_millicores as u64,
         memory_bytes: spec.memory_bytes,
         pin_node,

@@ -23,6 +23,9 @@ pub struct NodeRecord {
     pub cordoned: bool,
     pub down: bool,
     pub last_heartbeat_ms: i64,
+    /// Templates present on the node; None until it reports.
+    #[serde(default)]
+    pub templates: Option<std::collections::BTreeSet<String>>,
 }
 
 impl NodeRecord {
@@ -58,6 +61,11 @@ pub enum NodeCmd {
         name: String,
         down: bool,
         now_ms: i64,
+    },
+    /// The templates a node reported (written only when they change).
+    SetTemplates {
+        name: String,
+        templates: std::collections::BTreeSet<String>,
     },
 }
 
@@ -100,6 +108,7 @@ impl ClusterState {
                             cordoned: false,
                             down: false,
                             last_heartbeat_ms: now_ms,
+                            templates: None,
                         };
                         self.node_by_addr.insert(n.addr.clone(), name.clone());
                         self.nodes.insert(name.clone(), n.clone());
@@ -114,6 +123,13 @@ impl ClusterState {
                 };
                 Response::Node(rec)
             }
+            NodeCmd::SetTemplates { name, templates } => match self.nodes.get_mut(&name) {
+                None => reject(RejectCode::NotFound, format!("node {name:?} not found")),
+                Some(n) => {
+                    n.templates = Some(templates);
+                    Response::Node(n.clone())
+                }
+            },
             NodeCmd::SetDown { name, down, now_ms } => match self.nodes.get_mut(&name) {
                 None => reject(RejectCode::NotFound, format!("node {name:?} not found")),
                 Some(n) => {

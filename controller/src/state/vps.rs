@@ -202,6 +202,7 @@ impl ClusterState {
                     }
                 }
                 let req = PlacementReq {
+                    template: &spec.template,
                     cpu_millicores: spec.cpu_millicores as u64,
                     memory_bytes: spec.memory_bytes,
                     pin_node: &pin_node,
