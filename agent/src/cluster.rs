@@ -54,7 +54,7 @@ pub fn spawn(agent: Arc<Agent>, link: ClusterLink) -> tokio::task::JoinHandle<()
                 capacity: Some(cpb::Capacity {
                     cpu_millicores: info.cpu_millicores,
                     memory_bytes: info.memory_bytes,
-                    disk_bytes: 0,
+                    disk_bytes: agent.disk_space().0,
                 }),
                 labels: link.labels.clone(),
             };
@@ -86,10 +86,12 @@ pub fn spawn(agent: Arc<Agent>, link: ClusterLink) -> tokio::task::JoinHandle<()
                 let templates = crate::template::list(&agent.paths)
                     .map(|ts| ts.into_iter().map(|t| t.name).collect())
                     .unwrap_or_default();
+                let usage = Some(agent.node_usage());
                 let mut req = tonic::Request::new(cpb::HeartbeatRequest {
                     node: link.node_name.clone(),
                     vps,
                     templates,
+                    usage,
                 });
                 req.set_timeout(Duration::from_secs(5));
                 if let Err(e) = c.heartbeat(req).await {

@@ -216,6 +216,30 @@ async fn controller_drives_agents_and_never_starts_a_vps_twice() {
             vs.len() == 3 && vs.iter().all(|v| v.observed == "running")
         })
         .await;
+        // The node reports what it runs (written at most every 10 s, at once on change).
+        let end = Instant::now() + Duration::from_secs(15);
+        loop {
+            let n = c
+                .get_node(cpb::GetNodeRequest {
+                    name: "node-a".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let u = n.usage.unwrap_or_default();
+            if u.vps_running == 2 {
+                assert!(
+                    u.memory_bytes > 0 && u.disk_bytes > 0 && n.capacity.unwrap().disk_bytes > 0,
+                    "{n:?}"
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "node-a never reported 2 running: {n:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         // Each runs on its chosen agent, with the cluster's generation and address.
         let mut aa = a.client().await;
         let mut bb = b.client().await;

@@ -130,7 +130,8 @@ fn node_json(n: &cpb::Node) -> serde_json::Value {
     json!({"id": n.id, "name": n.name, "addr": n.addr, "status": n.status, "labels": n.labels,
         "capacity": {"cpu_millicores": cap.cpu_millicores, "memory_bytes": cap.memory_bytes},
         "allocated": {"cpu_millicores": al.cpu_millicores, "memory_bytes": al.memory_bytes},
-        "vps_count": n.vps_count, "last_heartbeat_unix_ms": n.last_heartbeat_unix_ms})
+        "vps_count": n.vps_count, "last_heartbeat_unix_ms": n.last_heartbeat_unix_ms, "templates": n.templates,
+        "usage": n.usage.map(|u| json!({"memory_bytes": u.memory_bytes, "vps_running": u.vps_running, "disk_bytes": u.disk_bytes}))})
 }
 
 pub async fn node(c: &mut ControllerServiceClient<Channel>, cmd: NodeCmd) -> Result<()> {
@@ -213,7 +214,37 @@ pub async fn node(c: &mut ControllerServiceClient<Channel>, cmd: NodeCmd) -> Res
                         human_bytes(cap.memory_bytes)
                     ),
                 ),
-                ("VPSes", n.vps_count.to_string()),
+                ("VPSes", {
+                    let u = n.usage.unwrap_or_default();
+                    format!("{} placed, {} running", n.vps_count, u.vps_running)
+                }),
+                ("In use", {
+                    let u = n.usage.unwrap_or_default();
+                    format!(
+                        "{} memory, {} disk of {}",
+                        human_bytes(u.memory_bytes),
+                        human_bytes(u.disk_bytes),
+                        human_bytes(cap.disk_bytes)
+                    )
+                }),
+                (
+                    "Templates",
+                    if n.templates.is_empty() {
+                        "-".into()
+                    } else {
+                        n.templates.join(",")
+                    },
+                ),
+                ("Heartbeat", {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as i64)
+                        .unwrap_or(0);
+                    format!(
+                        "{:.0} s ago (reported every 10 s)",
+                        (now - n.last_heartbeat_unix_ms).max(0) as f64 / 1000.0
+                    )
+                }),
             ] {
                 println!("{k:<8} {v}");
             }

@@ -100,3 +100,32 @@ impl Agent {
         }
     }
 }
+
+impl Agent {
+    /// (total, used) bytes of the file system holding the data dir.
+    pub fn disk_space(&self) -> (u64, u64) {
+        match nix::sys::statvfs::statvfs(&self.paths.data_dir) {
+            Ok(v) => {
+                let f = v.fragment_size();
+                let total = v.blocks() * f;
+                (total, total.saturating_sub(v.blocks_free() * f))
+            }
+            Err(_) => (0, 0),
+        }
+    }
+
+    /// What the node's VPSes use, for the controller.
+    pub fn node_usage(&self) -> ferry_proto::controller::v1::NodeUsage {
+        let mut u = ferry_proto::controller::v1::NodeUsage {
+            disk_bytes: self.disk_space().1,
+            ..Default::default()
+        };
+        for r in self.records() {
+            if self.status(&r.config.name).is_running() {
+                u.vps_running += 1;
+                u.memory_bytes += self.cgroup(&r.config.name).usage().memory_bytes;
+            }
+        }
+        u
+    }
+}

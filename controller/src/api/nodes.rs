@@ -25,6 +25,11 @@ pub(crate) fn to_pb(s: &ClusterState, n: &NodeRecord) -> cpb::Node {
         allocated: Some(cap(&alloc)),
         vps_count: count,
         templates: n.templates.iter().flatten().cloned().collect(),
+        usage: Some(cpb::NodeUsage {
+            memory_bytes: n.usage.memory_bytes,
+            vps_running: n.usage.vps_running,
+            disk_bytes: n.usage.disk_bytes,
+        }),
     }
 }
 
@@ -167,6 +172,25 @@ pub async fn heartbeat(ctl: &Controller, r: cpb::HeartbeatRequest) -> Result<(),
             m.propose(Request::Node(NodeCmd::SetDown {
                 name: r.node.clone(),
                 down: false,
+                now_ms: now_ms(),
+            }))
+            .await?,
+        )?;
+    }
+    let u = r.usage.unwrap_or_default();
+    let usage = crate::state::NodeUsage {
+        memory_bytes: u.memory_bytes,
+        vps_running: u.vps_running,
+        disk_bytes: u.disk_bytes,
+    };
+    let running_changed = m.sm.read(|a| {
+        a.state.nodes.get(&r.node).map(|n| n.usage.vps_running) != Some(usage.vps_running)
+    });
+    if ctl.leader.report_due(&r.node, running_changed) {
+        applied(
+            m.propose(Request::Node(NodeCmd::Report {
+                name: r.node.clone(),
+                usage,
                 now_ms: now_ms(),
             }))
             .await?,

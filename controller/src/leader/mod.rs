@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 
 use crate::host::Controller;
 
+/// How often a node's usage and heartbeat time are written through Raft.
+pub const REPORT_EVERY: Duration = Duration::from_secs(10);
+
 /// What a node last reported.
 #[derive(Debug, Clone)]
 pub struct Seen {
@@ -26,6 +29,8 @@ pub struct LeaderState {
     pub seen: Mutex<HashMap<String, Seen>>,
     /// When this replica last became leader (None while it is not).
     pub since: Mutex<Option<Instant>>,
+    /// When each node's usage was last written through Raft.
+    pub reported: Mutex<HashMap<String, Instant>>,
 }
 
 impl LeaderState {
@@ -38,6 +43,17 @@ impl LeaderState {
                 vps,
             },
         );
+    }
+
+    /// Whether a node's usage report is due for writing (every
+    /// [`REPORT_EVERY`], or at once when what runs there changed).
+    pub fn report_due(&self, node: &str, changed: bool) -> bool {
+        let mut g = self.reported.lock().unwrap_or_else(|p| p.into_inner());
+        let due = changed || g.get(node).is_none_or(|t| t.elapsed() >= REPORT_EVERY);
+        if due {
+            g.insert(node.to_string(), Instant::now());
+        }
+        due
     }
 
     pub fn snapshot(&self) -> HashMap<String, Seen> {

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 pub use events::{Event, EventLog};
 pub use ippool::IpPool;
 pub use members::Members;
-pub use nodes::{Capacity, NodeCmd, NodeRecord};
+pub use nodes::{Capacity, NodeCmd, NodeRecord, NodeUsage};
 pub use vps::{Desired, LimitsUpdate, VpsCmd, VpsRecord, VpsSpecData};
 
 use crate::scheduler::SchedConfig;

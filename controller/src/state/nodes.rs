@@ -13,6 +13,14 @@ pub struct Capacity {
     pub disk_bytes: u64,
 }
 
+/// What a node reported it uses.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeUsage {
+    pub memory_bytes: u64,
+    pub vps_running: u32,
+    pub disk_bytes: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct NodeRecord {
     pub id: u64,
@@ -26,6 +34,9 @@ pub struct NodeRecord {
     /// Templates present on the node; None until it reports.
     #[serde(default)]
     pub templates: Option<std::collections::BTreeSet<String>>,
+    /// The last usage report.
+    #[serde(default)]
+    pub usage: NodeUsage,
 }
 
 impl NodeRecord {
@@ -66,6 +77,12 @@ pub enum NodeCmd {
     SetTemplates {
         name: String,
         templates: std::collections::BTreeSet<String>,
+    },
+    /// A usage report and heartbeat time (written at most every few seconds).
+    Report {
+        name: String,
+        usage: NodeUsage,
+        now_ms: i64,
     },
 }
 
@@ -109,6 +126,7 @@ impl ClusterState {
                             down: false,
                             last_heartbeat_ms: now_ms,
                             templates: None,
+                            usage: NodeUsage::default(),
                         };
                         self.node_by_addr.insert(n.addr.clone(), name.clone());
                         self.nodes.insert(name.clone(), n.clone());
@@ -123,6 +141,18 @@ impl ClusterState {
                 };
                 Response::Node(rec)
             }
+            NodeCmd::Report {
+                name,
+                usage,
+                now_ms,
+            } => match self.nodes.get_mut(&name) {
+                None => reject(RejectCode::NotFound, format!("node {name:?} not found")),
+                Some(n) => {
+                    n.usage = usage;
+                    n.last_heartbeat_ms = now_ms;
+                    Response::Ok
+                }
+            },
             NodeCmd::SetTemplates { name, templates } => match self.nodes.get_mut(&name) {
                 None => reject(RejectCode::NotFound, format!("node {name:?} not found")),
                 Some(n) => {
