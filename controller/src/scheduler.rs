@@ -1,7 +1,8 @@
 //! Placement: which node a VPS goes to, and why.
 //!
 //! Filters, in order: the node is ready (not down, not cordoned); it has the
-//! VPS's template (once it has reported its templates); it is the
+//! VPS's template (once it has reported its templates); its disk is not 95%
+//! full (VPSes have no disk quota yet to fit more exactly); it is the
 //! pinned node if one is given; it carries every label of the selector; it holds
 //! no VPS of the same anti-affinity group; the VPS's CPU and memory fit within
 //! the node's capacity times the overcommit factors, counting the limits of the
@@ -42,6 +43,9 @@ impl Default for SchedConfig {
     }
 }
 
+/// Disk use (of the node's reported capacity) above which it takes no new VPS.
+pub const DISK_FULL: f64 = 0.95;
+
 pub struct PlacementReq<'a> {
     /// The VPS's template: a node known not to have it is refused.
     pub template: &'a str,
@@ -64,6 +68,17 @@ fn reject_reason(
     }
     if n.cordoned {
         return Some("cordoned".into());
+    }
+    // VPSes have no disk quota yet, so there is no per-VPS demand to fit;
+    // a node whose disk is nearly full takes nothing new.
+    if n.capacity.disk_bytes > 0
+        && n.usage.disk_bytes as f64 >= n.capacity.disk_bytes as f64 * DISK_FULL
+    {
+        return Some(format!(
+            "disk {:.0}% full (no new VPS above {:.0}%)",
+            n.usage.disk_bytes as f64 * 100.0 / n.capacity.disk_bytes as f64,
+            DISK_FULL * 100.0
+        ));
     }
     if let Some(t) = &n.templates {
         if !r.template.is_empty() && !t.contains(r.template) {

@@ -215,6 +215,17 @@ fn labels_anti_affinity_and_pinning() {
         panic!()
     };
     assert!(message.contains("anti-affinity group db"), "{message}");
+    // A node with a nearly full disk takes nothing new, and says so.
+    {
+        let n = s.nodes.get_mut("n00").unwrap();
+        n.capacity.disk_bytes = 100 << 30;
+        n.usage.disk_bytes = 96 << 30;
+    }
+    let Response::Rejected { message, .. } = mk(&mut s, "full", &[], "", "n00") else {
+        panic!()
+    };
+    assert!(message.contains("n00: disk 96% full"), "{message}");
+    s.nodes.get_mut("n00").unwrap().usage.disk_bytes = 10 << 30;
     let Response::Vps(v) = mk(&mut s, "pinned", &[], "", "n00") else {
         panic!()
     };
