@@ -67,31 +67,15 @@ pub fn spawn(agent: Arc<Agent>, link: ClusterLink) -> tokio::task::JoinHandle<()
                 }
             }
             loop {
-                let vps = agent
-                    .records()
-                    .into_iter()
-                    .map(|r| {
-                        let status = match agent.status(&r.config.name) {
-                            crate::vps::Status::Running(_) => "running",
-                            crate::vps::Status::Stopping(_) => "stopping",
-                            crate::vps::Status::Stopped(_) => "stopped",
-                        };
-                        cpb::VpsReport {
-                            name: r.config.name,
-                            generation: r.config.generation,
-                            status: status.into(),
-                        }
-                    })
-                    .collect();
+                let (vps, usage) = agent.node_report();
                 let templates = crate::template::list(&agent.paths)
                     .map(|ts| ts.into_iter().map(|t| t.name).collect())
                     .unwrap_or_default();
-                let usage = Some(agent.node_usage());
                 let mut req = tonic::Request::new(cpb::HeartbeatRequest {
                     node: link.node_name.clone(),
                     vps,
                     templates,
-                    usage,
+                    usage: Some(usage),
                 });
                 req.set_timeout(Duration::from_secs(5));
                 if let Err(e) = c.heartbeat(req).await {

@@ -32,6 +32,15 @@ impl Controllers {
     fn sock(&self, i: usize) -> PathBuf {
         self.dir.path().join(format!("c{i}.sock"))
     }
+    /// Flags that make an agent join these controllers as node `name`.
+    fn agent_args(&self, name: &str) -> Vec<String> {
+        vec![
+            "--controller".into(),
+            self.addrs(),
+            "--node-name".into(),
+            name.into(),
+        ]
+    }
     fn addrs(&self) -> String {
         (0..3)
             .map(|i| format!("unix:{}", self.sock(i).display()))
@@ -168,14 +177,7 @@ fn vps(name: &str, node: &str) -> cpb::CreateVpsRequest {
 async fn controller_drives_agents_and_never_starts_a_vps_twice() {
     bounded(240, async {
         let ctl = Controllers::start().await;
-        let args = |name: &str| {
-            vec![
-                "--controller".to_string(),
-                ctl.addrs(),
-                "--node-name".into(),
-                name.into(),
-            ]
-        };
+        let args = |name: &str| ctl.agent_args(name);
         let mut a = Host::with_args(args("node-a")).await;
         let b = Host::with_args(args("node-b")).await;
         // Agents advertise their unix socket (the default advertise is --listen).
@@ -392,14 +394,7 @@ async fn two_hundred_concurrent_creates_run_on_their_chosen_agents() {
     bounded(420, async {
         let _heavy = HEAVY.lock().await;
         let ctl = Controllers::start().await;
-        let args = |name: &str| {
-            vec![
-                "--controller".to_string(),
-                ctl.addrs(),
-                "--node-name".into(),
-                name.into(),
-            ]
-        };
+        let args = |name: &str| ctl.agent_args(name);
         let hosts = [
             Host::with_args(args("n1")).await,
             Host::with_args(args("n2")).await,

@@ -53,12 +53,7 @@ async fn leader_failover_keeps_every_acknowledged_write_and_restart_restores_all
     // No acknowledged write is lost, on either survivor.
     for &i in &survivors {
         let mut c = cl.replicas[i].client().await;
-        let nodes = c
-            .list_nodes(cpb::ListNodesRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .nodes;
+        let nodes = list_nodes(&mut c).await;
         for name in &acked {
             assert!(
                 nodes.iter().any(|n| &n.name == name),
@@ -70,12 +65,7 @@ async fn leader_failover_keeps_every_acknowledged_write_and_restart_restores_all
     // The old leader comes back as a follower and catches up.
     cl.replicas[leader].spawn(false);
     let mut c = cl.replicas[leader].client().await;
-    let nodes = c
-        .list_nodes(cpb::ListNodesRequest {})
-        .await
-        .expect("read on the returning replica")
-        .into_inner()
-        .nodes;
+    let nodes = list_nodes(&mut c).await;
     assert_eq!(nodes.len(), acked.len());
 
     // All three down, all three back: the full state comes from disk.
@@ -87,12 +77,7 @@ async fn leader_failover_keeps_every_acknowledged_write_and_restart_restores_all
     }
     let mut c = cl.replicas[0].client().await;
     wait_leader(&mut c).await;
-    let nodes = c
-        .list_nodes(cpb::ListNodesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .nodes;
+    let nodes = list_nodes(&mut c).await;
     assert_eq!(nodes.len(), acked.len(), "state after a full restart");
     let st = cl.status(0).await.unwrap();
     assert_eq!(st.members.len(), 3);
@@ -219,12 +204,7 @@ async fn snapshots_compact_the_log_and_bring_a_late_replica_up() {
     .await
     .expect("add");
     let mut l = late.client().await;
-    let nodes = l
-        .list_nodes(cpb::ListNodesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .nodes;
+    let nodes = list_nodes(&mut l).await;
     assert_eq!(nodes.len(), 1100);
     let st = l
         .cluster_status(cpb::ClusterStatusRequest {})
@@ -239,12 +219,7 @@ async fn snapshots_compact_the_log_and_bring_a_late_replica_up() {
     late.kill();
     late.spawn(false);
     let mut l = late.client().await;
-    let nodes = l
-        .list_nodes(cpb::ListNodesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .nodes;
+    let nodes = list_nodes(&mut l).await;
     assert_eq!(nodes.len(), 1100);
     first.kill();
 }

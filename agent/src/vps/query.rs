@@ -114,18 +114,35 @@ impl Agent {
         }
     }
 
-    /// What the node's VPSes use, for the controller.
-    pub fn node_usage(&self) -> ferry_proto::controller::v1::NodeUsage {
-        let mut u = ferry_proto::controller::v1::NodeUsage {
+    /// One pass over the node's VPSes for a heartbeat: each one's generation
+    /// and status, and what the running ones use.
+    pub fn node_report(
+        &self,
+    ) -> (
+        Vec<ferry_proto::controller::v1::VpsReport>,
+        ferry_proto::controller::v1::NodeUsage,
+    ) {
+        let mut usage = ferry_proto::controller::v1::NodeUsage {
             disk_bytes: self.disk_space().1,
             ..Default::default()
         };
+        let mut reports = Vec::new();
         for r in self.records() {
-            if self.status(&r.config.name).is_running() {
-                u.vps_running += 1;
-                u.memory_bytes += self.cgroup(&r.config.name).usage().memory_bytes;
+            let status = match self.status(&r.config.name) {
+                Status::Running(_) => "running",
+                Status::Stopping(_) => "stopping",
+                Status::Stopped(_) => "stopped",
+            };
+            if status != "stopped" {
+                usage.vps_running += 1;
+                usage.memory_bytes += self.cgroup(&r.config.name).usage().memory_bytes;
             }
+            reports.push(ferry_proto::controller::v1::VpsReport {
+                name: r.config.name,
+                generation: r.config.generation,
+                status: status.into(),
+            });
         }
-        u
+        (reports, usage)
     }
 }

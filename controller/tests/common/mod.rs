@@ -189,3 +189,12 @@ pub fn node_req(name: &str, port: u16) -> cpb::RegisterNodeRequest {
         labels: Default::default(),
     }
 }
+
+/// Every node the replica behind `c` lists.
+pub async fn list_nodes(c: &mut ControllerServiceClient<Channel>) -> Vec<cpb::Node> {
+    c.list_nodes(cpb::ListNodesRequest {})
+        .await
+        .expect("list nodes")
+        .into_inner()
+        .nodes
+}
