@@ -39,6 +39,8 @@ down() {
 if [ "${1:-}" = down ]; then down; echo "cluster torn down"; exit 0; fi
 [ "$(id -u)" = 0 ] || { echo "run as root: hosts are network namespaces, VPSes need cgroups and veths" >&2; exit 1; }
 ./scripts/install-deps.sh
+# CRIU >= 4.2 (the host's if it dumps a TCP socket, else into /opt/ferry/criu).
+./scripts/install-criu.sh
 cargo build --release -q -p ferry-agent -p ferry-controller -p ferry-ctl
 down
 [ "${1:-}" = --keep ] || trap down EXIT

@@ -41,6 +41,8 @@ down() {
 if [ "${1:-}" = down ]; then down; echo "demo torn down"; exit 0; fi
 [ "$(id -u)" = 0 ] || { echo "run as root: VPSes need namespaces, cgroups and veths" >&2; exit 1; }
 ./scripts/install-deps.sh
+# CRIU >= 4.2 (the host's if it dumps a TCP socket, else into /opt/ferry/criu).
+./scripts/install-criu.sh
 cargo build --release -q -p ferry-agent -p ferry-ctl
 down
 [ "${1:-}" = --keep ] || trap down EXIT

@@ -5,5 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root: the tests create namespaces, cgroups and veths" >&2; exit 1; }
 ./scripts/install-deps.sh
+# CRIU >= 4.2 (the host's if it dumps a TCP socket, else into /opt/ferry/criu).
+./scripts/install-criu.sh
 cargo build --workspace --all-targets
 cargo test --workspace -- --test-threads=4

@@ -10,12 +10,14 @@
 //! - [`cgroup`]: per-VPS cgroups on v1 and v2 behind one interface.
 //! - [`net`]: bridge, persistent netns and veth through rtnetlink.
 //! - [`template`]: safe archive import and the built-in busybox template.
+//! - [`criu`]: checkpoint/restore through CRIU's RPC (`criu swrk`), probe at start.
 //! - [`cluster`]: joining a controller and heartbeating to it (`--controller`).
 //! - [`spec`]: validation of wire specs into stored configs.
 //! - [`paths`], [`error`].
 
 pub mod cgroup;
 pub mod cluster;
+pub mod criu;
 pub mod error;
 pub mod net;
 pub mod paths;

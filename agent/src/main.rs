@@ -42,9 +42,18 @@ struct ServeArgs {
     /// Bridge address and network; VPS addresses come from this network.
     #[arg(long, default_value = "10.77.0.1/16")]
     bridge_cidr: ipnet::Ipv4Net,
+    /// LAN interface to plug into the bridge, so VPSes of all nodes share one
+    /// segment and keep their IP when they migrate (give each node its own
+    /// --bridge-cidr address in that network).
+    #[arg(long)]
+    uplink: Option<String>,
     /// Static busybox for the built-in `busybox` template (Debian: busybox-static).
     #[arg(long, default_value = "/bin/busybox")]
     busybox: PathBuf,
+    /// CRIU binary for checkpoint, restore and live migration (default:
+    /// /opt/ferry/criu/bin/criu from scripts/install-criu.sh, else `criu` on PATH).
+    #[arg(long, env = "FERRY_CRIU")]
+    criu: Option<PathBuf>,
     /// Join a cluster: controller addresses, comma-separated.
     #[arg(long, env = "FERRY_CONTROLLER", value_delimiter = ',')]
     controller: Vec<Addr>,
@@ -66,6 +75,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once at start
 enum Cmd {
     /// Run the agent (the default).
     Serve(ServeArgs),
@@ -96,6 +106,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Descriptors our launcher left open must not reach monitors, CRIU or VPSes.
+    ferry_agent::runtime::cloexec_from(3).map_err(anyhow::Error::msg)?;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -114,9 +126,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             run_dir,
             bridge: args.bridge,
             bridge_cidr: args.bridge_cidr,
+            uplink: args.uplink.clone(),
             busybox: args.busybox,
             self_exe: std::env::current_exe().context("locating the agent binary")?,
             import_limits: Default::default(),
+            criu: args
+                .criu
+                .clone()
+                .unwrap_or_else(ferry_agent::criu::Criu::default_path),
         };
         let agent = Agent::open(cfg).await.context("starting the agent")?;
         agent.spawn_reaper();

@@ -222,6 +222,113 @@ impl AgentService for Service {
         Ok(Response::new(self.agent.exec(req.into_inner()).await?))
     }
 
+    type CheckpointVpsStream =
+        futures::stream::BoxStream<'static, Result<pb::ArchiveChunk, Status>>;
+
+    async fn checkpoint_vps(
+        &self,
+        req: Request<pb::CheckpointVpsRequest>,
+    ) -> R<Self::CheckpointVpsStream> {
+        let r = req.into_inner();
+        let archive = self
+            .agent
+            .checkpoint(&r.name, r.leave_running, r.generation)
+            .await?;
+        Ok(Response::new(file_stream(archive)))
+    }
+
+    async fn restore_vps(&self, req: Request<Streaming<pb::ArchiveChunk>>) -> R<pb::Vps> {
+        let mut stream = req.into_inner();
+        let first = match stream.next().await {
+            Some(Ok(c)) if !c.name.is_empty() => c,
+            Some(Err(s)) => return Err(s),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "name: the first chunk must name the VPS to restore",
+                ))
+            }
+        };
+        let name = first.name.clone();
+        self.agent.record(&name)?;
+        let dir = self.agent.work_dir("upload")?;
+        let path = dir.join("upload.ferryckpt");
+        let res = async {
+            let mut f = tokio::fs::File::create(&path)
+                .await
+                .map_err(|e| AgentError::io("creating the upload file", e))?;
+            use tokio::io::AsyncWriteExt;
+            f.write_all(&first.data)
+                .await
+                .map_err(|e| AgentError::io("writing the upload", e))?;
+            while let Some(c) = stream.next().await {
+                let c = c?;
+                f.write_all(&c.data)
+                    .await
+                    .map_err(|e| AgentError::io("writing the upload", e))?;
+            }
+            f.flush()
+                .await
+                .map_err(|e| AgentError::io("writing the upload", e))?;
+            drop(f);
+            self.agent.restore_archive(&name, &path).await?;
+            Ok::<_, Status>(())
+        }
+        .await;
+        let _ = std::fs::remove_dir_all(&dir);
+        res?;
+        self.vps(&name).await
+    }
+
+    type MigrateVpsStream = futures::stream::BoxStream<'static, Result<pb::MigrationEvent, Status>>;
+
+    async fn migrate_vps(&self, req: Request<pb::MigrateVpsRequest>) -> R<Self::MigrateVpsStream> {
+        Ok(Response::new(
+            self.agent.migrate_out(req.into_inner()).await?,
+        ))
+    }
+
+    async fn migrate_prepare(
+        &self,
+        req: Request<pb::MigratePrepareRequest>,
+    ) -> R<pb::MigratePrepareResponse> {
+        Ok(Response::new(
+            self.agent.migrate_prepare(req.into_inner()).await?,
+        ))
+    }
+
+    async fn migrate_push(
+        &self,
+        req: Request<Streaming<pb::MigrateChunk>>,
+    ) -> R<pb::MigratePushResponse> {
+        Ok(Response::new(
+            self.agent.migrate_push(req.into_inner()).await?,
+        ))
+    }
+
+    async fn migrate_restore(
+        &self,
+        req: Request<pb::MigrateRestoreRequest>,
+    ) -> R<pb::MigrateRestoreResponse> {
+        Ok(Response::new(
+            self.agent.migrate_restore(req.into_inner()).await?,
+        ))
+    }
+
+    async fn migrate_finish(
+        &self,
+        req: Request<pb::MigrateFinishRequest>,
+    ) -> R<pb::MigrateFinishResponse> {
+        Ok(Response::new(
+            self.agent.migrate_finish(req.into_inner()).await?,
+        ))
+    }
+
+    async fn tree_digest(&self, req: Request<pb::TreeDigestRequest>) -> R<pb::TreeDigestResponse> {
+        Ok(Response::new(
+            self.agent.tree_digest(&req.into_inner().tree).await?,
+        ))
+    }
+
     async fn read_console(
         &self,
         req: Request<pb::ReadConsoleRequest>,
@@ -231,4 +338,39 @@ impl AgentService for Service {
             data: self.agent.console(&r.name, r.tail_bytes as usize)?,
         }))
     }
+}
+
+/// Streams a file in 1 MiB chunks, then removes its directory (a scratch dir).
+fn file_stream(
+    path: std::path::PathBuf,
+) -> futures::stream::BoxStream<'static, Result<pb::ArchiveChunk, Status>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let res = (|| -> std::io::Result<()> {
+            let mut f = std::fs::File::open(&path)?;
+            loop {
+                let mut buf = vec![0u8; 1 << 20];
+                let n = f.read(&mut buf)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                buf.truncate(n);
+                let chunk = pb::ArchiveChunk {
+                    name: String::new(),
+                    data: buf,
+                };
+                if tx.blocking_send(Ok(chunk)).is_err() {
+                    return Ok(());
+                }
+            }
+        })();
+        if let Err(e) = res {
+            let _ = tx.blocking_send(Err(Status::internal(format!("reading the archive: {e}"))));
+        }
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx).boxed()
 }

@@ -113,6 +113,36 @@ pub enum VpsCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Save a running VPS (processes, memory, connections, files) to a file;
+    /// it stops, unless --leave-running.
+    Checkpoint {
+        name: String,
+        /// Archive to write (default NAME.ferryckpt).
+        #[arg(long)]
+        to: Option<std::path::PathBuf>,
+        #[arg(long)]
+        leave_running: bool,
+    },
+    /// Bring a stopped VPS back from a checkpoint archive, processes and all.
+    Restore {
+        name: String,
+        #[arg(long)]
+        from: std::path::PathBuf,
+    },
+    /// Live-migrate a VPS to another node's agent (node-local mode: this agent
+    /// decides the move; in a cluster use --controller).
+    Migrate {
+        name: String,
+        /// Target agent address (HOST:PORT or unix:/path).
+        #[arg(long)]
+        to: String,
+        /// auto, post-copy, pre-copy, stop-copy or cold.
+        #[arg(long, default_value = "auto")]
+        mode: String,
+        /// Compare both trees after the final pass.
+        #[arg(long)]
+        verify: bool,
+    },
     /// Delete a VPS and its files.
     Destroy {
         name: String,
@@ -513,6 +543,68 @@ pub async fn vps(c: &mut AgentServiceClient<Channel>, cmd: VpsCmd) -> Result<i32
                 .await?
                 .into_inner();
             println!("restarted VPS {name} (init pid {})", v.init_pid);
+        }
+        VpsCmd::Checkpoint {
+            name,
+            to,
+            leave_running,
+        } => {
+            let path = to.unwrap_or_else(|| format!("{name}.ferryckpt").into());
+            let mut s = c
+                .checkpoint_vps(pb::CheckpointVpsRequest {
+                    name: name.clone(),
+                    leave_running,
+                    generation: 0,
+                })
+                .await?
+                .into_inner();
+            let mut f = std::fs::File::create(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            let mut n = 0u64;
+            while let Some(ch) = s.message().await? {
+                f.write_all(&ch.data)?;
+                n += ch.data.len() as u64;
+            }
+            f.sync_all()?;
+            println!(
+                "checkpointed VPS {name} to {} ({})",
+                path.display(),
+                human_bytes(n)
+            );
+        }
+        VpsCmd::Restore { name, from } => {
+            let data =
+                std::fs::read(&from).with_context(|| format!("reading {}", from.display()))?;
+            let chunks: Vec<pb::ArchiveChunk> = data
+                .chunks(1 << 20)
+                .enumerate()
+                .map(|(i, d)| pb::ArchiveChunk {
+                    name: if i == 0 { name.clone() } else { String::new() },
+                    data: d.to_vec(),
+                })
+                .collect();
+            c.restore_vps(futures::stream::iter(chunks)).await?;
+            println!("restored VPS {name} from {}", from.display());
+        }
+        VpsCmd::Migrate {
+            name,
+            to,
+            mode,
+            verify,
+        } => {
+            let mode = crate::migrate_view::parse_mode(&mode)?;
+            let s = c
+                .migrate_vps(pb::MigrateVpsRequest {
+                    name: name.clone(),
+                    target_addr: to.clone(),
+                    target_node: to.clone(),
+                    mode: mode as i32,
+                    verify,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            return crate::migrate_view::follow(s).await;
         }
         VpsCmd::Destroy { name, force } => {
             c.destroy_vps(pb::DestroyVpsRequest {

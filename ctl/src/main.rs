@@ -9,6 +9,7 @@
 
 mod agent_cmd;
 mod cluster_cmd;
+mod migrate_view;
 mod table;
 mod units;
 

@@ -123,6 +123,20 @@ impl VpsCgroup {
         }
     }
 
+    /// Where this cgroup is, per hierarchy, as CRIU's `cg_root` wants it: one
+    /// entry per v1 controller (a root without a controller would also remap
+    /// cpuset and fail), one for the unified hierarchy.
+    pub fn criu_roots(&self) -> Vec<(Option<String>, String)> {
+        let path = format!("/{}", self.rel.display());
+        match &self.layout {
+            Layout::V1 { mounts } => mounts
+                .iter()
+                .flat_map(|(ctrls, _)| ctrls.iter().map(|c| (Some(c.clone()), path.clone())))
+                .collect(),
+            Layout::V2 { .. } => vec![(None, path)],
+        }
+    }
+
     /// The `cgroup.procs` files a task writes itself into to join the VPS.
     pub fn procs_files(&self) -> Vec<PathBuf> {
         self.dirs()

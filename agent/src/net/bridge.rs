@@ -60,3 +60,22 @@ pub async fn ensure_bridge(nl_host: &Netlink, name: &str, cidr: ipnet::Ipv4Net) 
         .map_err(|e| nl(format!("bringing {name} up"), e))?;
     Ok(())
 }
+
+/// Plugs an existing interface (the node's LAN port) into the bridge, so VPSes
+/// share one L2 segment across nodes and keep their address when they move.
+pub async fn attach_uplink(nl_host: &Netlink, bridge: &str, iface: &str) -> Result<()> {
+    let h = &nl_host.handle;
+    let br = nl_host
+        .link_index(bridge)
+        .await?
+        .ok_or_else(|| crate::error::AgentError::Netlink(format!("bridge {bridge} is missing")))?;
+    let idx = nl_host.link_index(iface).await?.ok_or_else(|| {
+        crate::error::AgentError::invalid("uplink", format!("interface {iface} does not exist"))
+    })?;
+    h.link()
+        .set(LinkUnspec::new_with_index(idx).controller(br).up().build())
+        .execute()
+        .await
+        .map_err(|e| nl(format!("plugging {iface} into {bridge}"), e))?;
+    Ok(())
+}

@@ -8,7 +8,7 @@ mod bridge;
 mod netns;
 mod veth;
 
-pub use bridge::ensure_bridge;
+pub use bridge::{attach_uplink, ensure_bridge};
 pub use netns::{create_netns, remove_netns};
 pub use veth::{host_veth_name, remove_veth, setup_vps_network};
 

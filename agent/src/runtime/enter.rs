@@ -86,6 +86,10 @@ fn enter(run_dir: &Path, argv: &[String], env: &[String]) -> Result<i32, String>
             let _ = std::env::set_current_dir("/");
             super::launch::reset_signals();
             let err = (|| -> Result<std::convert::Infallible, String> {
+                // Nothing of the host may reach the VPS: a descriptor the agent
+                // inherited from its own launcher would pin a host mount and
+                // make the VPS impossible to checkpoint.
+                super::launch::cloexec_from(3)?;
                 security::install_seccomp(&seccomp).map_err(|e| format!("seccomp: {e}"))?;
                 security::drop_capabilities().map_err(|e| format!("capabilities: {e}"))?;
                 let path =

@@ -129,18 +129,7 @@ fn child(
     // Init must lead its own session inside the pid namespace (CRIU needs it).
     nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
     // No descriptor of the monitor's may reach the VPS: everything above 2 closes at exec.
-    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets flags on descriptors.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            3u32,
-            u32::MAX,
-            libc::CLOSE_RANGE_CLOEXEC,
-        )
-    };
-    if rc != 0 {
-        return Err(format!("close_range: {}", std::io::Error::last_os_error()));
-    }
+    cloexec_from(3)?;
     reset_signals();
     security::install_seccomp(seccomp).map_err(|e| format!("seccomp: {e}"))?;
     security::drop_capabilities().map_err(|e| format!("dropping capabilities: {e}"))?;
@@ -150,6 +139,23 @@ fn child(
         argv[0].to_string_lossy(),
         e.map(|e| e.to_string()).unwrap_or_default()
     ))
+}
+
+/// Marks every descriptor from `first` up close-on-exec.
+pub fn cloexec_from(first: u32) -> Result<(), String> {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets flags on descriptors.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if rc != 0 {
+        return Err(format!("close_range: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 fn dup_to(fd: i32, target: i32) -> Result<(), String> {

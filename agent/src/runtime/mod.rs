@@ -13,8 +13,12 @@ pub mod console;
 pub mod enter;
 mod launch;
 pub mod monitor;
+mod resume;
 mod rootfs;
 pub mod security;
+
+pub use launch::cloexec_from;
+pub use resume::{RestoreConfig, RESTORE_FILE};
 
 use std::path::{Path, PathBuf};
 
@@ -68,6 +72,9 @@ pub const LAUNCH_FILE: &str = "launch.json";
 pub const STATE_FILE: &str = "state.json";
 pub const CONSOLE_FILE: &str = "console.log";
 pub const STOP_MARKER: &str = "stop";
+/// Written by the agent before a CRIU dump that ends the VPS: init's SIGKILL
+/// then means "checkpointed", not "killed".
+pub const CHECKPOINT_MARKER: &str = "checkpoint";
 
 impl RuntimeState {
     pub fn read(run_dir: &Path) -> Option<RuntimeState> {

@@ -19,9 +19,10 @@ use nix::unistd::Pid;
 
 use super::console::ConsoleLog;
 use super::launch::launch;
+use super::resume::{self, RestoreConfig, RESTORE_FILE};
 use super::{
-    process_start_time, security, LaunchConfig, Phase, RuntimeState, CONSOLE_FILE, LAUNCH_FILE,
-    STOP_MARKER,
+    process_start_time, security, LaunchConfig, Phase, RuntimeState, CHECKPOINT_MARKER,
+    CONSOLE_FILE, LAUNCH_FILE, STOP_MARKER,
 };
 
 /// Reboots that come faster than this after a start count toward a loop.
@@ -55,11 +56,29 @@ pub fn run(run_dir: &Path) -> i32 {
             )
         }
     };
+    // A run that starts from a checkpoint: restore first, launch on reboots.
+    let mut restore: Option<RestoreConfig> = match std::fs::read(run_dir.join(RESTORE_FILE)) {
+        Ok(b) => match serde_json::from_slice(&b) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                return fail_first(run_dir, &mut state, &format!("reading {RESTORE_FILE}: {e}"))
+            }
+        },
+        Err(_) => None,
+    };
     let mut console = ConsoleLog::open(&run_dir.join(CONSOLE_FILE));
     let mut first = true;
     let mut quick_reboots = 0;
     loop {
-        let launched = match launch(&cfg, &seccomp) {
+        let attempt = match restore.take() {
+            Some(r) => {
+                let res = resume::restore(&r);
+                let _ = std::fs::remove_file(run_dir.join(RESTORE_FILE));
+                res
+            }
+            None => launch(&cfg, &seccomp),
+        };
+        let launched = match attempt {
             Ok(l) => l,
             Err(e) if first => return fail_first(run_dir, &mut state, &e),
             Err(e) => {
@@ -82,7 +101,9 @@ pub fn run(run_dir: &Path) -> i32 {
         }
         let status = pump(launched.pid, launched.console, &mut console);
         let stop_requested = run_dir.join(STOP_MARKER).exists();
+        let checkpointed = run_dir.join(CHECKPOINT_MARKER).exists();
         let (reason, code, sig) = match status {
+            WaitStatus::Signaled(_, Signal::SIGKILL, _) if checkpointed => ("checkpointed", -1, 0),
             WaitStatus::Exited(_, code) => {
                 (if stop_requested { "stopped" } else { "exited" }, code, 0)
             }

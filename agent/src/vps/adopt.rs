@@ -51,7 +51,7 @@ impl Agent {
 
     /// Watches the VPS's monitor (or, if it is gone, its init) and releases the
     /// VPS's kernel objects when it ends and the VPS is not running any more.
-    pub(super) fn watch(self: &Arc<Self>, name: &str) {
+    pub(crate) fn watch(self: &Arc<Self>, name: &str) {
         let Some(st) = crate::runtime::RuntimeState::read(&self.paths.vps_run(name)) else {
             return;
         };

@@ -1,16 +1,21 @@
 //! The VPS lifecycle, one file per step. [`Agent`] holds what every step needs.
 
 mod adopt;
+mod checkpoint;
 mod console;
 mod create;
 mod destroy;
 mod exec;
+mod migrate_in;
+mod migrate_out;
 mod query;
+mod restore;
 mod set;
 mod start;
 mod stop;
 
 pub use exec::ExecStream;
+pub use migrate_out::{Decider, EventStream};
 pub use stop::DEFAULT_STOP_TIMEOUT;
 
 use std::collections::HashMap;
@@ -33,11 +38,15 @@ pub struct AgentConfig {
     pub run_dir: PathBuf,
     pub bridge: String,
     pub bridge_cidr: ipnet::Ipv4Net,
+    /// LAN interface plugged into the bridge (VPSes reachable across nodes).
+    pub uplink: Option<String>,
     /// Static busybox for the built-in template.
     pub busybox: PathBuf,
     /// This binary, re-executed as the monitor and the exec helper.
     pub self_exe: PathBuf,
     pub import_limits: ImportLimits,
+    /// CRIU binary (probed at start).
+    pub criu: PathBuf,
 }
 
 /// The persistent record of a VPS (`vps/<name>/config.json`).
@@ -54,7 +63,17 @@ pub struct Agent {
     pub instance: String,
     pub layout: Layout,
     pub capacity: Capacity,
+    /// The CRIU binary and what it can do on this kernel.
+    pub criu: crate::criu::Criu,
     locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// VPSes leaving this node: name -> migration id.
+    migrating: std::sync::Mutex<HashMap<String, String>>,
+    /// VPSes arriving from another node, by migration id.
+    incoming: tokio::sync::Mutex<HashMap<String, migrate_in::Incoming>>,
+    /// Set in cluster mode: migrations are decided through the controller.
+    pub decider_factory: std::sync::Mutex<Option<Arc<dyn Decider>>>,
+    /// The node's name in the cluster ("" node-local), for messages.
+    pub node_name: std::sync::Mutex<String>,
     /// Held while a create checks names and addresses, so two creates cannot
     /// both take the same one.
     create_lock: tokio::sync::Mutex<()>,
@@ -94,22 +113,53 @@ impl Agent {
         crate::template::ensure_busybox(&paths, &cfg.busybox)?;
         let host = crate::net::Netlink::host()?;
         crate::net::ensure_bridge(&host, &cfg.bridge, cfg.bridge_cidr).await?;
+        if let Some(up) = &cfg.uplink {
+            crate::net::attach_uplink(&host, &cfg.bridge, up).await?;
+        }
+        let criu_path = cfg.criu.clone();
+        let criu = tokio::task::spawn_blocking(move || crate::criu::Criu::probe(criu_path))
+            .await
+            .map_err(|e| AgentError::Internal(format!("criu probe: {e}")))?;
+        match &criu.info {
+            Ok(i) => tracing::info!(
+                version = %i.version,
+                path = %i.path.display(),
+                lazy_pages = i.lazy_pages,
+                dirty_tracking = i.mem_track,
+                "criu ready"
+            ),
+            Err(e) => tracing::warn!(
+                "checkpoint and migration unavailable: {e}; {}",
+                crate::criu::INSTALL_HINT
+            ),
+        }
         let agent = Arc::new(Agent {
+            criu,
             cfg,
             paths,
             instance,
             layout,
             capacity,
             locks: Default::default(),
+            migrating: Default::default(),
+            incoming: Default::default(),
+            decider_factory: Default::default(),
+            node_name: Default::default(),
             create_lock: Default::default(),
         });
+        agent.sweep_incoming().await;
         agent.adopt().await?;
         Ok(agent)
     }
 
-    fn lock_for(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+    pub(crate) fn lock_for(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         locks.entry(name.to_string()).or_default().clone()
+    }
+
+    pub fn migrating_id(&self, name: &str) -> Option<String> {
+        let m = self.migrating.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(name).cloned()
     }
 
     pub fn cgroup(&self, name: &str) -> VpsCgroup {
@@ -136,6 +186,7 @@ impl Agent {
             .into_iter()
             .flatten()
             .flatten()
+            .filter(|e| !e.path().join(migrate_in::INCOMING_MARKER).exists())
             .filter_map(|e| e.file_name().to_str().and_then(|n| self.record(n).ok()))
             .collect();
         out.sort_by(|a, b| a.config.name.cmp(&b.config.name));

@@ -74,6 +74,7 @@ impl Agent {
             usage: Some(usage),
             reboots: st.reboots,
             host_veth,
+            migrating: self.migrating_id(&name).unwrap_or_default(),
         }
     }
 
@@ -97,6 +98,15 @@ impl Agent {
             vps_running: running as u32,
             allocated_millicores: recs.iter().map(|r| r.config.limits.cpu_millicores).sum(),
             allocated_memory_bytes: recs.iter().map(|r| r.config.limits.memory_bytes).sum(),
+            criu_version: self
+                .criu
+                .info
+                .as_ref()
+                .map(|i| i.version.clone())
+                .unwrap_or_default(),
+            criu_error: self.criu.info.as_ref().err().cloned().unwrap_or_default(),
+            criu_lazy_pages: self.criu.info.as_ref().is_ok_and(|i| i.lazy_pages),
+            criu_dirty_tracking: self.criu.info.as_ref().is_ok_and(|i| i.mem_track),
         }
     }
 }

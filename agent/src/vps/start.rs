@@ -10,8 +10,11 @@ use nix::mount::{mount, MsFlags};
 use tokio::io::AsyncBufReadExt;
 
 use super::{is_mounted, Agent, VpsRecord};
+use crate::criu::restore::RestoreRequest;
 use crate::error::{AgentError, IoContext, Result};
-use crate::runtime::{write_atomic, LaunchConfig, LAUNCH_FILE, STATE_FILE, STOP_MARKER};
+use crate::runtime::{
+    write_atomic, LaunchConfig, RestoreConfig, LAUNCH_FILE, RESTORE_FILE, STATE_FILE, STOP_MARKER,
+};
 
 /// How long a monitor may take to report its init started.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(20);
@@ -31,7 +34,7 @@ impl Agent {
         }
         // Whatever a previous run left (an init that died while no agent watched).
         self.teardown(name).await?;
-        let res = self.bring_up(&rec).await;
+        let res = self.bring_up(&rec, None).await.map(|_| ());
         if res.is_ok() {
             self.watch(name);
         }
@@ -44,7 +47,14 @@ impl Agent {
         res
     }
 
-    async fn bring_up(&self, rec: &VpsRecord) -> Result<()> {
+    /// Makes the VPS's kernel objects and starts its monitor. With `resume`,
+    /// init comes from CRIU images instead of a fresh exec; with `resume.hold`,
+    /// the restored tree waits (see [`Held`]) and the caller must let it go.
+    pub(crate) async fn bring_up(
+        &self,
+        rec: &VpsRecord,
+        resume: Option<&Resume>,
+    ) -> Result<Option<Held>> {
         let c = &rec.config;
         let run = self.paths.vps_run(&c.name);
         std::fs::create_dir_all(&run).at("creating", &run)?;
@@ -108,10 +118,33 @@ impl Agent {
         let json =
             serde_json::to_vec_pretty(&launch).map_err(|e| AgentError::Internal(e.to_string()))?;
         write_atomic(&run.join(LAUNCH_FILE), &json).at("writing", run.join(LAUNCH_FILE))?;
-        self.spawn_monitor(&run).await
+        let _ = std::fs::remove_file(run.join(RESTORE_FILE));
+        if let Some(r) = resume {
+            let criu = self
+                .criu
+                .usable()
+                .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?;
+            let cfg = RestoreConfig {
+                criu: criu.path.clone(),
+                request: RestoreRequest {
+                    images: r.images.clone(),
+                    root: rootfs,
+                    netns: launch.netns.clone().unwrap_or_default(),
+                    console_key: r.console_key.clone(),
+                    cg_roots: cg.criu_roots(),
+                    log_level: criu_log_level(),
+                },
+                hold: r.hold,
+            };
+            let json =
+                serde_json::to_vec_pretty(&cfg).map_err(|e| AgentError::Internal(e.to_string()))?;
+            write_atomic(&run.join(RESTORE_FILE), &json).at("writing", run.join(RESTORE_FILE))?;
+            return self.spawn_monitor(&run, r.hold).await;
+        }
+        self.spawn_monitor(&run, false).await
     }
 
-    async fn spawn_monitor(&self, run: &std::path::Path) -> Result<()> {
+    async fn spawn_monitor(&self, run: &std::path::Path, hold: bool) -> Result<Option<Held>> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -120,7 +153,7 @@ impl Agent {
         let mut child = tokio::process::Command::new(&self.cfg.self_exe)
             .arg("monitor")
             .arg(run)
-            .stdin(Stdio::null())
+            .stdin(if hold { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .spawn()
@@ -134,37 +167,57 @@ impl Agent {
             .stdout
             .take()
             .ok_or_else(|| AgentError::Internal("monitor has no stdout".into()))?;
+        let mut reader = tokio::io::BufReader::new(stdout);
         let mut line = String::new();
-        let read = tokio::time::timeout(
-            LAUNCH_TIMEOUT,
-            tokio::io::BufReader::new(stdout).read_line(&mut line),
-        )
-        .await;
+        let read = tokio::time::timeout(LAUNCH_TIMEOUT, reader.read_line(&mut line)).await;
+        if hold && matches!(read, Ok(Ok(_))) && line.trim() == "held" {
+            let stdin = child
+                .stdin
+                .take()
+                .ok_or_else(|| AgentError::Internal("monitor has no stdin".into()))?;
+            return Ok(Some(Held {
+                _child: child,
+                stdin,
+                reader,
+                run: run.to_path_buf(),
+            }));
+        }
         // The monitor outlives this call; tokio reaps it when it exits.
         drop(child);
-        match read {
-            Ok(Ok(_)) if line.starts_with("ok ") => {
-                tracing::info!(init_pid = line[3..].trim(), "started");
-                Ok(())
-            }
-            Ok(Ok(_)) if line.starts_with("err ") => Err(AgentError::FailedPrecondition(format!(
-                "VPS init failed to start: {}",
-                line[4..].trim()
-            ))),
-            Ok(Ok(_)) => Err(AgentError::Internal(format!(
-                "the monitor exited without reporting; see {}",
-                run.join("monitor.log").display()
-            ))),
-            Ok(Err(e)) => Err(AgentError::io("reading the monitor's report", e)),
-            Err(_) => Err(AgentError::Internal(format!(
-                "VPS init did not start within {LAUNCH_TIMEOUT:?}"
-            ))),
-        }
+        monitor_report(read, &line, run).map(|_| None)
     }
+}
 
+/// The monitor's first line after a launch or restore: `ok PID` or `err MESSAGE`.
+fn monitor_report(
+    read: std::result::Result<std::io::Result<usize>, tokio::time::error::Elapsed>,
+    line: &str,
+    run: &std::path::Path,
+) -> Result<()> {
+    match read {
+        Ok(Ok(_)) if line.starts_with("ok ") => {
+            tracing::info!(init_pid = line[3..].trim(), "started");
+            Ok(())
+        }
+        Ok(Ok(_)) if line.starts_with("err ") => Err(AgentError::FailedPrecondition(format!(
+            "VPS init failed to start: {}",
+            line[4..].trim()
+        ))),
+        Ok(Ok(_)) => Err(AgentError::Internal(format!(
+            "the monitor exited without reporting; see {}",
+            run.join("monitor.log").display()
+        ))),
+        Ok(Err(e)) => Err(AgentError::io("reading the monitor's report", e)),
+        Err(_) => Err(AgentError::Internal(format!(
+            "VPS init did not start within {LAUNCH_TIMEOUT:?}"
+        ))),
+    }
+}
+
+impl Agent {
     /// Releases a stopped VPS's kernel objects: veth, netns, overlay mount,
     /// cgroup. Keeps its files, its state and console log. Idempotent.
-    pub(super) async fn teardown(&self, name: &str) -> Result<()> {
+    pub(crate) async fn teardown(&self, name: &str) -> Result<()> {
         if self.status(name).is_running() {
             return Err(AgentError::FailedPrecondition(format!(
                 "VPS {name} is running"
@@ -200,6 +253,51 @@ impl Agent {
         let _ = std::fs::remove_file(run.join(LAUNCH_FILE));
         Ok(())
     }
+}
+
+/// Where a start from CRIU images comes from.
+pub(crate) struct Resume {
+    pub images: PathBuf,
+    pub console_key: String,
+    pub hold: bool,
+}
+
+/// A restored VPS waiting at CRIU's post-restore: nothing in it has run and its
+/// network is still locked. `go` lets it run; dropping it (or `abort`) makes
+/// CRIU kill the tree.
+pub(crate) struct Held {
+    _child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    reader: tokio::io::BufReader<tokio::process::ChildStdout>,
+    run: PathBuf,
+}
+
+impl Held {
+    pub async fn go(mut self) -> Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.stdin
+            .write_all(b"go\n")
+            .await
+            .map_err(|e| AgentError::io("telling the monitor to resume", e))?;
+        let mut line = String::new();
+        let read = tokio::time::timeout(LAUNCH_TIMEOUT, self.reader.read_line(&mut line)).await;
+        monitor_report(read, &line, &self.run)
+    }
+
+    pub async fn abort(mut self) {
+        use tokio::io::AsyncWriteExt;
+        let _ = self.stdin.write_all(b"abort\n").await;
+        let mut line = String::new();
+        let _ = tokio::time::timeout(LAUNCH_TIMEOUT, self.reader.read_line(&mut line)).await;
+    }
+}
+
+/// CRIU's log level: FERRY_CRIU_LOG_LEVEL (0-4), default 2 (warnings); 4 for debugging.
+pub(crate) fn criu_log_level() -> i32 {
+    std::env::var("FERRY_CRIU_LOG_LEVEL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2)
 }
 
 pub(crate) async fn blocking<T: Send + 'static>(

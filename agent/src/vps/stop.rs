@@ -53,7 +53,7 @@ impl Agent {
         self.finish_stop(name, &state).await
     }
 
-    async fn wait_stopped(&self, name: &str, within: Duration) -> bool {
+    pub(super) async fn wait_stopped(&self, name: &str, within: Duration) -> bool {
         let end = Instant::now() + within;
         loop {
             let run = self.paths.vps_run(name);

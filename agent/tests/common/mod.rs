@@ -31,6 +31,65 @@ pub struct Host {
     agent: Option<Child>,
     /// More agent flags (e.g. --controller).
     pub extra_args: Vec<String>,
+    /// The bridge's address on this host.
+    pub bridge_cidr: String,
+}
+
+/// A LAN shared by hosts (a bridge in the root namespace) with a client host
+/// on it at 10.77.0.99: VPSes of all hosts on the LAN are one L2 segment, so a
+/// VPS keeps its address when it moves.
+pub struct Lan {
+    pub id: String,
+    pub client: String,
+}
+
+impl Lan {
+    pub fn new() -> Lan {
+        SWEEP.call_once(sweep_leftovers);
+        let id = format!(
+            "ft{}x{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        cleanup(&id);
+        run_ok("ip", &["link", "add", &id, "type", "bridge"]);
+        run_ok("ip", &["link", "set", &id, "up"]);
+        // The client host: its netns carries the LAN's id, its veth is "<id>c".
+        run_ok("ip", &["netns", "add", &id]);
+        let port = format!("{id}c");
+        run_ok(
+            "ip",
+            &[
+                "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &id,
+            ],
+        );
+        run_ok("ip", &["link", "set", &port, "master", &id, "up"]);
+        run_ok(
+            "ip",
+            &["-n", &id, "addr", "add", "10.77.0.99/16", "dev", "eth0"],
+        );
+        run_ok("ip", &["-n", &id, "link", "set", "eth0", "up"]);
+        run_ok("ip", &["-n", &id, "link", "set", "lo", "up"]);
+        Lan {
+            client: format!("/run/netns/{id}"),
+            id,
+        }
+    }
+
+    /// A shell command on the client host.
+    pub fn sh(&self, cmd: &str) -> Output {
+        Command::new("nsenter")
+            .arg(format!("--net={}", self.client))
+            .args(["--", "/bin/sh", "-c", cmd])
+            .output()
+            .expect("nsenter")
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        cleanup(&self.id);
+    }
 }
 
 impl Host {
@@ -55,6 +114,41 @@ impl Host {
             dir,
             agent: None,
             extra_args,
+            bridge_cidr: BRIDGE_CIDR.into(),
+        };
+        h.start_agent().await;
+        h
+    }
+
+    /// A host whose bridge is plugged into `lan`, with bridge address `addr`
+    /// (e.g. "10.77.0.11/16").
+    pub async fn on_lan(lan: &Lan, addr: &str, extra_args: Vec<String>) -> Host {
+        SWEEP.call_once(sweep_leftovers);
+        let id = format!(
+            "ft{}x{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let dir = Path::new(ROOT).join(&id);
+        cleanup(&id);
+        std::fs::create_dir_all(&dir).expect("creating test dir");
+        run_ok("ip", &["netns", "add", &id]);
+        run_ok("ip", &["-n", &id, "link", "set", "lo", "up"]);
+        run_ok(
+            "ip",
+            &[
+                "link", "add", &id, "type", "veth", "peer", "name", "uplink", "netns", &id,
+            ],
+        );
+        run_ok("ip", &["link", "set", &id, "master", &lan.id, "up"]);
+        let mut args = vec!["--uplink".to_string(), "uplink".to_string()];
+        args.extend(extra_args);
+        let mut h = Host {
+            id,
+            dir,
+            agent: None,
+            extra_args: args,
+            bridge_cidr: addr.into(),
         };
         h.start_agent().await;
         h
@@ -87,7 +181,7 @@ impl Host {
             .args(["--listen", &format!("unix:{}", self.sock().display())])
             .args(["--data-dir", self.data_dir().to_str().unwrap()])
             .args(["--run-dir", self.run_dir().to_str().unwrap()])
-            .args(["--bridge", BRIDGE, "--bridge-cidr", BRIDGE_CIDR])
+            .args(["--bridge", BRIDGE, "--bridge-cidr", &self.bridge_cidr])
             .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -114,6 +208,10 @@ impl Host {
 
     pub fn agent_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    pub fn agent_pid(&self) -> Option<i32> {
+        self.agent.as_ref().map(|c| c.id() as i32)
     }
 
     /// SIGKILL, the way a crash would end it.
@@ -229,6 +327,10 @@ pub fn cleanup(id: &str) {
     let _ = std::fs::remove_dir_all(&dir);
     if Path::new("/run/netns").join(id).exists() {
         let _ = Command::new("ip").args(["netns", "del", id]).status();
+    }
+    // A LAN's bridge and client port (absent for ordinary hosts).
+    if Path::new("/sys/class/net").join(id).exists() {
+        let _ = Command::new("ip").args(["link", "del", id]).status();
     }
 }
 

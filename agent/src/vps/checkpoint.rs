@@ -1,0 +1,168 @@
+//! Checkpoint: CRIU dumps a running VPS (which then stops, or keeps running
+//! with `leave_running`), and its images plus the VPS's own files (the overlay
+//! upper dir) are packed into a Ferry checkpoint archive.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::start::{blocking, criu_log_level};
+use super::{Agent, Status};
+use crate::criu::dump::{DumpFacts, DumpRequest};
+use crate::error::{AgentError, IoContext, Result};
+use crate::runtime::CHECKPOINT_MARKER;
+use crate::spec::VpsConfig;
+
+/// The archive's metadata.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    pub config: VpsConfig,
+    pub facts: DumpFacts,
+    pub criu_version: String,
+    pub agent_version: String,
+    pub created_unix: i64,
+    pub leave_running: bool,
+}
+
+impl Agent {
+    /// Dumps the running VPS into `images`. Unless `leave_running`, the VPS is
+    /// stopped afterwards and its kernel objects are released; on failure CRIU
+    /// has resumed it and it runs on. The caller holds the VPS's lock.
+    pub(super) async fn dump_locked(
+        &self,
+        name: &str,
+        images: &Path,
+        leave_running: bool,
+    ) -> Result<DumpFacts> {
+        let st = match self.status(name) {
+            Status::Running(s) => s,
+            _ => {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "VPS {name} is not running; only a running VPS can be checkpointed"
+                )))
+            }
+        };
+        let criu = self
+            .criu
+            .usable()
+            .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?
+            .path
+            .clone();
+        let run = self.paths.vps_run(name);
+        let marker = run.join(CHECKPOINT_MARKER);
+        if !leave_running {
+            std::fs::write(&marker, b"").at("writing", &marker)?;
+        }
+        std::fs::create_dir_all(images).at("creating", images)?;
+        let images_owned = images.to_path_buf();
+        let pid = st.init_pid;
+        let res = blocking(move || {
+            crate::criu::dump::dump(
+                &criu,
+                &DumpRequest {
+                    pid,
+                    images: &images_owned,
+                    leave_running,
+                    log_level: criu_log_level(),
+                },
+            )
+            .map_err(|e| AgentError::FailedPrecondition(e.to_string()))
+        })
+        .await;
+        let facts = match res {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = std::fs::remove_file(&marker);
+                return Err(e);
+            }
+        };
+        if !leave_running {
+            if !self.wait_stopped(name, Duration::from_secs(10)).await {
+                return Err(AgentError::Internal(format!(
+                    "VPS {name} was dumped but its monitor did not finish"
+                )));
+            }
+            let _ = std::fs::remove_file(&marker);
+            self.teardown(name).await?;
+        }
+        Ok(facts)
+    }
+
+    /// Checkpoints a VPS into an archive under the data dir; returns its path.
+    #[tracing::instrument(skip(self))]
+    pub async fn checkpoint(
+        &self,
+        name: &str,
+        leave_running: bool,
+        generation: u64,
+    ) -> Result<PathBuf> {
+        let lock = self.lock_for(name);
+        let _g = lock.lock().await;
+        self.fence(name, generation)?;
+        let rec = self.record(name)?;
+        let dir = self.work_dir(&format!("ckpt-{name}"))?;
+        let images = dir.join("images");
+        let res = async {
+            let facts = self.dump_locked(name, &images, leave_running).await?;
+            let meta = CheckpointMeta {
+                config: rec.config.clone(),
+                facts,
+                criu_version: self
+                    .criu
+                    .usable()
+                    .map(|i| i.version.clone())
+                    .unwrap_or_default(),
+                agent_version: env!("CARGO_PKG_VERSION").into(),
+                created_unix: unix_now(),
+                leave_running,
+            };
+            let meta =
+                serde_json::to_vec(&meta).map_err(|e| AgentError::Internal(e.to_string()))?;
+            let archive = dir.join(format!("{name}.ferryckpt"));
+            let upper = self.paths.vps(name).join("upper");
+            let (a, im) = (archive.clone(), images.clone());
+            blocking(move || {
+                let bad =
+                    |e: ferry_migrate::archive::ArchiveError| AgentError::Internal(e.to_string());
+                let mut w =
+                    ferry_migrate::archive::ArchiveWriter::create(&a, &meta).map_err(bad)?;
+                w.add_tree("images", &im).map_err(bad)?;
+                w.add_tree("rootfs", &upper).map_err(bad)?;
+                w.finish().map_err(bad)?;
+                Ok(())
+            })
+            .await?;
+            let _ = std::fs::remove_dir_all(&images);
+            Ok(archive)
+        }
+        .await;
+        if res.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        tracing::info!(ok = res.is_ok(), "checkpoint");
+        res
+    }
+
+    /// A fresh scratch directory under `<data>/work`.
+    pub(crate) fn work_dir(&self, prefix: &str) -> Result<PathBuf> {
+        let d = self
+            .paths
+            .data_dir
+            .join("work")
+            .join(format!("{prefix}-{}", unix_nanos()));
+        std::fs::create_dir_all(&d).at("creating", &d)?;
+        Ok(d)
+    }
+}
+
+pub(crate) fn unix_now() -> i64 {
+    (unix_nanos() / 1_000_000_000) as i64
+}
+
+pub(crate) fn unix_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}

@@ -1,0 +1,232 @@
+//! Live migration, source side: the agent implements the engine's
+//! [`Source`] (dump, resume, decide, release) and runs it in the background;
+//! progress streams to whoever asked. The VPS's lock is taken per step, so the
+//! node stays usable during a long rootfs pass.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ferry_migrate::phases::{self, Job, Mode, Source};
+use ferry_proto::agent::v1 as pb;
+use ferry_proto::agent::v1::agent_service_client::AgentServiceClient;
+use futures::StreamExt;
+
+use super::start::Resume;
+use super::{Agent, VpsRecord};
+use crate::error::{AgentError, Result};
+
+/// Decides a migration: moves the VPS's ownership (cluster mode: through the
+/// controller's Raft log) or keeps it here. Returns whether it moved.
+#[tonic::async_trait]
+pub trait Decider: Send + Sync {
+    async fn decide(
+        &self,
+        migration_id: &str,
+        vps: &str,
+        commit: bool,
+    ) -> std::result::Result<bool, String>;
+}
+
+/// Node-local use: this agent owns the VPS; the first decision stands.
+pub struct LocalDecider {
+    decided: std::sync::Mutex<Option<bool>>,
+}
+
+#[tonic::async_trait]
+impl Decider for LocalDecider {
+    async fn decide(&self, _: &str, _: &str, commit: bool) -> std::result::Result<bool, String> {
+        let mut d = self.decided.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(*d.get_or_insert(commit))
+    }
+}
+
+struct AgentSource {
+    agent: Arc<Agent>,
+    rec: VpsRecord,
+    id: String,
+    scratch: PathBuf,
+    decider: Arc<dyn Decider>,
+}
+
+#[tonic::async_trait]
+impl Source for AgentSource {
+    fn spec(&self) -> pb::VpsSpec {
+        self.rec.config.to_pb()
+    }
+    fn running(&self) -> bool {
+        self.agent.status(&self.rec.config.name).is_running()
+    }
+    fn rootfs(&self) -> PathBuf {
+        self.agent.paths.vps(&self.rec.config.name).join("upper")
+    }
+    fn scratch(&self) -> PathBuf {
+        self.scratch.clone()
+    }
+    fn criu_version(&self) -> String {
+        self.agent
+            .criu
+            .info
+            .as_ref()
+            .map(|i| i.version.clone())
+            .unwrap_or_default()
+    }
+    fn lazy_pages(&self) -> bool {
+        self.agent.criu.info.as_ref().is_ok_and(|i| i.lazy_pages)
+    }
+    fn dirty_tracking(&self) -> bool {
+        self.agent.criu.info.as_ref().is_ok_and(|i| i.mem_track)
+    }
+    async fn dump(&self, images: &Path) -> std::result::Result<String, String> {
+        let name = &self.rec.config.name;
+        let lock = self.agent.lock_for(name);
+        let _g = lock.lock().await;
+        self.agent
+            .dump_locked(name, images, false)
+            .await
+            .map(|f| f.console_key)
+            .map_err(|e| e.to_string())
+    }
+    async fn resume(&self, images: &Path, console_key: &str) -> std::result::Result<(), String> {
+        let name = &self.rec.config.name;
+        let lock = self.agent.lock_for(name);
+        let _g = lock.lock().await;
+        let r = Resume {
+            images: images.to_path_buf(),
+            console_key: console_key.to_string(),
+            hold: false,
+        };
+        let res = self.agent.bring_up(&self.rec, Some(&r)).await;
+        match res {
+            Ok(_) => {
+                self.agent.watch(name);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.agent.teardown(name).await;
+                Err(e.to_string())
+            }
+        }
+    }
+    async fn decide(&self, commit: bool) -> std::result::Result<bool, String> {
+        self.decider
+            .decide(&self.id, &self.rec.config.name, commit)
+            .await
+    }
+    async fn release(&self) -> std::result::Result<(), String> {
+        self.agent
+            .destroy(&self.rec.config.name, true)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+pub type EventStream =
+    futures::stream::BoxStream<'static, std::result::Result<pb::MigrationEvent, tonic::Status>>;
+
+impl Agent {
+    /// Starts migrating a VPS to another agent; returns its progress.
+    pub async fn migrate_out(self: &Arc<Self>, req: pb::MigrateVpsRequest) -> Result<EventStream> {
+        let rec = self.record(&req.name)?;
+        self.fence(&req.name, req.generation)?;
+        if req.target_addr.is_empty() {
+            return Err(AgentError::invalid(
+                "target_addr",
+                "give the target agent's address",
+            ));
+        }
+        let addr: ferry_proto::addr::Addr = req.target_addr.parse().map_err(
+            |e: <ferry_proto::addr::Addr as std::str::FromStr>::Err| {
+                AgentError::invalid("target_addr", e.to_string())
+            },
+        )?;
+        let running = self.status(&req.name).is_running();
+        if running {
+            self.criu
+                .usable()
+                .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?;
+        }
+        let id = if req.migration_id.is_empty() {
+            format!("m{:x}", super::checkpoint::unix_nanos())
+        } else {
+            req.migration_id.clone()
+        };
+        crate::spec::validate_name("migration_id", &id)?;
+        {
+            let mut m = self.migrating.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(other) = m.get(&req.name) {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "VPS {} is already migrating ({other})",
+                    req.name
+                )));
+            }
+            m.insert(req.name.clone(), id.clone());
+        }
+        let ch = match ferry_proto::addr::connect(&addr).await {
+            Ok(c) => c,
+            Err(e) => {
+                self.end_migrating(&req.name);
+                return Err(AgentError::FailedPrecondition(format!(
+                    "target agent {} is unreachable: {e}",
+                    req.target_addr
+                )));
+            }
+        };
+        let target = AgentServiceClient::new(ch)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        let scratch = self.work_dir(&format!("migrate-{id}"))?;
+        let src = Arc::new(AgentSource {
+            agent: Arc::clone(self),
+            rec,
+            id: id.clone(),
+            scratch: scratch.clone(),
+            decider: self.decider(),
+        });
+        let job = Job {
+            id,
+            name: req.name.clone(),
+            target_node: if req.target_node.is_empty() {
+                req.target_addr.clone()
+            } else {
+                req.target_node.clone()
+            },
+            mode: Mode::from_pb(req.mode),
+            verify: req.verify,
+            generation: req.generation,
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let agent = Arc::clone(self);
+        tokio::spawn(async move {
+            let name = job.name.clone();
+            let ev = phases::run(src, target, job, tx).await;
+            tracing::info!(vps = %name, phase = %ev.phase, downtime_ms = ev.downtime_ms, total_ms = ev.total_ms, error = %ev.error, "migration ended");
+            let _ = std::fs::remove_dir_all(&scratch);
+            agent.end_migrating(&name);
+        });
+        Ok(tokio_stream::wrappers::ReceiverStream::new(rx)
+            .map(Ok)
+            .boxed())
+    }
+
+    fn end_migrating(&self, name: &str) {
+        let mut m = self.migrating.lock().unwrap_or_else(|p| p.into_inner());
+        m.remove(name);
+    }
+
+    fn decider(&self) -> Arc<dyn Decider> {
+        match self.cluster_decider() {
+            Some(d) => d,
+            None => Arc::new(LocalDecider {
+                decided: Default::default(),
+            }),
+        }
+    }
+
+    fn cluster_decider(&self) -> Option<Arc<dyn Decider>> {
+        let d = self
+            .decider_factory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        d.clone()
+    }
+}

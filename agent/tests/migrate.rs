@@ -1,0 +1,447 @@
+//! Checkpoint/restore and live migration with real CRIU, real VPSes and two
+//! agents on two hosts (network namespaces on one LAN bridge), with a client
+//! host holding a TCP connection to the VPS across the move.
+
+mod common;
+use common::*;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use ferry_proto::agent::v1 as pb;
+use futures::StreamExt;
+
+/// Starts a counter (memory + a file httpd serves) inside the VPS.
+async fn start_counter(
+    c: &mut ferry_proto::agent::v1::agent_service_client::AgentServiceClient<
+        tonic::transport::Channel,
+    >,
+    name: &str,
+) {
+    let r = exec(
+        c,
+        name,
+        &[
+            "setsid",
+            "sh",
+            "-c",
+            "i=0; while :; do i=$((i+1)); echo $i > /var/www/counter; sleep 0.05; done </dev/null >/dev/null 2>&1 &",
+        ],
+    )
+    .await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+}
+
+async fn counter(
+    c: &mut ferry_proto::agent::v1::agent_service_client::AgentServiceClient<
+        tonic::transport::Channel,
+    >,
+    name: &str,
+) -> u64 {
+    let r = exec(c, name, &["cat", "/var/www/counter"]).await;
+    r.stdout.trim().parse().unwrap_or(0)
+}
+
+fn criu_ready(h: &Host) -> bool {
+    h.agent_log().contains("criu ready")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn checkpoint_and_restore_on_one_node() {
+    bounded(180, async {
+        let _heavy = HEAVY.lock().await;
+        let h = Host::new().await;
+        assert!(
+            criu_ready(&h),
+            "the agent found no usable CRIU: {}",
+            h.agent_log()
+        );
+        let mut c = h.client().await;
+        let name = format!("ck{}", std::process::id());
+        create_started(&mut c, spec(&name, Some("10.77.3.10"))).await;
+        start_counter(&mut c, &name).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        let mut s = c
+            .checkpoint_vps(pb::CheckpointVpsRequest {
+                name: name.clone(),
+                leave_running: false,
+                generation: 0,
+            })
+            .await
+            .expect("checkpoint")
+            .into_inner();
+        let mut archive = Vec::new();
+        while let Some(ch) = s.next().await {
+            archive.extend(ch.expect("chunk").data);
+        }
+        assert_eq!(&archive[..8], b"FERRYCKP");
+        let v = get(&mut c, &name).await;
+        assert!(stopped(&v), "{v:?}");
+        assert_eq!(v.stop_reason, "checkpointed");
+        let before = {
+            let r = h.sh(&format!(
+                "cat {}/data/vps/{name}/upper/var/www/counter",
+                h.dir.display()
+            ));
+            String::from_utf8_lossy(&r.stdout)
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0)
+        };
+        assert!(before > 0);
+
+        // A damaged archive and a foreign file are refused; nothing changes.
+        for bad in [
+            {
+                let mut a = archive.clone();
+                let mid = a.len() / 2;
+                a[mid] ^= 0xff;
+                a
+            },
+            b"#!/bin/sh\necho not an archive\n".repeat(10),
+        ] {
+            let chunks = vec![pb::ArchiveChunk {
+                name: name.clone(),
+                data: bad,
+            }];
+            let e = c
+                .restore_vps(futures::stream::iter(chunks))
+                .await
+                .expect_err("a bad archive is refused");
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+            assert!(stopped(&get(&mut c, &name).await));
+        }
+
+        let chunks: Vec<pb::ArchiveChunk> = archive
+            .chunks(1 << 20)
+            .enumerate()
+            .map(|(i, d)| pb::ArchiveChunk {
+                name: if i == 0 { name.clone() } else { String::new() },
+                data: d.to_vec(),
+            })
+            .collect();
+        let v = c
+            .restore_vps(futures::stream::iter(chunks))
+            .await
+            .unwrap_or_else(|e| panic!("restore: {e:?}\n{}", h.agent_log()))
+            .into_inner();
+        assert!(running(&v), "{v:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let after = counter(&mut c, &name).await;
+        // The loop resumed from its memory: no restart from 1.
+        assert!(after > before, "counter {before} -> {after}");
+        assert_eq!(h.http_get("http://10.77.3.10/").trim(), name);
+        stop(&mut c, &name, 0, true).await;
+    })
+    .await;
+}
+
+/// A client on the LAN with one TCP connection to `ip:port` (a `cat` echo in
+/// the VPS); each line written comes back.
+struct TcpClient {
+    child: std::process::Child,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl TcpClient {
+    fn connect(lan: &Lan, ip: &str, port: u16) -> TcpClient {
+        let script = format!(
+            "import socket,sys\n\
+             s=socket.create_connection(('{ip}',{port}),timeout=5)\n\
+             s.settimeout(20)\n\
+             f=s.makefile('rwb',buffering=0)\n\
+             for line in sys.stdin:\n\
+             \x20   s.sendall(line.encode())\n\
+             \x20   got=b''\n\
+             \x20   while not got.endswith(b'\\n'):\n\
+             \x20       got+=s.recv(100)\n\
+             \x20   print(got.decode().strip(), flush=True)\n"
+        );
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net={}", lan.client))
+            .args(["--", "python3", "-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 client");
+        let out = BufReader::new(child.stdout.take().expect("stdout"));
+        TcpClient { child, out }
+    }
+
+    fn echo(&mut self, s: &str) -> String {
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "{s}").expect("write");
+        stdin.flush().expect("flush");
+        let mut line = String::new();
+        self.out.read_line(&mut line).expect("read");
+        line.trim().to_string()
+    }
+}
+
+impl Drop for TcpClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn migrate(
+    c: &mut ferry_proto::agent::v1::agent_service_client::AgentServiceClient<
+        tonic::transport::Channel,
+    >,
+    name: &str,
+    target: &Host,
+    mut on_event: impl FnMut(&pb::MigrationEvent),
+) -> pb::MigrationEvent {
+    let mut s = c
+        .migrate_vps(pb::MigrateVpsRequest {
+            name: name.into(),
+            target_addr: format!("unix:{}", target.sock().display()),
+            target_node: target.id.clone(),
+            verify: true,
+            ..Default::default()
+        })
+        .await
+        .expect("migrate")
+        .into_inner();
+    let mut last = None;
+    while let Some(ev) = s.next().await {
+        let ev = ev.expect("event");
+        on_event(&ev);
+        if ev.done {
+            last = Some(ev);
+        }
+    }
+    last.expect("a final event")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn live_migration_keeps_processes_files_ip_and_tcp() {
+    bounded(240, async {
+        let _heavy = HEAVY.lock().await;
+        let lan = Lan::new();
+        let a = Host::on_lan(&lan, "10.77.0.11/16", vec![]).await;
+        let b = Host::on_lan(&lan, "10.77.0.12/16", vec![]).await;
+        let (mut ca, mut cb) = (a.client().await, b.client().await);
+        let name = format!("mv{}", std::process::id());
+        let ip = "10.77.4.10";
+        create_started(&mut ca, spec(&name, Some(ip))).await;
+        start_counter(&mut ca, &name).await;
+        let r = exec(
+            &mut ca,
+            &name,
+            &[
+                "setsid",
+                "sh",
+                "-c",
+                "nc -ll -p 7000 -e cat </dev/null >/dev/null 2>&1 &",
+            ],
+        )
+        .await;
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut tcp = TcpClient::connect(&lan, ip, 7000);
+        assert_eq!(tcp.echo("before"), "before");
+        let page = String::from_utf8_lossy(&lan.sh(&format!("curl -s -m 3 http://{ip}/")).stdout)
+            .to_string();
+        assert_eq!(page.trim(), name, "the client reaches the VPS on A");
+        let r = exec(
+            &mut ca,
+            &name,
+            &[
+                "sh",
+                "-c",
+                "head -c 100000 /dev/urandom > /root/blob; sha256sum /root/blob",
+            ],
+        )
+        .await;
+        let sum = r.stdout.split_whitespace().next().unwrap_or("").to_string();
+        let before = counter(&mut ca, &name).await;
+
+        let mut phases = Vec::new();
+        let ev = migrate(&mut ca, &name, &b, |e| phases.push(e.phase.clone())).await;
+        assert!(
+            ev.error.is_empty(),
+            "migration failed: {ev:?}\nA: {}\nB: {}",
+            a.agent_log(),
+            b.agent_log()
+        );
+        assert_eq!(ev.mode, "stop-copy");
+        assert!(ev.downtime_ms > 0 && ev.downtime_ms < 5000, "{ev:?}");
+        for p in [
+            "preflight",
+            "rootfs",
+            "freeze",
+            "final-rootfs",
+            "images",
+            "verify",
+            "restore",
+            "commit",
+            "done",
+        ] {
+            assert!(
+                phases.iter().any(|x| x == p),
+                "phase {p} missing: {phases:?}"
+            );
+        }
+        eprintln!(
+            "downtime {} ms, total {} ms, phases {:?}",
+            ev.downtime_ms, ev.total_ms, ev.phases
+        );
+
+        // Gone from A, running on B with the same processes.
+        let e = ca
+            .get_vps(pb::GetVpsRequest { name: name.clone() })
+            .await
+            .expect_err("gone from A");
+        assert_eq!(e.code(), tonic::Code::NotFound);
+        let v = get(&mut cb, &name).await;
+        assert!(running(&v), "{v:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let after = counter(&mut cb, &name).await;
+        assert!(after > before, "counter continued: {before} -> {after}");
+        // Same socket, data both ways; same IP serves HTTP from the client.
+        assert_eq!(tcp.echo("after"), "after");
+        let page = String::from_utf8_lossy(&lan.sh(&format!("curl -s -m 3 http://{ip}/")).stdout)
+            .to_string();
+        assert_eq!(page.trim(), name);
+        let r = exec(&mut cb, &name, &["sha256sum", "/root/blob"]).await;
+        assert!(
+            r.stdout.starts_with(&sum),
+            "file written before the freeze is byte-exact"
+        );
+        stop(&mut cb, &name, 0, true).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failures_before_the_decision_leave_the_vps_on_the_source() {
+    bounded(300, async {
+        let _heavy = HEAVY.lock().await;
+        let lan = Lan::new();
+        let a = Host::on_lan(&lan, "10.77.0.21/16", vec![]).await;
+        let mut b = Host::on_lan(&lan, "10.77.0.22/16", vec![]).await;
+        let mut ca = a.client().await;
+        let name = format!("mf{}", std::process::id());
+        let v0 = create_started(&mut ca, spec(&name, Some("10.77.5.10"))).await;
+        start_counter(&mut ca, &name).await;
+
+        // Refused before anything is frozen: the name exists on the target.
+        let mut cb = b.client().await;
+        create_started(&mut cb, spec(&name, None)).await;
+        let ev = migrate(&mut ca, &name, &b, |_| {}).await;
+        assert!(
+            ev.error.contains("refused before anything was frozen"),
+            "{ev:?}"
+        );
+        assert_eq!(
+            get(&mut ca, &name).await.init_pid,
+            v0.init_pid,
+            "never frozen"
+        );
+        stop(&mut cb, &name, 0, true).await;
+        cb.destroy_vps(pb::DestroyVpsRequest {
+            name: name.clone(),
+            force: true,
+            generation: 0,
+        })
+        .await
+        .expect("destroy");
+
+        // Kill the target agent during the rootfs pass (a 300 MB file makes it long).
+        let r = exec(
+            &mut ca,
+            &name,
+            &[
+                "sh",
+                "-c",
+                "head -c 300000000 /dev/zero | tr '\\0' x > /root/big",
+            ],
+        )
+        .await;
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let b_pid = b.agent_pid();
+        let ev = migrate(&mut ca, &name, &b, |e| {
+            if e.phase == "rootfs" {
+                if let Some(p) = b_pid {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(p),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        })
+        .await;
+        assert!(!ev.error.is_empty(), "{ev:?}");
+        let v = get(&mut ca, &name).await;
+        assert!(
+            running(&v) && v.init_pid == v0.init_pid,
+            "kept running, never frozen: {v:?}"
+        );
+        b.kill_agent();
+        b.start_agent().await;
+        let mut cb = b.client().await;
+        assert!(cb
+            .list_vps(pb::ListVpsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .vps
+            .is_empty());
+        assert!(
+            !b.data_dir().join("vps").join(&name).exists(),
+            "nothing left on the target"
+        );
+
+        // Kill the target agent during the restore: the source resumes the VPS from its images.
+        let before = counter(&mut ca, &name).await;
+        let b_pid = b.agent_pid();
+        let ev = migrate(&mut ca, &name, &b, |e| {
+            if e.phase == "restore" {
+                if let Some(p) = b_pid {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(p),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        })
+        .await;
+        assert!(!ev.error.is_empty(), "{ev:?}");
+        assert!(
+            ev.error.contains("resumed on the source"),
+            "{ev:?}\n{}",
+            a.agent_log()
+        );
+        let v = get(&mut ca, &name).await;
+        assert!(running(&v), "{v:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            counter(&mut ca, &name).await > before,
+            "the counter went on"
+        );
+        b.kill_agent();
+        b.start_agent().await;
+        let mut cb = b.client().await;
+        assert!(cb
+            .list_vps(pb::ListVpsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .vps
+            .is_empty());
+        assert!(
+            !b.data_dir().join("vps").join(&name).exists(),
+            "nothing left on the target"
+        );
+        assert!(
+            b.cgroup_dirs(&name).iter().all(|d| !d.exists()),
+            "no cgroup left on the target"
+        );
+        stop(&mut ca, &name, 0, true).await;
+    })
+    .await;
+}

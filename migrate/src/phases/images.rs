@@ -1,0 +1,31 @@
+//! Images: the CRIU images of the frozen tree go to the target.
+
+use std::path::Path;
+
+use ferry_proto::agent::v1::agent_service_client::AgentServiceClient;
+use tonic::transport::Channel;
+
+use super::rootfs::push_tree;
+use super::{Job, MigrateError, Progress};
+
+pub async fn push(
+    target: &mut AgentServiceClient<Channel>,
+    job: &Job,
+    images: &Path,
+    p: &mut Progress,
+) -> Result<(), MigrateError> {
+    p.phase("images", "").await;
+    let (_, _, st) = push_tree(
+        target,
+        &job.id,
+        "images",
+        images.to_path_buf(),
+        None,
+        Default::default(),
+    )
+    .await
+    .map_err(MigrateError::at("images"))?;
+    p.bytes("images", st.wire_bytes, st.wire_bytes).await;
+    p.done_phase("images", st.wire_bytes);
+    Ok(())
+}

@@ -1,0 +1,231 @@
+//! The live-migration engine, run by the source agent. One file per phase:
+//!
+//! [`preflight`] (target checks capacity, template, CRIU, CPU; nothing is
+//! frozen yet) → [`rootfs`] pass 1 while the VPS runs → [`memory`] picks the
+//! mode → [`freeze`] (CRIU dumps the frozen tree; the source copy ends) →
+//! [`rootfs`] final delta + [`images`] → [`restore`] on the target, held before
+//! it runs → [`commit`]: the single decision point, then the target runs it →
+//! [`cleanup`] of the source copy, or [`rollback`].
+//!
+//! Until the decision commits, every failure rolls back: the target removes
+//! what it got and the source runs on (resumed from its own images when the
+//! failure came after the freeze). After it, the source never runs the VPS again.
+
+pub mod cleanup;
+pub mod commit;
+pub mod freeze;
+pub mod images;
+pub mod memory;
+pub mod preflight;
+pub mod restore;
+pub mod rollback;
+pub mod rootfs;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_proto::agent::v1 as pb;
+use ferry_proto::agent::v1::agent_service_client::AgentServiceClient;
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+pub use memory::Mode;
+
+/// What the engine needs from the source node. The agent implements it.
+#[tonic::async_trait]
+pub trait Source: Send + Sync {
+    fn spec(&self) -> pb::VpsSpec;
+    fn running(&self) -> bool;
+    /// The VPS's own files (its overlay upper dir).
+    fn rootfs(&self) -> PathBuf;
+    /// A scratch dir for the images.
+    fn scratch(&self) -> PathBuf;
+    fn criu_version(&self) -> String;
+    fn lazy_pages(&self) -> bool;
+    fn dirty_tracking(&self) -> bool;
+    /// Freezes and dumps the VPS into `images`; on success the source copy has
+    /// ended. Returns the console pipe key the restore needs.
+    async fn dump(&self, images: &Path) -> Result<String, String>;
+    /// Brings the VPS back on this node from `images` (rollback after a freeze).
+    async fn resume(&self, images: &Path, console_key: &str) -> Result<(), String>;
+    /// The decision point: asks whoever owns the VPS record to move it to the
+    /// target (`commit`) or to keep it here. Returns whether it moved, which
+    /// may differ from what was asked if someone decided first.
+    async fn decide(&self, commit: bool) -> Result<bool, String>;
+    /// Removes the source copy after a committed migration.
+    async fn release(&self) -> Result<(), String>;
+}
+
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: String,
+    pub name: String,
+    pub target_node: String,
+    pub mode: Mode,
+    pub verify: bool,
+    /// The VPS's generation after the move.
+    pub generation: u64,
+}
+
+/// Where a failure happened decides the rollback.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("refused before anything was frozen: {0}")]
+    Refused(String),
+    #[error("{phase}: {msg}")]
+    Failed { phase: &'static str, msg: String },
+}
+
+impl MigrateError {
+    pub fn at(phase: &'static str) -> impl Fn(String) -> MigrateError {
+        move |msg| MigrateError::Failed { phase, msg }
+    }
+}
+
+pub(crate) fn status_msg(s: tonic::Status) -> String {
+    format!("{:?}: {}", s.code(), s.message())
+}
+
+/// Progress reporting and per-phase figures.
+pub struct Progress {
+    tx: mpsc::Sender<pb::MigrationEvent>,
+    id: String,
+    started: Instant,
+    phase_start: Instant,
+    pub phases: Vec<pb::PhaseStat>,
+}
+
+impl Progress {
+    pub fn new(tx: mpsc::Sender<pb::MigrationEvent>, id: &str) -> Progress {
+        Progress {
+            tx,
+            id: id.to_string(),
+            started: Instant::now(),
+            phase_start: Instant::now(),
+            phases: Vec::new(),
+        }
+    }
+
+    pub async fn phase(&mut self, phase: &str, message: impl Into<String>) {
+        self.phase_start = Instant::now();
+        self.send(pb::MigrationEvent {
+            phase: phase.into(),
+            message: message.into(),
+            ..Default::default()
+        })
+        .await;
+    }
+
+    pub async fn bytes(&self, phase: &str, done: u64, total: u64) {
+        self.send(pb::MigrationEvent {
+            phase: phase.into(),
+            bytes_done: done,
+            bytes_total: total,
+            ..Default::default()
+        })
+        .await;
+    }
+
+    pub fn done_phase(&mut self, phase: &str, bytes: u64) {
+        self.phases.push(pb::PhaseStat {
+            phase: phase.into(),
+            millis: self.phase_start.elapsed().as_millis() as u64,
+            bytes,
+        });
+    }
+
+    pub fn total(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub async fn send(&self, mut ev: pb::MigrationEvent) {
+        ev.migration_id = self.id.clone();
+        // A watcher that went away does not stop the migration.
+        let _ = self.tx.send(ev).await;
+    }
+}
+
+/// Runs a whole migration; returns the final event (done, or failed with the
+/// VPS still on the source).
+pub async fn run(
+    src: Arc<dyn Source>,
+    mut target: AgentServiceClient<Channel>,
+    job: Job,
+    tx: mpsc::Sender<pb::MigrationEvent>,
+) -> pb::MigrationEvent {
+    let mut p = Progress::new(tx, &job.id);
+    let span = tracing::info_span!("migrate", vps = %job.name, migration = %job.id, target = %job.target_node);
+    let _e = span.enter();
+    drop(_e);
+    let mut st = State::default();
+    let res = steps(&*src, &mut target, &job, &mut p, &mut st).await;
+    let mut ev = match res {
+        Ok(()) => pb::MigrationEvent {
+            phase: "done".into(),
+            done: true,
+            node: job.target_node.clone(),
+            message: format!("{} runs on {}", job.name, job.target_node),
+            ..Default::default()
+        },
+        Err(e) => {
+            let note = rollback::rollback(&*src, &mut target, &job, &st, &mut p).await;
+            pb::MigrationEvent {
+                phase: "failed".into(),
+                done: true,
+                error: format!("{e}; {note}"),
+                ..Default::default()
+            }
+        }
+    };
+    ev.mode = st.mode.map(|m| m.as_str().to_string()).unwrap_or_default();
+    ev.downtime_ms = st.downtime.map(|d| d.as_millis() as u64).unwrap_or(0);
+    ev.total_ms = p.total().as_millis() as u64;
+    ev.phases = p.phases.clone();
+    p.send(ev.clone()).await;
+    ev
+}
+
+/// How far a migration got; the rollback reads it.
+#[derive(Debug, Default)]
+pub struct State {
+    pub prepared: bool,
+    pub frozen_at: Option<Instant>,
+    pub images: Option<PathBuf>,
+    pub console_key: String,
+    pub decided: Option<bool>,
+    pub mode: Option<Mode>,
+    pub downtime: Option<Duration>,
+}
+
+async fn steps(
+    src: &dyn Source,
+    target: &mut AgentServiceClient<Channel>,
+    job: &Job,
+    p: &mut Progress,
+    st: &mut State,
+) -> Result<(), MigrateError> {
+    let mode = memory::choose(job.mode, src)?;
+    st.mode = Some(mode);
+    preflight::run(src, target, job, mode, p).await?;
+    st.prepared = true;
+    let mut sync = rootfs::RootfsSync::new(src.rootfs());
+    sync.pass(target, job, p, "rootfs").await?;
+    if mode != Mode::Cold {
+        let images = src.scratch().join("images");
+        st.images = Some(images.clone());
+        freeze::run(src, &images, p, st).await?;
+        // The tree is frozen (dead on the source): the final delta is exact.
+        sync.pass(target, job, p, "final-rootfs").await?;
+        images::push(target, job, &images, p).await?;
+    } else {
+        sync.pass(target, job, p, "final-rootfs").await?;
+    }
+    if job.verify {
+        rootfs::verify(src, target, job, p).await?;
+    }
+    restore::run(target, job, mode, st, p).await?;
+    commit::run(src, target, job, st, p).await?;
+    cleanup::run(src, st, p).await;
+    Ok(())
+}

@@ -1,0 +1,49 @@
+//! Preflight: the target checks everything it can before the VPS is touched:
+//! the name is free there, capacity, template, a usable CRIU of a compatible
+//! version, and the CPU features the VPS's processes may use.
+
+use ferry_proto::agent::v1 as pb;
+use ferry_proto::agent::v1::agent_service_client::AgentServiceClient;
+use tonic::transport::Channel;
+
+use super::{Job, MigrateError, Mode, Progress, Source};
+
+pub async fn run(
+    src: &dyn Source,
+    target: &mut AgentServiceClient<Channel>,
+    job: &Job,
+    mode: Mode,
+    p: &mut Progress,
+) -> Result<(), MigrateError> {
+    p.phase("preflight", format!("checking {}", job.target_node))
+        .await;
+    let mut spec = src.spec();
+    spec.generation = job.generation;
+    let live = mode != Mode::Cold;
+    target
+        .migrate_prepare(pb::MigratePrepareRequest {
+            migration_id: job.id.clone(),
+            spec: Some(spec),
+            mac: String::new(),
+            live,
+            criu_version: src.criu_version(),
+            cpu_flags: if live { cpu_flags() } else { Vec::new() },
+        })
+        .await
+        .map_err(|s| {
+            MigrateError::Refused(format!("target {}: {}", job.target_node, s.message()))
+        })?;
+    p.done_phase("preflight", 0);
+    Ok(())
+}
+
+/// This CPU's feature flags (x86 `flags`, arm `Features`); the restored
+/// processes may use any of them, so the target must have them all.
+pub fn cpu_flags() -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    info.lines()
+        .find(|l| l.starts_with("flags") || l.starts_with("Features"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}

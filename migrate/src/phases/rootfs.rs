@@ -1,0 +1,147 @@
+//! Rootfs passes: pass 1 while the VPS runs sends the whole tree; the final
+//! pass, while it is frozen, sends only what changed since (big files by
+//! block). Also the generic tree push the images use, and verify mode.
+
+use std::path::PathBuf;
+
+use ferry_proto::agent::v1 as pb;
+use ferry_proto::agent::v1::agent_service_client::AgentServiceClient;
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+use super::{status_msg, Job, MigrateError, Progress, Source};
+use crate::tree::scan::Manifest;
+use crate::tree::send::{BlockHashes, SendOpts, SendStats};
+use crate::tree::{plan, scan, send, TreeError};
+
+/// Items per gRPC message, and the data size that closes a message early.
+const BATCH_ITEMS: usize = 512;
+const BATCH_BYTES: usize = 2 << 20;
+
+pub struct RootfsSync {
+    root: PathBuf,
+    prev: Option<Manifest>,
+    hashes: BlockHashes,
+}
+
+impl RootfsSync {
+    pub fn new(root: PathBuf) -> Self {
+        RootfsSync {
+            root,
+            prev: None,
+            hashes: BlockHashes::default(),
+        }
+    }
+
+    pub async fn pass(
+        &mut self,
+        target: &mut AgentServiceClient<Channel>,
+        job: &Job,
+        p: &mut Progress,
+        phase: &'static str,
+    ) -> Result<SendStats, MigrateError> {
+        p.phase(phase, "").await;
+        let (m, h, st) = push_tree(
+            target,
+            &job.id,
+            "rootfs",
+            self.root.clone(),
+            self.prev.take(),
+            std::mem::take(&mut self.hashes),
+        )
+        .await
+        .map_err(MigrateError::at(phase))?;
+        self.prev = Some(m);
+        self.hashes = h;
+        p.bytes(phase, st.wire_bytes, st.wire_bytes).await;
+        p.done_phase(phase, st.wire_bytes);
+        Ok(st)
+    }
+}
+
+/// Sends `root` (or what changed in it since `prev`) as `area` of migration `id`.
+pub async fn push_tree(
+    target: &mut AgentServiceClient<Channel>,
+    id: &str,
+    area: &str,
+    root: PathBuf,
+    prev: Option<Manifest>,
+    mut hashes: BlockHashes,
+) -> Result<(Manifest, BlockHashes, SendStats), String> {
+    let (tx, rx) = mpsc::channel::<pb::MigrateChunk>(8);
+    let (id2, area2) = (id.to_string(), area.to_string());
+    let producer = tokio::task::spawn_blocking(move || {
+        let chunk = |items| pb::MigrateChunk {
+            migration_id: id2.clone(),
+            area: area2.clone(),
+            items,
+        };
+        let m = scan::scan(&root)?;
+        let plan = plan::plan(prev.as_ref(), &m, |x| hashes.has(x));
+        let mut batch = Vec::with_capacity(BATCH_ITEMS);
+        let mut bytes = 0usize;
+        let mut sent_any = false;
+        let st = send::send(
+            &root,
+            &m,
+            &plan,
+            &mut hashes,
+            SendOpts { compress: true },
+            &mut |it| {
+                if let Some(pb::tree_item::Item::Data(d)) = &it.item {
+                    bytes += d.data.len();
+                }
+                batch.push(it);
+                if batch.len() >= BATCH_ITEMS || bytes >= BATCH_BYTES {
+                    tx.blocking_send(chunk(std::mem::take(&mut batch)))
+                        .map_err(|_| TreeError::Closed("the target stopped reading".into()))?;
+                    bytes = 0;
+                    sent_any = true;
+                }
+                Ok(())
+            },
+        )?;
+        // At least one message, so the target learns the migration and area.
+        if !batch.is_empty() || !sent_any {
+            tx.blocking_send(chunk(batch))
+                .map_err(|_| TreeError::Closed("the target stopped reading".into()))?;
+        }
+        Ok::<_, TreeError>((m, hashes, st))
+    });
+    let resp = target
+        .migrate_push(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await;
+    let produced = producer.await.map_err(|e| format!("sender thread: {e}"))?;
+    resp.map_err(status_msg)?;
+    produced.map_err(|e| e.to_string())
+}
+
+/// Verify mode: both trees' digests must match.
+pub async fn verify(
+    src: &dyn Source,
+    target: &mut AgentServiceClient<Channel>,
+    job: &Job,
+    p: &mut Progress,
+) -> Result<(), MigrateError> {
+    p.phase("verify", "comparing both trees").await;
+    let root = src.rootfs();
+    let ours = tokio::task::spawn_blocking(move || crate::tree::digest::digest(&root))
+        .await
+        .map_err(|e| MigrateError::at("verify")(e.to_string()))?
+        .map_err(|e| MigrateError::at("verify")(e.to_string()))?;
+    let theirs = target
+        .tree_digest(pb::TreeDigestRequest {
+            tree: format!("incoming:{}", job.id),
+        })
+        .await
+        .map_err(|s| MigrateError::at("verify")(status_msg(s)))?
+        .into_inner();
+    if theirs.digest != ours.0 {
+        return Err(MigrateError::at("verify")(format!(
+            "trees differ: source {} ({} entries), target {} ({} entries)",
+            ours.0, ours.1, theirs.digest, theirs.entries
+        )));
+    }
+    p.done_phase("verify", 0);
+    Ok(())
+}

@@ -1,0 +1,79 @@
+//! What to send so the receiver's tree matches ours: everything (first pass),
+//! or only what changed since the manifest the receiver already matches.
+
+use std::path::{Path, PathBuf};
+
+use ferry_proto::agent::v1::tree_entry::Kind;
+
+use super::scan::Manifest;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Send {
+    /// Entry and all its contents.
+    Full,
+    /// Entry only (a directory whose metadata or listing changed).
+    Meta,
+    /// A big file that was sent before: only the blocks whose hash changed.
+    Blocks,
+}
+
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Paths to remove on the receiver, parents before children are never both listed.
+    pub deletes: Vec<PathBuf>,
+    /// In path order, so parents come before children.
+    pub sends: Vec<(PathBuf, Send)>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.deletes.is_empty() && self.sends.is_empty()
+    }
+}
+
+/// `prev`: the manifest the receiver matches (None: it has nothing).
+pub fn plan(prev: Option<&Manifest>, cur: &Manifest, has_hashes: impl Fn(&Path) -> bool) -> Plan {
+    let mut p = Plan::default();
+    let Some(prev) = prev else {
+        p.sends = cur
+            .entries
+            .keys()
+            .map(|k| (k.clone(), Send::Full))
+            .collect();
+        return p;
+    };
+    let mut deleted_dir: Option<PathBuf> = None;
+    for (path, old) in &prev.entries {
+        if let Some(d) = &deleted_dir {
+            if path.starts_with(d) {
+                continue;
+            }
+        }
+        let gone = match cur.entries.get(path) {
+            None => true,
+            Some(new) => new.kind != old.kind,
+        };
+        if gone {
+            p.deletes.push(path.clone());
+            if old.kind == Kind::Dir {
+                deleted_dir = Some(path.clone());
+            }
+        }
+    }
+    for (path, new) in &cur.entries {
+        let how = match prev.entries.get(path) {
+            None => Some(Send::Full),
+            Some(old) if old.kind != new.kind => Some(Send::Full),
+            Some(old) if new.unchanged(old) => None,
+            Some(_) if new.kind == Kind::Dir => Some(Send::Meta),
+            Some(old) if new.kind == Kind::File && old.ino == new.ino && has_hashes(path) => {
+                Some(Send::Blocks)
+            }
+            Some(_) => Some(Send::Full),
+        };
+        if let Some(h) = how {
+            p.sends.push((path.clone(), h));
+        }
+    }
+    p
+}

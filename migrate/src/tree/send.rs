@@ -1,0 +1,229 @@
+//! The sending side: entries and file contents as `TreeItem`s, in plan order.
+//! Blocking (it reads files): run it on a blocking thread.
+
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use ferry_proto::agent::v1::tree_entry::Kind;
+use ferry_proto::agent::v1::{tree_item, FileData, TreeEntry, TreeItem, Xattr};
+
+use super::plan::{Plan, Send};
+use super::scan::{Manifest, Meta};
+use super::{path_bytes, TreeError};
+
+/// Read and send unit; also the block size of the block delta.
+pub const BLOCK: usize = 1 << 20;
+/// Files at least this big keep block hashes, so a later pass sends only changed blocks.
+pub const BLOCK_DELTA_MIN: u64 = 4 << 20;
+
+/// xxh3 of every block of the big files the receiver has, as we sent them.
+#[derive(Debug, Default, Clone)]
+pub struct BlockHashes(HashMap<PathBuf, Vec<u64>>);
+
+impl BlockHashes {
+    pub fn has(&self, p: &Path) -> bool {
+        self.0.contains_key(p)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct SendOpts {
+    /// zstd level 1 per chunk, kept only where it saves at least 1/8 (and
+    /// given up for the rest of a file whose first chunk does not compress).
+    pub compress: bool,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SendStats {
+    pub entries: u64,
+    /// File bytes read and sent (before compression); holes and unchanged blocks excluded.
+    pub raw_bytes: u64,
+    /// Bytes of data on the wire (after compression).
+    pub wire_bytes: u64,
+}
+
+pub fn send(
+    root: &Path,
+    cur: &Manifest,
+    plan: &Plan,
+    hashes: &mut BlockHashes,
+    opts: SendOpts,
+    out: &mut dyn FnMut(TreeItem) -> Result<(), TreeError>,
+) -> Result<SendStats, TreeError> {
+    let mut st = SendStats::default();
+    for d in &plan.deletes {
+        hashes.0.remove(d);
+        out(entry_item(TreeEntry {
+            path: path_bytes(d),
+            kind: Kind::Delete as i32,
+            ..Default::default()
+        }))?;
+        st.entries += 1;
+    }
+    // The first path (in tree order) of every multiply-linked inode.
+    let mut first_link: HashMap<(u64, u64), &Path> = HashMap::new();
+    for (p, m) in &cur.entries {
+        if m.kind != Kind::Dir && m.nlink > 1 {
+            first_link.entry((m.dev, m.ino)).or_insert(p.as_path());
+        }
+    }
+    let mut buf = vec![0u8; BLOCK];
+    for (path, how) in &plan.sends {
+        let Some(meta) = cur.entries.get(path) else {
+            continue;
+        };
+        let full = root.join(path);
+        st.entries += 1;
+        if meta.kind != Kind::Dir && meta.nlink > 1 {
+            if let Some(first) = first_link.get(&(meta.dev, meta.ino)) {
+                if *first != path.as_path() {
+                    out(entry_item(TreeEntry {
+                        path: path_bytes(path),
+                        kind: Kind::Hardlink as i32,
+                        target: path_bytes(first),
+                        ..Default::default()
+                    }))?;
+                    continue;
+                }
+            }
+        }
+        let mut e = base_entry(path, meta, &full)?;
+        match meta.kind {
+            Kind::Symlink => {
+                let t = std::fs::read_link(&full).map_err(|e| TreeError::io(&full, e))?;
+                e.target = path_bytes(&t);
+                out(entry_item(e))?;
+            }
+            Kind::File if *how != Send::Meta => {
+                let file = match std::fs::File::open(&full) {
+                    Ok(f) => f,
+                    // Deleted since the scan (the VPS runs during pass 1); the
+                    // frozen pass will see it gone.
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(err) => return Err(TreeError::io(&full, err)),
+                };
+                let size = file.metadata().map_err(|e| TreeError::io(&full, e))?.len();
+                e.size = size;
+                let old = if *how == Send::Blocks {
+                    e.partial = true;
+                    hashes.0.remove(path)
+                } else {
+                    None
+                };
+                out(entry_item(e))?;
+                let keep = size >= BLOCK_DELTA_MIN;
+                let mut new_hashes = Vec::new();
+                let mut compress = opts.compress;
+                let mut off = 0u64;
+                while off < size {
+                    let n = read_full(&file, &mut buf, off).map_err(|e| TreeError::io(&full, e))?;
+                    if n == 0 {
+                        break;
+                    }
+                    let chunk = &buf[..n];
+                    let idx = (off / BLOCK as u64) as usize;
+                    let h = if keep || old.is_some() {
+                        xxhash_rust::xxh3::xxh3_64(chunk)
+                    } else {
+                        0
+                    };
+                    let same = old.as_ref().and_then(|o| o.get(idx)) == Some(&h);
+                    // A zero block of a fresh file stays a hole on the receiver.
+                    let skip = same || (old.is_none() && chunk.iter().all(|&b| b == 0));
+                    if !skip {
+                        let (data, z) = if compress {
+                            match zstd::bulk::compress(chunk, 1) {
+                                Ok(c) if c.len() < n - n / 8 => (c, true),
+                                _ => {
+                                    compress = false;
+                                    (chunk.to_vec(), false)
+                                }
+                            }
+                        } else {
+                            (chunk.to_vec(), false)
+                        };
+                        st.raw_bytes += n as u64;
+                        st.wire_bytes += data.len() as u64;
+                        out(TreeItem {
+                            item: Some(tree_item::Item::Data(FileData {
+                                offset: off,
+                                data,
+                                zstd: z,
+                                raw_len: n as u32,
+                            })),
+                        })?;
+                    }
+                    if keep {
+                        new_hashes.push(h);
+                    }
+                    off += n as u64;
+                }
+                if keep {
+                    hashes.0.insert(path.clone(), new_hashes);
+                }
+            }
+            Kind::Char | Kind::Block => {
+                e.rdev = meta.rdev;
+                out(entry_item(e))?;
+            }
+            _ => out(entry_item(e))?,
+        }
+    }
+    Ok(st)
+}
+
+fn read_full(f: &std::fs::File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], off + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+fn entry_item(e: TreeEntry) -> TreeItem {
+    TreeItem {
+        item: Some(tree_item::Item::Entry(e)),
+    }
+}
+
+fn base_entry(path: &Path, m: &Meta, full: &Path) -> Result<TreeEntry, TreeError> {
+    Ok(TreeEntry {
+        path: path_bytes(path),
+        kind: m.kind as i32,
+        mode: m.mode,
+        uid: m.uid,
+        gid: m.gid,
+        size: m.size,
+        mtime_sec: m.mtime.0,
+        mtime_nsec: m.mtime.1,
+        xattrs: read_xattrs(full)?,
+        ..Default::default()
+    })
+}
+
+/// All extended attributes of a path (not following a symlink), sorted by name.
+pub fn read_xattrs(full: &Path) -> Result<Vec<Xattr>, TreeError> {
+    let names = match xattr::list(full) {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Vec::new()),
+        Err(e) => return Err(TreeError::io(full, e)),
+    };
+    let mut out = Vec::new();
+    for n in names {
+        if let Ok(Some(v)) = xattr::get(full, &n) {
+            out.push(Xattr {
+                name: n.to_string_lossy().into_owned(),
+                value: v,
+            });
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
