@@ -26,9 +26,10 @@ pub struct CheckpointMeta {
 }
 
 impl Agent {
-    /// Dumps the running VPS into `images`. Unless `leave_running`, the VPS is
-    /// stopped afterwards and its kernel objects are released; on failure CRIU
-    /// has resumed it and it runs on. The caller holds the VPS's lock.
+    /// Dumps the running VPS into `images`. Unless `leave_running`, the VPS has
+    /// ended when this returns; its kernel objects are left for the caller to
+    /// release (outside a migration's frozen window). On failure CRIU has
+    /// resumed it and it runs on. The caller holds the VPS's lock.
     pub(super) async fn dump_locked(
         &self,
         name: &str,
@@ -84,7 +85,6 @@ impl Agent {
                 )));
             }
             let _ = std::fs::remove_file(&marker);
-            self.teardown(name).await?;
         }
         Ok(facts)
     }
@@ -105,6 +105,9 @@ impl Agent {
         let images = dir.join("images");
         let res = async {
             let facts = self.dump_locked(name, &images, leave_running).await?;
+            if !leave_running {
+                self.teardown(name).await?;
+            }
             let meta = CheckpointMeta {
                 config: rec.config.clone(),
                 facts,
@@ -114,7 +117,7 @@ impl Agent {
                     .map(|i| i.version.clone())
                     .unwrap_or_default(),
                 agent_version: env!("CARGO_PKG_VERSION").into(),
-                created_unix: unix_now(),
+                created_unix: super::now_unix(),
                 leave_running,
             };
             let meta =
@@ -144,6 +147,21 @@ impl Agent {
         res
     }
 
+    /// At start: scratch dirs of checkpoints, restores and arrivals an earlier
+    /// agent left go. A migration's own dir (`migrate-*`) holds the images a
+    /// frozen VPS may need to come back from: [`Agent::recover_migrations`] reads it.
+    pub(super) fn sweep_work(&self) {
+        let Ok(rd) = std::fs::read_dir(self.paths.data_dir.join("work")) else {
+            return;
+        };
+        for e in rd.flatten() {
+            if !e.file_name().to_string_lossy().starts_with("migrate-") {
+                crate::criu::clear_leftover_mounts(&e.path());
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+
     /// A fresh scratch directory under `<data>/work`.
     pub(crate) fn work_dir(&self, prefix: &str) -> Result<PathBuf> {
         let d = self
@@ -154,10 +172,6 @@ impl Agent {
         std::fs::create_dir_all(&d).at("creating", &d)?;
         Ok(d)
     }
-}
-
-pub(crate) fn unix_now() -> i64 {
-    (unix_nanos() / 1_000_000_000) as i64
 }
 
 pub(crate) fn unix_nanos() -> u128 {

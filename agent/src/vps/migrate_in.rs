@@ -11,10 +11,14 @@ use futures::StreamExt;
 
 use super::start::{blocking, Held, Resume};
 use super::{Agent, VpsRecord};
-use crate::error::{AgentError, IoContext, Result};
+use crate::error::{AgentError, Result};
 
 /// Marks a VPS dir that is still arriving; holds the migration id.
 pub const INCOMING_MARKER: &str = "incoming";
+
+/// How long a restored VPS waits for its source's decision before this node
+/// gives up on it.
+const HOLD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 pub struct Incoming {
     pub name: String,
@@ -25,6 +29,8 @@ pub struct Incoming {
 }
 
 impl Agent {
+    /// Checks everything this node can check before the source freezes
+    /// anything, then reserves the name (an `incoming` VPS dir).
     #[tracing::instrument(skip(self, req), fields(migration = %req.migration_id))]
     pub async fn migrate_prepare(
         &self,
@@ -35,84 +41,42 @@ impl Agent {
             .spec
             .ok_or_else(|| AgentError::invalid("spec", "missing"))?;
         let config = crate::spec::validate_spec(&spec, self.capacity, self.cfg.bridge_cidr)?;
-        let name = config.name.clone();
-        let node = self.node_label();
         let mine = self.criu.info.as_ref().ok();
         if req.live {
-            let info = mine.ok_or_else(|| {
-                AgentError::FailedPrecondition(format!(
-                    "CRIU is not usable on {node}: {}",
-                    self.criu.info.as_ref().err().cloned().unwrap_or_default()
-                ))
-            })?;
-            if version_tuple(&info.version) < version_tuple(&req.criu_version) {
-                return Err(AgentError::FailedPrecondition(format!(
-                    "CRIU on {node} is {}, older than the source's {}; images may not restore",
-                    info.version, req.criu_version
-                )));
-            }
-            let here = ferry_migrate::phases::preflight::cpu_flags();
-            let missing: Vec<&String> =
-                req.cpu_flags.iter().filter(|f| !here.contains(f)).collect();
-            if !missing.is_empty() {
-                return Err(AgentError::FailedPrecondition(format!(
-                    "the CPU of {node} lacks features the VPS's processes may use: {}",
-                    missing
-                        .iter()
-                        .map(|s| s.as_str())
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                )));
-            }
+            self.check_live_target(&req.criu_version, &req.cpu_flags)?;
         }
         crate::template::get(&self.paths, &config.template).map_err(|_| {
             AgentError::FailedPrecondition(format!(
-                "template {:?} is missing on {node}",
+                "template {:?} is missing on this node",
                 config.template
             ))
         })?;
         let _g = self.create_lock.lock().await;
-        if self.paths.vps(&name).exists() {
-            return Err(AgentError::AlreadyExists {
-                kind: "VPS",
-                name: format!("{name} (on {node})"),
-            });
-        }
-        let recs = self.records();
-        let mem: u64 = recs.iter().map(|r| r.config.limits.memory_bytes).sum();
+        self.check_free(&config)?;
+        let mem: u64 = self
+            .records()
+            .iter()
+            .map(|r| r.config.limits.memory_bytes)
+            .sum();
         if mem + config.limits.memory_bytes > self.capacity.memory_bytes {
             return Err(AgentError::ResourceExhausted(format!(
-                "{node} is full: {} MiB of memory allocated, the VPS needs {} MiB more of {} MiB",
+                "this node is full: {} MiB of memory allocated, the VPS needs {} MiB more of {} MiB",
                 mem >> 20,
                 config.limits.memory_bytes >> 20,
                 self.capacity.memory_bytes >> 20
             )));
         }
-        if let Some(net) = &config.net {
-            if let Some(other) = recs
-                .iter()
-                .find(|r| r.config.net.as_ref().map(|n| n.ip) == Some(net.ip))
-            {
-                return Err(AgentError::AlreadyExists {
-                    kind: "net.ip",
-                    name: format!("{} (held by VPS {} on {node})", net.ip, other.config.name),
-                });
-            }
-        }
-        let dir = self.paths.vps(&name);
-        for d in ["upper", "work", "rootfs"] {
-            std::fs::create_dir_all(dir.join(d)).at("creating", dir.join(d))?;
-        }
-        std::fs::write(dir.join(INCOMING_MARKER), &req.migration_id)
-            .at("writing", dir.join(INCOMING_MARKER))?;
+        let name = config.name.clone();
         let rec = VpsRecord {
             config,
-            created_unix: super::checkpoint::unix_now(),
+            created_unix: super::now_unix(),
         };
-        self.save_record(&rec)?;
         let images = self.work_dir(&format!("incoming-{}", req.migration_id))?;
-        let mut inc = self.incoming.lock().await;
-        inc.insert(
+        if let Err(e) = self.lay_out(&rec, Some(&req.migration_id)) {
+            let _ = std::fs::remove_dir_all(&images);
+            return Err(e);
+        }
+        self.incoming.lock().await.insert(
             req.migration_id.clone(),
             Incoming {
                 name,
@@ -125,6 +89,34 @@ impl Agent {
         Ok(pb::MigratePrepareResponse {
             criu_version: mine.map(|i| i.version.clone()).unwrap_or_default(),
         })
+    }
+
+    /// A live arrival needs a usable CRIU no older than the source's and every
+    /// CPU feature the source has (the restored processes may use them).
+    fn check_live_target(&self, src_criu: &str, src_flags: &[String]) -> Result<()> {
+        let info = self
+            .criu
+            .usable()
+            .map_err(|e| AgentError::FailedPrecondition(format!("on this node: {e}")))?;
+        if version_tuple(&info.version) < version_tuple(src_criu) {
+            return Err(AgentError::FailedPrecondition(format!(
+                "CRIU on this node is {}, older than the source's {src_criu}; images may not restore",
+                info.version
+            )));
+        }
+        let here = ferry_migrate::phases::preflight::cpu_flags();
+        let missing: Vec<&str> = src_flags
+            .iter()
+            .filter(|f| !here.contains(f))
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            return Err(AgentError::FailedPrecondition(format!(
+                "this node's CPU lacks features the VPS's processes may use: {}",
+                missing.join(" ")
+            )));
+        }
+        Ok(())
     }
 
     pub async fn migrate_push(
@@ -154,15 +146,13 @@ impl Agent {
         };
         let (tx, mut rx) = tokio::sync::mpsc::channel::<pb::MigrateChunk>(8);
         let writer = blocking(move || {
-            let mut a = ferry_migrate::tree::apply::Applier::new(&dest)
-                .map_err(|e| AgentError::Internal(e.to_string()))?;
+            let mut a = ferry_migrate::tree::apply::Applier::new(&dest).map_err(tree_err)?;
             while let Some(c) = rx.blocking_recv() {
                 for it in c.items {
-                    a.item(it)
-                        .map_err(|e| AgentError::Internal(e.to_string()))?;
+                    a.item(it).map_err(tree_err)?;
                 }
             }
-            a.finish().map_err(|e| AgentError::Internal(e.to_string()))
+            a.finish().map_err(tree_err)
         });
         let feed = async {
             tx.send(first).await.map_err(|_| ())?;
@@ -190,36 +180,68 @@ impl Agent {
         req: pb::MigrateRestoreRequest,
     ) -> Result<pb::MigrateRestoreResponse> {
         let t = std::time::Instant::now();
-        let mut inc = self.incoming.lock().await;
-        let i = inc
-            .get_mut(&req.migration_id)
+        // Out of the map while it restores, so other migrations are not held up.
+        let mut i = self
+            .incoming
+            .lock()
+            .await
+            .remove(&req.migration_id)
             .ok_or_else(|| AgentError::not_found("migration", &req.migration_id))?;
-        if !i.live || !req.live {
-            return Ok(pb::MigrateRestoreResponse { restore_ms: 0 });
-        }
+        let res = if i.live && req.live {
+            self.restore_held(&mut i, &req.console_key).await
+        } else {
+            Ok(())
+        };
+        self.incoming
+            .lock()
+            .await
+            .insert(req.migration_id.clone(), i);
+        res?;
+        // A source that never comes back must not leave the VPS held here for
+        // ever: give up after HOLD_TIMEOUT (a no-op once it has finished).
+        let agent = Arc::clone(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(HOLD_TIMEOUT).await;
+            let abort = pb::MigrateFinishRequest {
+                migration_id: req.migration_id,
+                commit: false,
+                generation: 0,
+            };
+            let _ = agent.migrate_finish(abort).await;
+        });
+        Ok(pb::MigrateRestoreResponse {
+            restore_ms: t.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// Restores the arriving VPS and keeps it held before it runs. On failure
+    /// its kernel objects are gone (the source's rollback removes the rest).
+    async fn restore_held(self: &Arc<Self>, i: &mut Incoming, console_key: &str) -> Result<()> {
         let lock = self.lock_for(&i.name);
         let _g = lock.lock().await;
         let r = Resume {
             images: i.images.clone(),
-            console_key: req.console_key.clone(),
+            console_key: console_key.to_string(),
             hold: true,
         };
         match self.bring_up(&i.rec, Some(&r)).await {
-            Ok(Some(h)) => i.held = Some(h),
+            Ok(Some(h)) => {
+                i.held = Some(h);
+                Ok(())
+            }
             Ok(None) => {
-                // The monitor answered without holding: refuse, it must not run yet.
-                let _ = self.teardown_forced(&i.name).await;
-                return Err(AgentError::Internal("the restored VPS was not held".into()));
+                // Cannot happen (the monitor was asked to hold); never let it run.
+                let _ = self
+                    .stop_locked(&i.name, std::time::Duration::ZERO, true)
+                    .await;
+                Err(AgentError::Internal("the restored VPS was not held".into()))
             }
             Err(e) => {
                 crate::criu::clear_leftover_mounts(&i.images);
-                let _ = self.teardown_forced(&i.name).await;
-                return Err(e);
+                let _ = self.teardown(&i.name).await;
+                Err(e)
             }
         }
-        Ok(pb::MigrateRestoreResponse {
-            restore_ms: t.elapsed().as_millis() as u64,
-        })
     }
 
     #[tracing::instrument(skip(self, req), fields(migration = %req.migration_id, commit = req.commit))]
@@ -260,57 +282,41 @@ impl Agent {
         Ok(pb::MigrateFinishResponse { vps: None })
     }
 
-    /// Removes an arriving VPS: its kernel objects, files and images.
+    /// Removes an arriving VPS: its kernel objects (the cgroup's removal kills
+    /// a held tree), files and images. Its files stay if its kernel objects
+    /// could not be released: they may still be in use.
     async fn discard_incoming(&self, name: &str, images: &std::path::Path) {
-        let _ = self.teardown_forced(name).await;
         crate::criu::clear_leftover_mounts(images);
         let _ = std::fs::remove_dir_all(images);
+        if let Err(e) = self.teardown(name).await {
+            tracing::error!(vps = %name, error = %e, "cannot release an arriving VPS; its files stay");
+            return;
+        }
         let _ = crate::template::remove_tree(&self.paths.vps_run(name));
         let _ = crate::template::remove_tree(&self.paths.vps(name));
     }
 
-    /// Teardown even if a (held or half-restored) tree is still there: kill it first.
-    async fn teardown_forced(&self, name: &str) -> Result<()> {
-        let cg = self.cgroup(name);
-        for pid in cg.pids() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        if let Some(st) = crate::runtime::RuntimeState::read(&self.paths.vps_run(name)) {
-            if st.init_alive() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(st.init_pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-        let _ = self
-            .wait_stopped(name, std::time::Duration::from_secs(5))
-            .await;
-        self.teardown(name).await
-    }
-
     /// At start: arrivals an earlier agent left unfinished are removed (their
-    /// held monitors saw the agent go and had CRIU kill the restored tree).
+    /// held monitors saw the agent go and had CRIU kill the restored tree). One
+    /// already let go (the agent died between `go` and dropping the marker) is
+    /// kept: it runs, so its move was decided.
     pub(super) async fn sweep_incoming(&self) {
         let Ok(rd) = std::fs::read_dir(self.paths.vps_root()) else {
             return;
         };
         for e in rd.flatten() {
-            if e.path().join(INCOMING_MARKER).exists() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                tracing::warn!(vps = %name, "removing an unfinished incoming migration");
-                let images = PathBuf::new();
-                self.discard_incoming(&name, &images).await;
+            let marker = e.path().join(INCOMING_MARKER);
+            if !marker.exists() {
+                continue;
             }
-        }
-        if let Ok(rd) = std::fs::read_dir(self.paths.data_dir.join("work")) {
-            for e in rd.flatten() {
-                crate::criu::clear_leftover_mounts(&e.path());
-                let _ = std::fs::remove_dir_all(e.path());
+            let name = e.file_name().to_string_lossy().into_owned();
+            if self.status(&name).is_running() {
+                tracing::warn!(vps = %name, "keeping an arrived VPS that runs");
+                let _ = std::fs::remove_file(&marker);
+                continue;
             }
+            tracing::warn!(vps = %name, "removing an unfinished incoming migration");
+            self.discard_incoming(&name, std::path::Path::new("")).await;
         }
     }
 
@@ -337,14 +343,12 @@ impl Agent {
         .await?;
         Ok(pb::TreeDigestResponse { digest, entries })
     }
+}
 
-    fn node_label(&self) -> String {
-        let n = self.node_name.lock().unwrap_or_else(|p| p.into_inner());
-        if n.is_empty() {
-            "this node".into()
-        } else {
-            format!("node {n}")
-        }
+fn tree_err(e: ferry_migrate::tree::TreeError) -> AgentError {
+    match e {
+        ferry_migrate::tree::TreeError::Invalid(m) => AgentError::invalid("items", m),
+        other => AgentError::Internal(other.to_string()),
     }
 }
 

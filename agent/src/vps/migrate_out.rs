@@ -10,42 +10,22 @@ use ferry_migrate::phases::{self, Job, Mode, Source};
 use ferry_proto::agent::v1 as pb;
 use ferry_proto::agent::v1::agent_service_client::AgentServiceClient;
 use futures::StreamExt;
+use tracing::Instrument;
 
 use super::start::Resume;
 use super::{Agent, VpsRecord};
 use crate::error::{AgentError, Result};
 
-/// Decides a migration: moves the VPS's ownership (cluster mode: through the
-/// controller's Raft log) or keeps it here. Returns whether it moved.
-#[tonic::async_trait]
-pub trait Decider: Send + Sync {
-    async fn decide(
-        &self,
-        migration_id: &str,
-        vps: &str,
-        commit: bool,
-    ) -> std::result::Result<bool, String>;
-}
-
-/// Node-local use: this agent owns the VPS; the first decision stands.
-pub struct LocalDecider {
-    decided: std::sync::Mutex<Option<bool>>,
-}
-
-#[tonic::async_trait]
-impl Decider for LocalDecider {
-    async fn decide(&self, _: &str, _: &str, commit: bool) -> std::result::Result<bool, String> {
-        let mut d = self.decided.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(*d.get_or_insert(commit))
-    }
-}
-
 struct AgentSource {
     agent: Arc<Agent>,
     rec: VpsRecord,
-    id: String,
     scratch: PathBuf,
-    decider: Arc<dyn Decider>,
+    /// Node-local use: this agent owns the VPS, and the first decision stands.
+    /// (In a cluster the owner is the controller's Raft log; that path is not
+    /// built yet, so controller-managed VPSes are refused in `migrate_out`.)
+    decided: std::sync::Mutex<Option<bool>>,
+    /// The VPS's lock, held from the dump to the outcome.
+    frozen: tokio::sync::Mutex<Option<tokio::sync::OwnedMutexGuard<()>>>,
 }
 
 #[tonic::async_trait]
@@ -78,23 +58,32 @@ impl Source for AgentSource {
     }
     async fn dump(&self, images: &Path) -> std::result::Result<String, String> {
         let name = &self.rec.config.name;
-        let lock = self.agent.lock_for(name);
-        let _g = lock.lock().await;
-        self.agent
+        let guard = self.agent.lock_for(name).lock_owned().await;
+        let key = self
+            .agent
             .dump_locked(name, images, false)
             .await
             .map(|f| f.console_key)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        // Keep the VPS's lock until the outcome: nothing (the exit watcher
+        // included) touches the old run's kernel objects inside the frozen window.
+        *self.frozen.lock().await = Some(guard);
+        Ok(key)
     }
     async fn resume(&self, images: &Path, console_key: &str) -> std::result::Result<(), String> {
         let name = &self.rec.config.name;
-        let lock = self.agent.lock_for(name);
-        let _g = lock.lock().await;
+        let mut frozen = self.frozen.lock().await;
+        let _g = match frozen.take() {
+            Some(g) => g,
+            None => self.agent.lock_for(name).lock_owned().await,
+        };
         let r = Resume {
             images: images.to_path_buf(),
             console_key: console_key.to_string(),
             hold: false,
         };
+        // The dump left the kernel objects of the old run; release them first.
+        self.agent.teardown(name).await.map_err(|e| e.to_string())?;
         let res = self.agent.bring_up(&self.rec, Some(&r)).await;
         match res {
             Ok(_) => {
@@ -108,11 +97,11 @@ impl Source for AgentSource {
         }
     }
     async fn decide(&self, commit: bool) -> std::result::Result<bool, String> {
-        self.decider
-            .decide(&self.id, &self.rec.config.name, commit)
-            .await
+        let mut d = self.decided.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(*d.get_or_insert(commit))
     }
     async fn release(&self) -> std::result::Result<(), String> {
+        drop(self.frozen.lock().await.take());
         self.agent
             .destroy(&self.rec.config.name, true)
             .await
@@ -127,7 +116,14 @@ impl Agent {
     /// Starts migrating a VPS to another agent; returns its progress.
     pub async fn migrate_out(self: &Arc<Self>, req: pb::MigrateVpsRequest) -> Result<EventStream> {
         let rec = self.record(&req.name)?;
-        self.fence(&req.name, req.generation)?;
+        if rec.config.generation > 0 || req.generation > 0 {
+            // Moving it behind the controller's back would leave the cluster
+            // state pointing at this node.
+            return Err(AgentError::FailedPrecondition(format!(
+                "VPS {} is managed by a controller (generation {}); migrate it through the                  controller. Agent-to-agent migration is for node-local VPSes",
+                req.name, rec.config.generation
+            )));
+        }
         if req.target_addr.is_empty() {
             return Err(AgentError::invalid(
                 "target_addr",
@@ -161,26 +157,31 @@ impl Agent {
             }
             m.insert(req.name.clone(), id.clone());
         }
-        let ch = match ferry_proto::addr::connect(&addr).await {
-            Ok(c) => c,
-            Err(e) => {
-                self.end_migrating(&req.name);
-                return Err(AgentError::FailedPrecondition(format!(
+        let setup = async {
+            let ch = ferry_proto::addr::connect(&addr).await.map_err(|e| {
+                AgentError::FailedPrecondition(format!(
                     "target agent {} is unreachable: {e}",
                     req.target_addr
-                )));
+                ))
+            })?;
+            Ok::<_, AgentError>((
+                AgentServiceClient::new(ch),
+                self.work_dir(&format!("migrate-{id}"))?,
+            ))
+        };
+        let (target, scratch) = match setup.await {
+            Ok(x) => x,
+            Err(e) => {
+                self.end_migrating(&req.name);
+                return Err(e);
             }
         };
-        let target = AgentServiceClient::new(ch)
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20);
-        let scratch = self.work_dir(&format!("migrate-{id}"))?;
         let src = Arc::new(AgentSource {
             agent: Arc::clone(self),
             rec,
-            id: id.clone(),
             scratch: scratch.clone(),
-            decider: self.decider(),
+            decided: Default::default(),
+            frozen: Default::default(),
         });
         let job = Job {
             id,
@@ -196,13 +197,28 @@ impl Agent {
         };
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let agent = Arc::clone(self);
-        tokio::spawn(async move {
-            let name = job.name.clone();
-            let ev = phases::run(src, target, job, tx).await;
-            tracing::info!(vps = %name, phase = %ev.phase, downtime_ms = ev.downtime_ms, total_ms = ev.total_ms, error = %ev.error, "migration ended");
-            let _ = std::fs::remove_dir_all(&scratch);
-            agent.end_migrating(&name);
-        });
+        let span = tracing::info_span!(
+            "migrate",
+            vps = %job.name,
+            migration = %job.id,
+            target = %job.target_node
+        );
+        tokio::spawn(
+            async move {
+                let name = job.name.clone();
+                let ev = phases::run(src, target, job, tx).await;
+                tracing::info!(
+                    phase = %ev.phase,
+                    downtime_ms = ev.downtime_ms,
+                    total_ms = ev.total_ms,
+                    error = %ev.error,
+                    "migration ended"
+                );
+                let _ = std::fs::remove_dir_all(&scratch);
+                agent.end_migrating(&name);
+            }
+            .instrument(span),
+        );
         Ok(tokio_stream::wrappers::ReceiverStream::new(rx)
             .map(Ok)
             .boxed())
@@ -211,22 +227,5 @@ impl Agent {
     fn end_migrating(&self, name: &str) {
         let mut m = self.migrating.lock().unwrap_or_else(|p| p.into_inner());
         m.remove(name);
-    }
-
-    fn decider(&self) -> Arc<dyn Decider> {
-        match self.cluster_decider() {
-            Some(d) => d,
-            None => Arc::new(LocalDecider {
-                decided: Default::default(),
-            }),
-        }
-    }
-
-    fn cluster_decider(&self) -> Option<Arc<dyn Decider>> {
-        let d = self
-            .decider_factory
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        d.clone()
     }
 }

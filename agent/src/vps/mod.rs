@@ -15,7 +15,7 @@ mod start;
 mod stop;
 
 pub use exec::ExecStream;
-pub use migrate_out::{Decider, EventStream};
+pub use migrate_out::EventStream;
 pub use stop::DEFAULT_STOP_TIMEOUT;
 
 use std::collections::HashMap;
@@ -70,10 +70,6 @@ pub struct Agent {
     migrating: std::sync::Mutex<HashMap<String, String>>,
     /// VPSes arriving from another node, by migration id.
     incoming: tokio::sync::Mutex<HashMap<String, migrate_in::Incoming>>,
-    /// Set in cluster mode: migrations are decided through the controller.
-    pub decider_factory: std::sync::Mutex<Option<Arc<dyn Decider>>>,
-    /// The node's name in the cluster ("" node-local), for messages.
-    pub node_name: std::sync::Mutex<String>,
     /// Held while a create checks names and addresses, so two creates cannot
     /// both take the same one.
     create_lock: tokio::sync::Mutex<()>,
@@ -143,10 +139,9 @@ impl Agent {
             locks: Default::default(),
             migrating: Default::default(),
             incoming: Default::default(),
-            decider_factory: Default::default(),
-            node_name: Default::default(),
             create_lock: Default::default(),
         });
+        agent.sweep_work();
         agent.sweep_incoming().await;
         agent.adopt().await?;
         Ok(agent)

@@ -56,6 +56,17 @@ impl Agent {
         resume: Option<&Resume>,
     ) -> Result<Option<Held>> {
         let c = &rec.config;
+        // Before any kernel object is made: a restore needs a working CRIU.
+        let criu = match resume {
+            Some(_) => Some(
+                self.criu
+                    .usable()
+                    .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?
+                    .path
+                    .clone(),
+            ),
+            None => None,
+        };
         let run = self.paths.vps_run(&c.name);
         std::fs::create_dir_all(&run).at("creating", &run)?;
         for f in [STOP_MARKER, STATE_FILE] {
@@ -119,13 +130,9 @@ impl Agent {
             serde_json::to_vec_pretty(&launch).map_err(|e| AgentError::Internal(e.to_string()))?;
         write_atomic(&run.join(LAUNCH_FILE), &json).at("writing", run.join(LAUNCH_FILE))?;
         let _ = std::fs::remove_file(run.join(RESTORE_FILE));
-        if let Some(r) = resume {
-            let criu = self
-                .criu
-                .usable()
-                .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?;
+        if let (Some(r), Some(criu)) = (resume, criu) {
             let cfg = RestoreConfig {
-                criu: criu.path.clone(),
+                criu,
                 request: RestoreRequest {
                     images: r.images.clone(),
                     root: rootfs,

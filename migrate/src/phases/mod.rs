@@ -155,9 +155,6 @@ pub async fn run(
     tx: mpsc::Sender<pb::MigrationEvent>,
 ) -> pb::MigrationEvent {
     let mut p = Progress::new(tx, &job.id);
-    let span = tracing::info_span!("migrate", vps = %job.name, migration = %job.id, target = %job.target_node);
-    let _e = span.enter();
-    drop(_e);
     let mut st = State::default();
     let res = steps(&*src, &mut target, &job, &mut p, &mut st).await;
     let mut ev = match res {
