@@ -1,29 +1,7 @@
 //! `ferryctl` against a real agent, as an operator types it.
 
 mod common;
-use std::process::Command;
-
 use common::*;
-
-fn ferryctl(h: &Host, args: &[&str]) -> (i32, String, String) {
-    let bin = std::path::Path::new(AGENT).with_file_name("ferryctl");
-    assert!(
-        bin.exists(),
-        "{} missing: build the workspace first (scripts/test.sh does)",
-        bin.display()
-    );
-    let o = Command::new(bin)
-        .arg("--agent")
-        .arg(format!("unix:{}", h.sock().display()))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into(),
-        String::from_utf8_lossy(&o.stderr).into(),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ferryctl_drives_the_lifecycle() {

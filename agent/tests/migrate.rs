@@ -63,19 +63,12 @@ async fn checkpoint_and_restore_on_one_node() {
         start_counter(&mut c, &name).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
 
-        let mut s = c
-            .checkpoint_vps(pb::CheckpointVpsRequest {
-                name: name.clone(),
-                leave_running: false,
-                generation: 0,
-            })
-            .await
-            .expect("checkpoint")
-            .into_inner();
-        let mut archive = Vec::new();
-        while let Some(ch) = s.next().await {
-            archive.extend(ch.expect("chunk").data);
-        }
+        // As an operator does it: ferryctl streams the archive to a file and back.
+        let file = h.dir.join("ck.ferryckpt");
+        let file_s = file.to_string_lossy().into_owned();
+        let (code, out, err) = ferryctl(&h, &["vps", "checkpoint", &name, "--to", &file_s]);
+        assert_eq!(code, 0, "{out}{err}\n{}", h.agent_log());
+        let archive = std::fs::read(&file).expect("archive written");
         assert_eq!(&archive[..8], b"FERRYCKP");
         let v = get(&mut c, &name).await;
         assert!(stopped(&v), "{v:?}");
@@ -93,40 +86,26 @@ async fn checkpoint_and_restore_on_one_node() {
         assert!(before > 0);
 
         // A damaged archive and a foreign file are refused; nothing changes.
-        for bad in [
-            {
-                let mut a = archive.clone();
-                let mid = a.len() / 2;
-                a[mid] ^= 0xff;
-                a
-            },
-            b"#!/bin/sh\necho not an archive\n".repeat(10),
+        let mut damaged = archive.clone();
+        let mid = damaged.len() / 2;
+        damaged[mid] ^= 0xff;
+        for (what, bad) in [
+            ("damaged", damaged),
+            ("foreign", b"#!/bin/sh\necho not an archive\n".repeat(10)),
         ] {
-            let chunks = vec![pb::ArchiveChunk {
-                name: name.clone(),
-                data: bad,
-            }];
-            let e = c
-                .restore_vps(futures::stream::iter(chunks))
-                .await
-                .expect_err("a bad archive is refused");
-            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+            let bad_file = h.dir.join(format!("{what}.ferryckpt"));
+            std::fs::write(&bad_file, bad).unwrap();
+            let bad_s = bad_file.to_string_lossy().into_owned();
+            let (code, _, err) = ferryctl(&h, &["vps", "restore", &name, "--from", &bad_s]);
+            assert_ne!(code, 0, "{what} archive accepted");
+            // The agent refuses it as a bad archive (InvalidArgument), before touching the VPS.
+            assert!(err.contains("archive rejected"), "{what}: {err}");
             assert!(stopped(&get(&mut c, &name).await));
         }
 
-        let chunks: Vec<pb::ArchiveChunk> = archive
-            .chunks(1 << 20)
-            .enumerate()
-            .map(|(i, d)| pb::ArchiveChunk {
-                name: if i == 0 { name.clone() } else { String::new() },
-                data: d.to_vec(),
-            })
-            .collect();
-        let v = c
-            .restore_vps(futures::stream::iter(chunks))
-            .await
-            .unwrap_or_else(|e| panic!("restore: {e:?}\n{}", h.agent_log()))
-            .into_inner();
+        let (code, out, err) = ferryctl(&h, &["vps", "restore", &name, "--from", &file_s]);
+        assert_eq!(code, 0, "{out}{err}\n{}", h.agent_log());
+        let v = get(&mut c, &name).await;
         assert!(running(&v), "{v:?}");
         tokio::time::sleep(Duration::from_millis(300)).await;
         let after = counter(&mut c, &name).await;
@@ -317,6 +296,55 @@ async fn live_migration_keeps_processes_files_ip_and_tcp() {
     .await;
 }
 
+/// Migrates `name` to `b`, SIGKILLing b's agent when the migration reaches `phase`.
+async fn migrate_killing_target(
+    ca: &mut ferry_proto::agent::v1::agent_service_client::AgentServiceClient<
+        tonic::transport::Channel,
+    >,
+    name: &str,
+    b: &mut Host,
+    phase: &str,
+) -> pb::MigrationEvent {
+    let b_pid = b.agent_pid();
+    let ev = migrate(ca, name, b, |e| {
+        if e.phase == phase {
+            if let Some(p) = b_pid {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    })
+    .await;
+    assert!(
+        !ev.error.is_empty(),
+        "killing the target at {phase} must fail: {ev:?}"
+    );
+    ev
+}
+
+/// Restarts b's agent and checks it keeps nothing of `name`: no VPS, dir or cgroup.
+async fn assert_target_clean(b: &mut Host, name: &str) {
+    b.kill_agent();
+    b.start_agent().await;
+    let mut cb = b.client().await;
+    let list = cb
+        .list_vps(pb::ListVpsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.vps.is_empty(), "{list:?}");
+    assert!(
+        !b.data_dir().join("vps").join(name).exists(),
+        "VPS dir left on the target"
+    );
+    assert!(
+        b.cgroup_dirs(name).iter().all(|d| !d.exists()),
+        "cgroup left on the target"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn failures_before_the_decision_leave_the_vps_on_the_source() {
     bounded(300, async {
@@ -363,54 +391,17 @@ async fn failures_before_the_decision_leave_the_vps_on_the_source() {
         )
         .await;
         assert_eq!(r.code, 0, "{}", r.stderr);
-        let b_pid = b.agent_pid();
-        let ev = migrate(&mut ca, &name, &b, |e| {
-            if e.phase == "rootfs" {
-                if let Some(p) = b_pid {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(p),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
-        })
-        .await;
-        assert!(!ev.error.is_empty(), "{ev:?}");
+        migrate_killing_target(&mut ca, &name, &mut b, "rootfs").await;
         let v = get(&mut ca, &name).await;
         assert!(
             running(&v) && v.init_pid == v0.init_pid,
             "kept running, never frozen: {v:?}"
         );
-        b.kill_agent();
-        b.start_agent().await;
-        let mut cb = b.client().await;
-        assert!(cb
-            .list_vps(pb::ListVpsRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .vps
-            .is_empty());
-        assert!(
-            !b.data_dir().join("vps").join(&name).exists(),
-            "nothing left on the target"
-        );
+        assert_target_clean(&mut b, &name).await;
 
         // Kill the target agent during the restore: the source resumes the VPS from its images.
         let before = counter(&mut ca, &name).await;
-        let b_pid = b.agent_pid();
-        let ev = migrate(&mut ca, &name, &b, |e| {
-            if e.phase == "restore" {
-                if let Some(p) = b_pid {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(p),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
-        })
-        .await;
-        assert!(!ev.error.is_empty(), "{ev:?}");
+        let ev = migrate_killing_target(&mut ca, &name, &mut b, "restore").await;
         assert!(
             ev.error.contains("resumed on the source"),
             "{ev:?}\n{}",
@@ -423,24 +414,7 @@ async fn failures_before_the_decision_leave_the_vps_on_the_source() {
             counter(&mut ca, &name).await > before,
             "the counter went on"
         );
-        b.kill_agent();
-        b.start_agent().await;
-        let mut cb = b.client().await;
-        assert!(cb
-            .list_vps(pb::ListVpsRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .vps
-            .is_empty());
-        assert!(
-            !b.data_dir().join("vps").join(&name).exists(),
-            "nothing left on the target"
-        );
-        assert!(
-            b.cgroup_dirs(&name).iter().all(|d| !d.exists()),
-            "no cgroup left on the target"
-        );
+        assert_target_clean(&mut b, &name).await;
         stop(&mut ca, &name, 0, true).await;
     })
     .await;

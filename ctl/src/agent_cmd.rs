@@ -227,43 +227,14 @@ pub async fn template(c: &mut AgentServiceClient<Channel>, cmd: TemplateCmd) -> 
                 .await?
                 .into_inner()
             } else {
-                let (tx, rx) = tokio::sync::mpsc::channel(4);
-                tx.send(pb::ImportTemplateChunk {
+                let header = pb::ImportTemplateChunk {
                     item: Some(pb::import_template_chunk::Item::Header(header)),
-                })
-                .await?;
-                let reader = tokio::spawn(async move {
-                    use tokio::io::AsyncReadExt;
-                    let mut input: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if file == "-" {
-                        Box::new(tokio::io::stdin())
-                    } else {
-                        Box::new(
-                            tokio::fs::File::open(&file)
-                                .await
-                                .with_context(|| format!("opening {file}"))?,
-                        )
-                    };
-                    loop {
-                        let mut buf = vec![0u8; 1 << 20];
-                        let n = input.read(&mut buf).await?;
-                        if n == 0 {
-                            return anyhow::Ok(());
-                        }
-                        buf.truncate(n);
-                        if tx
-                            .send(pb::ImportTemplateChunk {
-                                item: Some(pb::import_template_chunk::Item::Data(buf)),
-                            })
-                            .await
-                            .is_err()
-                        {
-                            return Ok(());
-                        }
-                    }
-                });
-                let res = c
-                    .import_template(tokio_stream::wrappers::ReceiverStream::new(rx))
-                    .await;
+                };
+                let (chunks, reader) =
+                    stream_file(file, Some(header), |buf| pb::ImportTemplateChunk {
+                        item: Some(pb::import_template_chunk::Item::Data(buf)),
+                    });
+                let res = c.import_template(chunks).await;
                 reader.await??;
                 res?.into_inner()
             };
@@ -573,17 +544,19 @@ pub async fn vps(c: &mut AgentServiceClient<Channel>, cmd: VpsCmd) -> Result<i32
             );
         }
         VpsCmd::Restore { name, from } => {
-            let data =
-                std::fs::read(&from).with_context(|| format!("reading {}", from.display()))?;
-            let chunks: Vec<pb::ArchiveChunk> = data
-                .chunks(1 << 20)
-                .enumerate()
-                .map(|(i, d)| pb::ArchiveChunk {
-                    name: if i == 0 { name.clone() } else { String::new() },
-                    data: d.to_vec(),
-                })
-                .collect();
-            c.restore_vps(futures::stream::iter(chunks)).await?;
+            // The first message names the VPS; the archive follows.
+            let first = pb::ArchiveChunk {
+                name: name.clone(),
+                data: Vec::new(),
+            };
+            let file = from.to_string_lossy().into_owned();
+            let (chunks, reader) = stream_file(file, Some(first), |data| pb::ArchiveChunk {
+                name: String::new(),
+                data,
+            });
+            let res = c.restore_vps(chunks).await;
+            reader.await??;
+            res?;
             println!("restored VPS {name} from {}", from.display());
         }
         VpsCmd::Migrate {
@@ -791,4 +764,46 @@ fn print_show(v: &pb::Vps) {
     for (k, val) in rows {
         println!("{k:<10} {val}");
     }
+}
+
+/// Streams a file (or stdin for "-") to a call: `first`, then the contents in
+/// 1 MiB messages made by `chunk`. The task ends with the read's outcome.
+fn stream_file<T: Send + 'static>(
+    file: String,
+    first: Option<T>,
+    chunk: impl Fn(Vec<u8>) -> T + Send + 'static,
+) -> (
+    tokio_stream::wrappers::ReceiverStream<T>,
+    tokio::task::JoinHandle<Result<()>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let reader = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        if let Some(f) = first {
+            if tx.send(f).await.is_err() {
+                return Ok(());
+            }
+        }
+        let mut input: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if file == "-" {
+            Box::new(tokio::io::stdin())
+        } else {
+            Box::new(
+                tokio::fs::File::open(&file)
+                    .await
+                    .with_context(|| format!("opening {file}"))?,
+            )
+        };
+        loop {
+            let mut buf = vec![0u8; 1 << 20];
+            let n = input.read(&mut buf).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.truncate(n);
+            if tx.send(chunk(buf)).await.is_err() {
+                return Ok(());
+            }
+        }
+    });
+    (tokio_stream::wrappers::ReceiverStream::new(rx), reader)
 }

@@ -98,31 +98,16 @@ impl Host {
     }
 
     pub async fn with_args(extra_args: Vec<String>) -> Host {
-        SWEEP.call_once(sweep_leftovers);
-        let id = format!(
-            "ft{}x{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        );
-        let dir = Path::new(ROOT).join(&id);
-        cleanup(&id);
-        std::fs::create_dir_all(&dir).expect("creating test dir");
-        run_ok("ip", &["netns", "add", &id]);
-        run_ok("ip", &["-n", &id, "link", "set", "lo", "up"]);
-        let mut h = Host {
-            id,
-            dir,
-            agent: None,
-            extra_args,
-            bridge_cidr: BRIDGE_CIDR.into(),
-        };
-        h.start_agent().await;
-        h
+        Self::make(None, BRIDGE_CIDR, extra_args).await
     }
 
     /// A host whose bridge is plugged into `lan`, with bridge address `addr`
     /// (e.g. "10.77.0.11/16").
     pub async fn on_lan(lan: &Lan, addr: &str, extra_args: Vec<String>) -> Host {
+        Self::make(Some(lan), addr, extra_args).await
+    }
+
+    async fn make(lan: Option<&Lan>, bridge_cidr: &str, mut extra_args: Vec<String>) -> Host {
         SWEEP.call_once(sweep_leftovers);
         let id = format!(
             "ft{}x{}",
@@ -134,21 +119,23 @@ impl Host {
         std::fs::create_dir_all(&dir).expect("creating test dir");
         run_ok("ip", &["netns", "add", &id]);
         run_ok("ip", &["-n", &id, "link", "set", "lo", "up"]);
-        run_ok(
-            "ip",
-            &[
-                "link", "add", &id, "type", "veth", "peer", "name", "uplink", "netns", &id,
-            ],
-        );
-        run_ok("ip", &["link", "set", &id, "master", &lan.id, "up"]);
-        let mut args = vec!["--uplink".to_string(), "uplink".to_string()];
-        args.extend(extra_args);
+        if let Some(lan) = lan {
+            // The host's LAN port ("uplink" inside, named like the host outside).
+            run_ok(
+                "ip",
+                &[
+                    "link", "add", &id, "type", "veth", "peer", "name", "uplink", "netns", &id,
+                ],
+            );
+            run_ok("ip", &["link", "set", &id, "master", &lan.id, "up"]);
+            extra_args.splice(0..0, ["--uplink".to_string(), "uplink".to_string()]);
+        }
         let mut h = Host {
             id,
             dir,
             agent: None,
-            extra_args: args,
-            bridge_cidr: addr.into(),
+            extra_args,
+            bridge_cidr: bridge_cidr.into(),
         };
         h.start_agent().await;
         h
@@ -526,4 +513,25 @@ pub fn running(v: &pb::Vps) -> bool {
 }
 pub fn stopped(v: &pb::Vps) -> bool {
     v.status == pb::VpsStatus::Stopped as i32
+}
+
+/// `ferryctl --agent <h> ARGS`: exit code, stdout, stderr.
+pub fn ferryctl(h: &Host, args: &[&str]) -> (i32, String, String) {
+    let bin = std::path::Path::new(AGENT).with_file_name("ferryctl");
+    assert!(
+        bin.exists(),
+        "{} missing: build the workspace first (scripts/test.sh does)",
+        bin.display()
+    );
+    let o = Command::new(bin)
+        .arg("--agent")
+        .arg(format!("unix:{}", h.sock().display()))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
 }
