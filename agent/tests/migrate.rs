@@ -419,3 +419,71 @@ async fn failures_before_the_decision_leave_the_vps_on_the_source() {
     })
     .await;
 }
+
+/// The source agent dies right after the freeze (the dump is done, nothing is
+/// decided). Its successor finds the journal, settles "stay", has the target
+/// drop its copy and brings the VPS back from its images. The VPS runs exactly
+/// once, on the source: the decision point was never reached, so the target
+/// never let its copy run.
+#[tokio::test(flavor = "multi_thread")]
+async fn source_agent_killed_after_the_freeze_runs_the_vps_once_on_the_source() {
+    bounded(240, async {
+        let _heavy = HEAVY.lock().await;
+        let lan = Lan::new();
+        let mut a = Host::on_lan(&lan, "10.77.0.31/16", vec![]).await;
+        let mut b = Host::on_lan(&lan, "10.77.0.32/16", vec![]).await;
+        let mut ca = a.client().await;
+        let name = format!("ms{}", std::process::id());
+        create_started(&mut ca, spec(&name, Some("10.77.6.10"))).await;
+        start_counter(&mut ca, &name).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = counter(&mut ca, &name).await;
+
+        let mut s = ca
+            .migrate_vps(pb::MigrateVpsRequest {
+                name: name.clone(),
+                target_addr: format!("unix:{}", b.sock().display()),
+                ..Default::default()
+            })
+            .await
+            .expect("migrate")
+            .into_inner();
+        let a_pid = a.agent_pid().expect("agent pid");
+        let mut killed = false;
+        while let Some(Ok(ev)) = s.next().await {
+            // The final rootfs pass starts once the dump has finished.
+            if ev.phase == "final-rootfs" {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(a_pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                killed = true;
+                break;
+            }
+            assert!(!ev.done, "the migration ended before the freeze: {ev:?}");
+        }
+        assert!(killed, "never saw the freeze end");
+        a.kill_agent();
+        a.start_agent().await;
+        let mut ca = a.client().await;
+        let v = wait_for(&mut ca, &name, 30, "running again on the source", running).await;
+        assert!(v.init_pid > 0);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let after = counter(&mut ca, &name).await;
+        assert!(
+            after > before,
+            "resumed from its memory: {before} -> {after}"
+        );
+        assert!(a
+            .agent_log()
+            .contains("resumed here from its migration images"));
+        // The target was told to drop its copy (no restart of its agent needed).
+        assert!(
+            !b.data_dir().join("vps").join(&name).exists(),
+            "the target still holds the arriving VPS"
+        );
+        assert_target_clean(&mut b, &name).await;
+        stop(&mut ca, &name, 0, true).await;
+    })
+    .await;
+}

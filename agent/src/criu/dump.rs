@@ -37,6 +37,13 @@ pub struct DumpRequest<'a> {
     pub log_level: i32,
 }
 
+/// The console pipe of init `pid` as CRIU names it (`pipe:[INODE]`), or "".
+pub fn console_key(pid: i32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/fd/1"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 pub fn dump(criu: &Path, req: &DumpRequest<'_>) -> Result<DumpFacts, CriuError> {
     let netns = std::fs::metadata(format!("/proc/{}/ns/net", req.pid))
         .map_err(|e| CriuError::Failed {
@@ -44,9 +51,7 @@ pub fn dump(criu: &Path, req: &DumpRequest<'_>) -> Result<DumpFacts, CriuError> 
             msg: format!("VPS init {} is gone ({e})", req.pid),
         })?
         .ino();
-    let console_key = std::fs::read_link(format!("/proc/{}/fd/1", req.pid))
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let console_key = console_key(req.pid);
     let dir = nix::fcntl::open(
         req.images,
         OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,

@@ -12,6 +12,7 @@ use ferry_proto::agent::v1::agent_service_client::AgentServiceClient;
 use futures::StreamExt;
 use tracing::Instrument;
 
+use super::migrate_recover::Journal;
 use super::start::Resume;
 use super::{Agent, VpsRecord};
 use crate::error::{AgentError, Result};
@@ -20,10 +21,11 @@ struct AgentSource {
     agent: Arc<Agent>,
     rec: VpsRecord,
     scratch: PathBuf,
-    /// Node-local use: this agent owns the VPS, and the first decision stands.
-    /// (In a cluster the owner is the controller's Raft log; that path is not
-    /// built yet, so controller-managed VPSes are refused in `migrate_out`.)
-    decided: std::sync::Mutex<Option<bool>>,
+    /// Node-local use: this agent owns the VPS, and the first decision stands;
+    /// the journal keeps it (and what a recovery needs) across a crash. (In a
+    /// cluster the owner is the controller's Raft log; that path is not built
+    /// yet, so controller-managed VPSes are refused in `migrate_out`.)
+    journal: std::sync::Mutex<Journal>,
     /// The VPS's lock, held from the dump to the outcome.
     frozen: tokio::sync::Mutex<Option<tokio::sync::OwnedMutexGuard<()>>>,
 }
@@ -59,12 +61,26 @@ impl Source for AgentSource {
     async fn dump(&self, images: &Path) -> std::result::Result<String, String> {
         let name = &self.rec.config.name;
         let guard = self.agent.lock_for(name).lock_owned().await;
+        // Journal first: if this agent dies during the dump, its successor
+        // knows the VPS may be frozen and how to bring it back.
+        let pid = match self.agent.status(name) {
+            super::Status::Running(st) => st.init_pid,
+            _ => return Err(format!("VPS {name} is not running")),
+        };
+        self.journal_update(|j| {
+            j.console_key = crate::criu::dump::console_key(pid);
+            j.frozen = true;
+        })?;
         let key = self
             .agent
             .dump_locked(name, images, false)
             .await
             .map(|f| f.console_key)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| {
+                // CRIU resumed the VPS: it was never stopped.
+                let _ = self.journal_update(|j| j.frozen = false);
+                e.to_string()
+            })?;
         // Keep the VPS's lock until the outcome: nothing (the exit watcher
         // included) touches the old run's kernel objects inside the frozen window.
         *self.frozen.lock().await = Some(guard);
@@ -97,8 +113,17 @@ impl Source for AgentSource {
         }
     }
     async fn decide(&self, commit: bool) -> std::result::Result<bool, String> {
-        let mut d = self.decided.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(*d.get_or_insert(commit))
+        let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = j.decision {
+            return Ok(d);
+        }
+        j.decision = Some(commit);
+        // Durable before anyone acts on it.
+        if let Err(e) = j.save(&self.scratch) {
+            j.decision = None;
+            return Err(e.to_string());
+        }
+        Ok(commit)
     }
     async fn release(&self) -> std::result::Result<(), String> {
         drop(self.frozen.lock().await.take());
@@ -106,6 +131,14 @@ impl Source for AgentSource {
             .destroy(&self.rec.config.name, true)
             .await
             .map_err(|e| e.to_string())
+    }
+}
+
+impl AgentSource {
+    fn journal_update(&self, f: impl FnOnce(&mut Journal)) -> std::result::Result<(), String> {
+        let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut j);
+        j.save(&self.scratch).map_err(|e| e.to_string())
     }
 }
 
@@ -176,11 +209,22 @@ impl Agent {
                 return Err(e);
             }
         };
+        let journal = Journal {
+            migration_id: id.clone(),
+            name: req.name.clone(),
+            target_addr: req.target_addr.clone(),
+            ..Default::default()
+        };
+        if let Err(e) = journal.save(&scratch) {
+            self.end_migrating(&req.name);
+            let _ = std::fs::remove_dir_all(&scratch);
+            return Err(e);
+        }
         let src = Arc::new(AgentSource {
             agent: Arc::clone(self),
             rec,
             scratch: scratch.clone(),
-            decided: Default::default(),
+            journal: std::sync::Mutex::new(journal),
             frozen: Default::default(),
         });
         let job = Job {

@@ -8,6 +8,7 @@ mod destroy;
 mod exec;
 mod migrate_in;
 mod migrate_out;
+mod migrate_recover;
 mod query;
 mod restore;
 mod set;
@@ -144,6 +145,7 @@ impl Agent {
         agent.sweep_work();
         agent.sweep_incoming().await;
         agent.adopt().await?;
+        agent.recover_migrations().await;
         Ok(agent)
     }
 

@@ -1,0 +1,163 @@
+//! The source's migration journal, and recovery from it when the source agent
+//! died mid-migration.
+//!
+//! Node-local migrations are decided by the source agent, so the decision must
+//! outlive it: `migrate-<id>/journal.json` records the target, the console key
+//! and whether the VPS was frozen *before* the dump, and the decision *before*
+//! anyone acts on it. At start the agent reads every journal left behind:
+//! - the VPS runs: it was never frozen, or CRIU resumed it: nothing to do;
+//! - frozen, no decision (or "stay"): settle "stay", tell the target to drop
+//!   its copy, and bring the VPS back here from its images;
+//! - decided "move": the VPS is the target's; it stays stopped here, so it
+//!   never runs twice (the target lets it run, or gives it up after its hold
+//!   timeout: then an operator restarts it from its files).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_proto::agent::v1 as pb;
+use serde::{Deserialize, Serialize};
+
+use super::start::Resume;
+use super::Agent;
+use crate::error::{AgentError, Result};
+
+const JOURNAL: &str = "journal.json";
+/// How long recovery waits for a CRIU dump the dead agent started.
+const CRIU_WAIT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(super) struct Journal {
+    pub migration_id: String,
+    pub name: String,
+    pub target_addr: String,
+    pub console_key: String,
+    /// Set before the dump starts.
+    pub frozen: bool,
+    /// Some(true): moved to the target; Some(false): stays here.
+    pub decision: Option<bool>,
+}
+
+impl Journal {
+    pub fn save(&self, scratch: &Path) -> Result<()> {
+        let json =
+            serde_json::to_vec_pretty(self).map_err(|e| AgentError::Internal(e.to_string()))?;
+        let p = scratch.join(JOURNAL);
+        crate::runtime::write_atomic(&p, &json)
+            .map_err(|e| AgentError::io(format!("writing {}", p.display()), e))?;
+        // The decision must survive a crash of the whole node, not only of the agent.
+        std::fs::File::open(scratch)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| AgentError::io("syncing the migration journal", e))
+    }
+
+    fn load(scratch: &Path) -> Option<Journal> {
+        serde_json::from_slice(&std::fs::read(scratch.join(JOURNAL)).ok()?).ok()
+    }
+}
+
+impl Agent {
+    /// Settles every migration an earlier agent left unfinished (see the module doc).
+    pub(super) async fn recover_migrations(self: &Arc<Self>) {
+        let Ok(rd) = std::fs::read_dir(self.paths.data_dir.join("work")) else {
+            return;
+        };
+        let dirs: Vec<PathBuf> = rd
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("migrate-"))
+            .map(|e| e.path())
+            .collect();
+        for dir in dirs {
+            if let Some(j) = Journal::load(&dir) {
+                let span =
+                    tracing::info_span!("recover", vps = %j.name, migration = %j.migration_id);
+                let _e = span.enter();
+                if let Err(e) = self.recover_one(&dir, j).await {
+                    tracing::error!(error = %e, "recovering an interrupted migration");
+                }
+            }
+            crate::criu::clear_leftover_mounts(&dir.join("images"));
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+
+    async fn recover_one(self: &Arc<Self>, dir: &Path, mut j: Journal) -> Result<()> {
+        let images = dir.join("images");
+        wait_for_criu(&images).await;
+        let rec = self.record(&j.name)?;
+        if !j.frozen || self.status(&j.name).is_running() {
+            return Ok(());
+        }
+        if j.decision == Some(true) {
+            tracing::warn!(
+                target = %j.target_addr,
+                "the VPS was handed to the target before this agent stopped; it stays stopped here"
+            );
+            return Ok(());
+        }
+        j.decision = Some(false);
+        j.save(dir)?;
+        self.drop_remote_copy(&j).await;
+        let lock = self.lock_for(&j.name);
+        let _g = lock.lock().await;
+        self.teardown(&j.name).await?;
+        let r = Resume {
+            images,
+            console_key: j.console_key.clone(),
+            hold: false,
+        };
+        match self.bring_up(&rec, Some(&r)).await {
+            Ok(_) => {
+                self.watch(&j.name);
+                tracing::warn!("the VPS was resumed here from its migration images");
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.teardown(&j.name).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Best effort: the target removes what it got (it would time out anyway).
+    async fn drop_remote_copy(&self, j: &Journal) {
+        let Ok(addr) = j.target_addr.parse::<ferry_proto::addr::Addr>() else {
+            return;
+        };
+        let call = async {
+            let ch = ferry_proto::addr::connect(&addr).await.ok()?;
+            let mut c = pb::agent_service_client::AgentServiceClient::new(ch);
+            c.migrate_finish(pb::MigrateFinishRequest {
+                migration_id: j.migration_id.clone(),
+                commit: false,
+                generation: 0,
+            })
+            .await
+            .ok()
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), call).await;
+    }
+}
+
+/// Waits while some process (a CRIU dump the dead agent started) still has
+/// files open under `images`.
+async fn wait_for_criu(images: &Path) {
+    let end = Instant::now() + CRIU_WAIT;
+    while Instant::now() < end && open_under(images) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn open_under(dir: &Path) -> bool {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    procs.flatten().any(|p| {
+        std::fs::read_dir(p.path().join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t.starts_with(dir)))
+    })
+}
