@@ -239,16 +239,18 @@ async fn live_migration_keeps_processes_files_ip_and_tcp() {
         let sum = r.stdout.split_whitespace().next().unwrap_or("").to_string();
         let before = counter(&mut ca, &name).await;
 
-        let mut phases = Vec::new();
-        let ev = migrate(&mut ca, &name, &b, |e| phases.push(e.phase.clone())).await;
-        assert!(
-            ev.error.is_empty(),
-            "migration failed: {ev:?}\nA: {}\nB: {}",
+        // As an operator does it: ferryctl on the source's agent.
+        let target = format!("unix:{}", b.sock().display());
+        let (code, out, err) =
+            ferryctl(&a, &["vps", "migrate", &name, "--to", &target, "--verify"]);
+        assert_eq!(
+            code,
+            0,
+            "migration failed: {out}{err}\nA: {}\nB: {}",
             a.agent_log(),
             b.agent_log()
         );
-        assert_eq!(ev.mode, "stop-copy");
-        assert!(ev.downtime_ms > 0 && ev.downtime_ms < 5000, "{ev:?}");
+        // The per-phase table (phase, ms, bytes), then mode, downtime and total.
         for p in [
             "preflight",
             "rootfs",
@@ -258,17 +260,27 @@ async fn live_migration_keeps_processes_files_ip_and_tcp() {
             "verify",
             "restore",
             "commit",
-            "done",
+            "resume",
+            "cleanup",
         ] {
             assert!(
-                phases.iter().any(|x| x == p),
-                "phase {p} missing: {phases:?}"
+                out.lines().any(|l| l.split_whitespace().next() == Some(p)),
+                "phase {p} missing:\n{out}"
             );
         }
-        eprintln!(
-            "downtime {} ms, total {} ms, phases {:?}",
-            ev.downtime_ms, ev.total_ms, ev.phases
+        let summary = out.lines().last().unwrap_or_default();
+        assert!(
+            summary.starts_with("migrated (stop-copy): downtime "),
+            "{out}"
         );
+        let downtime: u64 = summary
+            .split("downtime ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .expect("downtime in ms");
+        assert!(downtime > 0 && downtime < 5000, "{out}");
+        eprintln!("{out}");
 
         // Gone from A, running on B with the same processes.
         let e = ca

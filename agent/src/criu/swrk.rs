@@ -72,10 +72,6 @@ impl Swrk {
         Ok(Swrk { child, sock: ours })
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     pub fn send(&self, req: &Req) -> Result<(), CriuError> {
         let buf = req.encode_to_vec();
         nix::sys::socket::send(self.sock.as_raw_fd(), &buf, MsgFlags::empty())

@@ -52,9 +52,6 @@ impl Source for AgentSource {
             .map(|i| i.version.clone())
             .unwrap_or_default()
     }
-    fn lazy_pages(&self) -> bool {
-        self.agent.criu.info.as_ref().is_ok_and(|i| i.lazy_pages)
-    }
     fn dirty_tracking(&self) -> bool {
         self.agent.criu.info.as_ref().is_ok_and(|i| i.mem_track)
     }

@@ -22,10 +22,12 @@ pub async fn push(
         images.to_path_buf(),
         None,
         Default::default(),
+        p,
+        "images",
     )
     .await
     .map_err(MigrateError::at("images"))?;
-    p.bytes("images", st.wire_bytes, st.wire_bytes).await;
+    p.bytes("images", st.raw_bytes, st.raw_bytes).await;
     p.done_phase("images", st.wire_bytes);
     Ok(())
 }

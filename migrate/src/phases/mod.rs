@@ -42,7 +42,6 @@ pub trait Source: Send + Sync {
     /// A scratch dir for the images.
     fn scratch(&self) -> PathBuf;
     fn criu_version(&self) -> String;
-    fn lazy_pages(&self) -> bool;
     fn dirty_tracking(&self) -> bool;
     /// Freezes and dumps the VPS into `images`; on success the source copy has
     /// ended. Returns the console pipe key the restore needs.

@@ -24,7 +24,6 @@ pub async fn run(
         .migrate_prepare(pb::MigratePrepareRequest {
             migration_id: job.id.clone(),
             spec: Some(spec),
-            mac: String::new(),
             live,
             criu_version: src.criu_version(),
             cpu_flags: if live { cpu_flags() } else { Vec::new() },

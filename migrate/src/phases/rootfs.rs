@@ -3,6 +3,8 @@
 //! block). Also the generic tree push the images use, and verify mode.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use ferry_proto::agent::v1 as pb;
 use ferry_proto::agent::v1::agent_service_client::AgentServiceClient;
@@ -48,18 +50,22 @@ impl RootfsSync {
             self.root.clone(),
             self.prev.take(),
             std::mem::take(&mut self.hashes),
+            p,
+            phase,
         )
         .await
         .map_err(MigrateError::at(phase))?;
         self.prev = Some(m);
         self.hashes = h;
-        p.bytes(phase, st.wire_bytes, st.wire_bytes).await;
+        p.bytes(phase, st.raw_bytes, st.raw_bytes).await;
         p.done_phase(phase, st.wire_bytes);
         Ok(st)
     }
 }
 
-/// Sends `root` (or what changed in it since `prev`) as `area` of migration `id`.
+/// Sends `root` (or what changed in it since `prev`) as `area` of migration
+/// `id`, reporting bytes sent (of the plan's file bytes) under `phase`.
+#[allow(clippy::too_many_arguments)]
 pub async fn push_tree(
     target: &mut AgentServiceClient<Channel>,
     id: &str,
@@ -67,9 +73,14 @@ pub async fn push_tree(
     root: PathBuf,
     prev: Option<Manifest>,
     mut hashes: BlockHashes,
+    p: &Progress,
+    phase: &str,
 ) -> Result<(Manifest, BlockHashes, SendStats), String> {
     let (tx, rx) = mpsc::channel::<pb::MigrateChunk>(8);
     let (id2, area2) = (id.to_string(), area.to_string());
+    // (bytes read so far, bytes the plan will read), shared with the sender thread.
+    let counts = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+    let c2 = Arc::clone(&counts);
     let producer = tokio::task::spawn_blocking(move || {
         let chunk = |items| pb::MigrateChunk {
             migration_id: id2.clone(),
@@ -78,6 +89,14 @@ pub async fn push_tree(
         };
         let m = scan::scan(&root)?;
         let plan = plan::plan(prev.as_ref(), &m, |x| hashes.has(x));
+        let total: u64 = plan
+            .sends
+            .iter()
+            .filter_map(|(path, _)| m.entries.get(path))
+            .filter(|e| e.kind == ferry_proto::agent::v1::tree_entry::Kind::File)
+            .map(|e| e.size)
+            .sum();
+        c2.1.store(total, Ordering::Relaxed);
         let mut batch = Vec::with_capacity(BATCH_ITEMS);
         let mut bytes = 0usize;
         let mut sent_any = false;
@@ -90,6 +109,7 @@ pub async fn push_tree(
             &mut |it| {
                 if let Some(pb::tree_item::Item::Data(d)) = &it.item {
                     bytes += d.data.len();
+                    c2.0.fetch_add(d.raw_len as u64, Ordering::Relaxed);
                 }
                 batch.push(it);
                 if batch.len() >= BATCH_ITEMS || bytes >= BATCH_BYTES {
@@ -108,9 +128,20 @@ pub async fn push_tree(
         }
         Ok::<_, TreeError>((m, hashes, st))
     });
-    let resp = target
-        .migrate_push(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await;
+    let push = target.migrate_push(tokio_stream::wrappers::ReceiverStream::new(rx));
+    tokio::pin!(push);
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+    let resp = loop {
+        tokio::select! {
+            r = &mut push => break r,
+            _ = tick.tick() => {
+                let (done, total) = (counts.0.load(Ordering::Relaxed), counts.1.load(Ordering::Relaxed));
+                if total > 0 {
+                    p.bytes(phase, done, total).await;
+                }
+            }
+        }
+    };
     let produced = producer.await.map_err(|e| format!("sender thread: {e}"))?;
     resp.map_err(status_msg)?;
     produced.map_err(|e| e.to_string())

@@ -86,14 +86,6 @@ impl Manifest {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
-    /// Bytes of regular-file contents.
-    pub fn file_bytes(&self) -> u64 {
-        self.entries
-            .values()
-            .filter(|m| m.kind == Kind::File)
-            .map(|m| m.size)
-            .sum()
-    }
 }
 
 /// Walks `root` without following symlinks or crossing into other file systems.
