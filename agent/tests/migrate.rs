@@ -63,6 +63,15 @@ async fn checkpoint_and_restore_on_one_node() {
         start_counter(&mut c, &name).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
 
+        // A path that cannot be written fails before the VPS is touched.
+        let (code, _, err) = ferryctl(&h, &["vps", "checkpoint", &name, "--to", "/nonexistent/x"]);
+        assert_ne!(code, 0);
+        assert!(err.contains("/nonexistent/x"), "{err}");
+        assert!(
+            running(&get(&mut c, &name).await),
+            "a failed checkpoint stopped the VPS"
+        );
+
         // As an operator does it: ferryctl streams the archive to a file and back.
         let file = h.dir.join("ck.ferryckpt");
         let file_s = file.to_string_lossy().into_owned();

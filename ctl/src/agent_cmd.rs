@@ -521,22 +521,36 @@ pub async fn vps(c: &mut AgentServiceClient<Channel>, cmd: VpsCmd) -> Result<i32
             leave_running,
         } => {
             let path = to.unwrap_or_else(|| format!("{name}.ferryckpt").into());
-            let mut s = c
-                .checkpoint_vps(pb::CheckpointVpsRequest {
-                    name: name.clone(),
-                    leave_running,
-                    generation: 0,
-                })
-                .await?
-                .into_inner();
-            let mut f = std::fs::File::create(&path)
-                .with_context(|| format!("creating {}", path.display()))?;
-            let mut n = 0u64;
-            while let Some(ch) = s.message().await? {
-                f.write_all(&ch.data)?;
-                n += ch.data.len() as u64;
+            // Open the file before asking: a bad path must fail before the VPS
+            // stops, or its state would have nowhere to go.
+            let mut part = path.clone().into_os_string();
+            part.push(".part");
+            let part = std::path::PathBuf::from(part);
+            let mut f = std::fs::File::create(&part)
+                .with_context(|| format!("creating {}", part.display()))?;
+            let res = async {
+                let mut s = c
+                    .checkpoint_vps(pb::CheckpointVpsRequest {
+                        name: name.clone(),
+                        leave_running,
+                        generation: 0,
+                    })
+                    .await?
+                    .into_inner();
+                let mut n = 0u64;
+                while let Some(ch) = s.message().await? {
+                    f.write_all(&ch.data)?;
+                    n += ch.data.len() as u64;
+                }
+                f.sync_all()?;
+                std::fs::rename(&part, &path)
+                    .with_context(|| format!("renaming to {}", path.display()))?;
+                anyhow::Ok(n)
             }
-            f.sync_all()?;
+            .await;
+            let n = res.inspect_err(|_| {
+                let _ = std::fs::remove_file(&part);
+            })?;
             println!(
                 "checkpointed VPS {name} to {} ({})",
                 path.display(),
