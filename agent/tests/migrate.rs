@@ -120,7 +120,7 @@ async fn checkpoint_and_restore_on_one_node() {
         let after = counter(&mut c, &name).await;
         // The loop resumed from its memory: no restart from 1.
         assert!(after > before, "counter {before} -> {after}");
-        assert_eq!(h.http_get("http://10.77.3.10/").trim(), name);
+        assert_eq!(h.http_get("http://10.77.3.10/").await.trim(), name);
         stop(&mut c, &name, 0, true).await;
     })
     .await;
@@ -232,8 +232,7 @@ async fn live_migration_keeps_processes_files_ip_and_tcp() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let mut tcp = TcpClient::connect(&lan, ip, 7000);
         assert_eq!(tcp.echo("before"), "before");
-        let page = String::from_utf8_lossy(&lan.sh(&format!("curl -s -m 3 http://{ip}/")).stdout)
-            .to_string();
+        let page = lan.http_get(&format!("http://{ip}/")).await;
         assert_eq!(page.trim(), name, "the client reaches the VPS on A");
         let r = exec(
             &mut ca,
@@ -304,8 +303,7 @@ async fn live_migration_keeps_processes_files_ip_and_tcp() {
         assert!(after > before, "counter continued: {before} -> {after}");
         // Same socket, data both ways; same IP serves HTTP from the client.
         assert_eq!(tcp.echo("after"), "after");
-        let page = String::from_utf8_lossy(&lan.sh(&format!("curl -s -m 3 http://{ip}/")).stdout)
-            .to_string();
+        let page = lan.http_get(&format!("http://{ip}/")).await;
         assert_eq!(page.trim(), name);
         let r = exec(&mut cb, &name, &["sha256sum", "/root/blob"]).await;
         assert!(

@@ -22,7 +22,7 @@ async fn sigkilled_agent_leaves_vpses_running_and_readopts_them() {
         h.kill_agent();
         // With no agent at all, the VPSes run and serve.
         assert!(std::path::Path::new(&format!("/proc/{}", a.init_pid)).exists());
-        assert_eq!(h.http_get("http://10.77.0.31/").trim(), "kb");
+        assert_eq!(h.http_get("http://10.77.0.31/").await.trim(), "kb");
 
         h.start_agent().await;
         let mut c = h.client().await;
@@ -84,7 +84,7 @@ async fn autostart_vps_comes_back_after_a_host_reboot() {
             stopped(&get(&mut c, "manual1").await),
             "only autostart VPSes come back"
         );
-        assert_eq!(h.http_get("http://10.77.0.40/").trim(), "auto1");
+        assert_eq!(h.http_get("http://10.77.0.40/").await.trim(), "auto1");
         // A plain agent restart (no reboot) does not start stopped VPSes.
         stop(&mut c, "auto1", 0, true).await;
         h.kill_agent();

@@ -76,13 +76,9 @@ impl Lan {
         }
     }
 
-    /// A shell command on the client host.
-    pub fn sh(&self, cmd: &str) -> Output {
-        Command::new("nsenter")
-            .arg(format!("--net={}", self.client))
-            .args(["--", "/bin/sh", "-c", cmd])
-            .output()
-            .expect("nsenter")
+    /// An HTTP GET from the client host (see [`Host::http_get`]).
+    pub async fn http_get(&self, url: &str) -> String {
+        http_get_in(&self.client, url).await
     }
 }
 
@@ -229,10 +225,11 @@ impl Host {
             .expect("nsenter")
     }
 
-    /// An HTTP GET from this host's network namespace; the body, or "" on failure.
-    pub fn http_get(&self, url: &str) -> String {
-        let o = self.sh(&format!("curl -s -m 3 {url}"));
-        String::from_utf8_lossy(&o.stdout).into_owned()
+    /// An HTTP GET from this host's network namespace; the body, or "" if
+    /// nothing answered within 5 s (a VPS's init starts httpd a moment after
+    /// the VPS reports running, later still on a loaded machine).
+    pub async fn http_get(&self, url: &str) -> String {
+        http_get_in(&self.netns_path(), url).await
     }
 
     pub fn instance(&self) -> String {
@@ -534,4 +531,20 @@ pub fn ferryctl(h: &Host, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&o.stdout).into(),
         String::from_utf8_lossy(&o.stderr).into(),
     )
+}
+
+/// curl from the network namespace at `netns`, retried for 5 s while nothing answers.
+async fn http_get_in(netns: &str, url: &str) -> String {
+    for _ in 0..50 {
+        let o = Command::new("nsenter")
+            .arg(format!("--net={netns}"))
+            .args(["--", "curl", "-s", "-m", "3", url])
+            .output()
+            .expect("nsenter");
+        if !o.stdout.is_empty() {
+            return String::from_utf8_lossy(&o.stdout).into_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    String::new()
 }
