@@ -78,6 +78,11 @@ async fn leader_failover_keeps_every_acknowledged_write_and_restart_restores_all
     let mut c = cl.replicas[0].client().await;
     wait_leader(&mut c).await;
     let nodes = list_nodes(&mut c).await;
+    let missing: Vec<&String> = acked
+        .iter()
+        .filter(|a| !nodes.iter().any(|n| &n.name == *a))
+        .collect();
+    assert!(missing.is_empty(), "lost in a full restart: {missing:?}");
     assert_eq!(nodes.len(), acked.len(), "state after a full restart");
     let st = cl.status(0).await.unwrap();
     assert_eq!(st.members.len(), 3);

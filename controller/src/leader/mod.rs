@@ -66,7 +66,10 @@ pub(crate) async fn leading(ctl: &Controller) -> bool {
     let Ok(m) = ctl.member().await else {
         return false;
     };
-    let leads = m.raft.metrics().borrow().current_leader == Some(m.id);
+    // A leader acts on its state only once that state holds every
+    // acknowledged write (a fresh leader may still be applying them).
+    let leads =
+        m.raft.metrics().borrow().current_leader == Some(m.id) && m.read_barrier().await.is_ok();
     let mut since = ctl.leader.since.lock().unwrap_or_else(|p| p.into_inner());
     match (leads, since.is_some()) {
         (true, false) => *since = Some(Instant::now()),
