@@ -15,6 +15,13 @@ pub enum ControllerError {
     /// This replica is not the leader and could not reach it.
     #[error("no leader reachable: {0}")]
     Unavailable(String),
+    /// An agent refused or failed a call; its code is kept.
+    #[error("node {node}: {message}")]
+    Agent {
+        node: String,
+        code: tonic::Code,
+        message: String,
+    },
 }
 
 impl ControllerError {
@@ -40,6 +47,7 @@ impl From<ControllerError> for tonic::Status {
                 RejectCode::FailedPrecondition => Status::failed_precondition(msg),
             },
             ControllerError::Unavailable(_) => Status::unavailable(msg),
+            ControllerError::Agent { code, .. } => Status::new(code, msg),
             ControllerError::Storage(_) | ControllerError::Raft(_) => Status::internal(msg),
         }
     }

@@ -52,6 +52,8 @@ pub struct PlacementReq<'a> {
     pub cpu_millicores: u64,
     pub memory_bytes: u64,
     pub pin_node: &'a str,
+    /// A node that may not take it (a migrating VPS's own).
+    pub exclude_node: &'a str,
     pub node_selector: &'a BTreeMap<String, String>,
     pub anti_affinity_group: &'a str,
 }
@@ -87,6 +89,9 @@ fn reject_reason(
     }
     if !r.pin_node.is_empty() && r.pin_node != n.name {
         return Some(format!("not the requested node {}", r.pin_node));
+    }
+    if r.exclude_node == n.name {
+        return Some("the VPS is there already".into());
     }
     for (k, v) in r.node_selector {
         if n.labels.get(k) != Some(v) {

@@ -4,6 +4,7 @@
 
 mod events;
 pub(crate) mod members;
+mod migrate;
 mod nodes;
 mod vps;
 
@@ -123,6 +124,21 @@ impl ControllerService for Api {
         ))
     }
     type WatchEventsStream = events::EventStream;
+    type MigrateVpsStream = migrate::MigrationStream;
+
+    async fn migrate_vps(&self, req: Request<cpb::MigrateVpsRequest>) -> R<Self::MigrateVpsStream> {
+        Ok(Response::new(
+            migrate::migrate(&self.ctl, req.into_inner()).await?,
+        ))
+    }
+    async fn decide_migration(
+        &self,
+        req: Request<cpb::DecideMigrationRequest>,
+    ) -> R<cpb::DecideMigrationResponse> {
+        Ok(Response::new(
+            migrate::decide(&self.ctl, req.into_inner()).await?,
+        ))
+    }
 
     async fn watch_events(
         &self,

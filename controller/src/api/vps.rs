@@ -26,6 +26,14 @@ pub(crate) fn to_pb(v: &VpsRecord) -> cpb::ClusterVps {
         generation: v.generation,
         placement_reason: v.placement_reason.clone(),
         created_unix_ms: v.created_ms,
+        migration: v.migration.as_ref().map(|m| cpb::Migration {
+            id: m.id.clone(),
+            source: v.node.clone(),
+            target: m.target.clone(),
+            mode: m.mode.clone(),
+            phase: m.phase.clone(),
+            started_unix_ms: m.started_ms,
+        }),
     }
 }
 
@@ -95,6 +103,7 @@ fn precheck(s: &ClusterState, cmd: &VpsCmd) -> Result<(), ControllerError> {
         cpu_millicores: spec.cpu_millicores as u64,
         memory_bytes: spec.memory_bytes,
         pin_node,
+        exclude_node: "",
         node_selector,
         anti_affinity_group,
     };

@@ -62,6 +62,11 @@ pub fn plan(s: &ClusterState, seen: &HashMap<String, super::Seen>) -> Vec<Step> 
         if node.down {
             continue;
         }
+        // A migrating VPS belongs to its migration: its agents move it and
+        // settle the outcome; acting on either node now would race them.
+        if v.migration.is_some() {
+            continue;
+        }
         let action = match (report.vps.get(&v.spec.name), v.desired) {
             (None, d) => Some(Action::Create {
                 spec: Box::new(v.spec.to_pb(v.generation)),
@@ -98,7 +103,8 @@ pub fn plan(s: &ClusterState, seen: &HashMap<String, super::Seen>) -> Vec<Step> 
         }
         for (name, (generation, _)) in &report.vps {
             let ours = s.vps.get(name).is_some_and(|v| &v.node == node_name);
-            if *generation > 0 && !ours {
+            let migrating = s.vps.get(name).is_some_and(|v| v.migration.is_some());
+            if *generation > 0 && !ours && !migrating {
                 steps.push(Step {
                     node_addr: node.addr.clone(),
                     vps: name.clone(),
@@ -333,6 +339,18 @@ mod tests {
             )),
             [("old".to_string(), "destroy")]
         );
+        // Migrating: hands off, on the source and on the target.
+        let mut moving = s.clone();
+        moving.vps.get_mut("v").unwrap().migration = Some(crate::state::Migration {
+            id: "m1".into(),
+            target: "b".into(),
+            mode: "stop-copy".into(),
+            phase: "rootfs".into(),
+            generation: 1,
+            started_ms: 0,
+        });
+        assert!(plan(&moving, &seen(&[("v", 1, "stopped")])).is_empty());
+        assert!(plan(&moving, &seen(&[])).is_empty());
         // No report from the node yet, or the node down: nothing.
         assert!(plan(&s, &HashMap::new()).is_empty());
         let mut down = s.clone();

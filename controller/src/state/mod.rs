@@ -6,6 +6,7 @@
 pub mod events;
 pub mod ippool;
 pub mod members;
+pub mod migration;
 pub mod nodes;
 pub mod vps;
 
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 pub use events::{Event, EventLog};
 pub use ippool::IpPool;
 pub use members::Members;
+pub use migration::{Migration, MigrationCmd, Outcome};
 pub use nodes::{Capacity, NodeCmd, NodeRecord, NodeUsage};
 pub use vps::{Desired, LimitsUpdate, VpsCmd, VpsRecord, VpsSpecData};
 
@@ -56,6 +58,7 @@ pub struct NodeAlloc {
 pub enum Request {
     Node(NodeCmd),
     Vps(VpsCmd),
+    Migration(MigrationCmd),
     Member(members::MemberCmd),
     /// Cluster settings, proposed once at bootstrap.
     Configure {
@@ -114,8 +117,17 @@ impl ClusterState {
         }
     }
 
+    /// Counts a VPS on its node, and on its migration's target too (the room
+    /// it needs there is held while it moves).
     pub(crate) fn index_add(&mut self, v: &VpsRecord) {
-        let a = self.alloc.entry(v.node.clone()).or_default();
+        self.index_add_on(&v.node.clone(), v);
+        if let Some(m) = &v.migration {
+            self.index_add_on(&m.target.clone(), v);
+        }
+    }
+
+    fn index_add_on(&mut self, node: &str, v: &VpsRecord) {
+        let a = self.alloc.entry(node.to_string()).or_default();
         a.cpu_millicores += v.spec.cpu_millicores as u64;
         a.memory_bytes += v.spec.memory_bytes;
         a.count += 1;
@@ -125,7 +137,14 @@ impl ClusterState {
     }
 
     pub(crate) fn index_remove(&mut self, v: &VpsRecord) {
-        if let Some(a) = self.alloc.get_mut(&v.node) {
+        self.index_remove_on(&v.node, v);
+        if let Some(m) = &v.migration {
+            self.index_remove_on(&m.target, v);
+        }
+    }
+
+    fn index_remove_on(&mut self, node: &str, v: &VpsRecord) {
+        if let Some(a) = self.alloc.get_mut(node) {
             a.cpu_millicores -= v.spec.cpu_millicores as u64;
             a.memory_bytes -= v.spec.memory_bytes;
             a.count -= 1;
@@ -142,6 +161,7 @@ impl ClusterState {
         match req {
             Request::Node(c) => self.apply_node(c),
             Request::Vps(c) => self.apply_vps(c),
+            Request::Migration(c) => self.apply_migration(c),
             Request::Member(c) => self.apply_member(c),
             Request::Batch(reqs) => {
                 Response::Batch(reqs.into_iter().map(|r| self.apply(r)).collect())

@@ -7,6 +7,7 @@ use std::net::Ipv4Addr;
 use ferry_proto::agent::v1 as apb;
 use serde::{Deserialize, Serialize};
 
+use super::migration::{refuse_while_migrating, Migration, Outcome};
 use super::{reject, ClusterState, RejectCode, Response};
 use crate::scheduler::{self, PlacementReq};
 
@@ -114,6 +115,12 @@ pub struct VpsRecord {
     pub placement_reason: String,
     pub anti_affinity_group: String,
     pub created_ms: i64,
+    /// The migration in flight, if any.
+    #[serde(default)]
+    pub migration: Option<Migration>,
+    /// How its last migration ended.
+    #[serde(default)]
+    pub last_migration: Option<Outcome>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -206,6 +213,7 @@ impl ClusterState {
                     cpu_millicores: spec.cpu_millicores as u64,
                     memory_bytes: spec.memory_bytes,
                     pin_node: &pin_node,
+                    exclude_node: "",
                     node_selector: &node_selector,
                     anti_affinity_group: &anti_affinity_group,
                 };
@@ -225,6 +233,8 @@ impl ClusterState {
                     placement_reason: reason,
                     anti_affinity_group,
                     created_ms: now_ms,
+                    migration: None,
+                    last_migration: None,
                 };
                 self.events.push(
                     now_ms,
@@ -242,6 +252,9 @@ impl ClusterState {
                 now_ms,
             } => match self.vps.get_mut(&name) {
                 None => reject(RejectCode::NotFound, format!("VPS {name:?} not found")),
+                Some(v) if v.migration.is_some() && v.desired != desired => {
+                    refuse_while_migrating(v).unwrap_or(Response::Ok)
+                }
                 Some(v) => {
                     if v.desired != desired {
                         v.desired = desired;
@@ -265,6 +278,9 @@ impl ClusterState {
                 let Some(old) = self.vps.get(&name).cloned() else {
                     return reject(RejectCode::NotFound, format!("VPS {name:?} not found"));
                 };
+                if let Some(r) = refuse_while_migrating(&old) {
+                    return r;
+                }
                 let mut new = old.clone();
                 let sp = &mut new.spec;
                 sp.cpu_millicores = limits.cpu_millicores.unwrap_or(sp.cpu_millicores);
@@ -308,9 +324,15 @@ impl ClusterState {
                 }
                 Response::Ok
             }
-            VpsCmd::Delete { name, now_ms } => match self.vps.remove(&name) {
+            VpsCmd::Delete { name, now_ms } => match self.vps.get(&name) {
                 None => reject(RejectCode::NotFound, format!("VPS {name:?} not found")),
-                Some(v) => {
+                Some(v) if v.migration.is_some() => {
+                    refuse_while_migrating(v).unwrap_or(Response::Ok)
+                }
+                Some(_) => {
+                    let Some(v) = self.vps.remove(&name) else {
+                        return Response::Ok;
+                    };
                     self.index_remove(&v);
                     if let Some(ip) = v.spec.ip {
                         self.ip_pool.release(ip);

@@ -1,0 +1,402 @@
+//! Live migrations in the cluster state: a migration is a record on its VPS
+//! with the phase its source agent last reported. Its single decision point
+//! is [`MigrationCmd::Decide`]: one Raft commit either moves the VPS to the
+//! target (a new generation, so the old node's copy is fenced off) or cancels
+//! the migration. Whichever is applied first stands; every later call for the
+//! same migration gets that outcome back, so agents can ask again after a
+//! crash, a timeout or a controller failover.
+//!
+//! While a VPS migrates, the commands that would give its node new work
+//! (desired state, limits, delete) are refused, and the target's capacity
+//! holds the VPS too, so nothing else is placed into the room it needs.
+
+use serde::{Deserialize, Serialize};
+
+use super::{reject, ClusterState, RejectCode, Response, VpsRecord};
+use crate::scheduler::{self, PlacementReq};
+
+/// A migration in flight.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Migration {
+    pub id: String,
+    pub target: String,
+    pub mode: String,
+    pub phase: String,
+    /// The VPS's generation when it began; the move makes it one more.
+    pub generation: u64,
+    pub started_ms: i64,
+}
+
+/// How the last migration of a VPS ended (the decision, kept for retries).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Outcome {
+    pub id: String,
+    pub moved: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum MigrationCmd {
+    /// Records a migration; `target` empty lets the scheduler choose.
+    Begin {
+        name: String,
+        id: String,
+        target: String,
+        mode: String,
+        now_ms: i64,
+    },
+    /// Progress, for operators (no new generation).
+    Phase {
+        name: String,
+        id: String,
+        phase: String,
+    },
+    /// The decision: `commit` moves the VPS, otherwise the migration ends
+    /// with the VPS where it was.
+    Decide {
+        name: String,
+        id: String,
+        commit: bool,
+        reason: String,
+        now_ms: i64,
+    },
+}
+
+/// Why a migration may not begin, or the node it goes to and why there.
+pub fn check_begin(
+    s: &ClusterState,
+    name: &str,
+    target: &str,
+) -> Result<(String, String), (RejectCode, String)> {
+    let v = s
+        .vps
+        .get(name)
+        .ok_or_else(|| (RejectCode::NotFound, format!("VPS {name:?} not found")))?;
+    if let Some(m) = &v.migration {
+        return Err((
+            RejectCode::FailedPrecondition,
+            format!("VPS {name} is already migrating to {} ({})", m.target, m.id),
+        ));
+    }
+    if !target.is_empty() && !s.nodes.contains_key(target) {
+        return Err((
+            RejectCode::NotFound,
+            format!("to_node: node {target:?} not found"),
+        ));
+    }
+    if target == v.node {
+        return Err((
+            RejectCode::FailedPrecondition,
+            format!("to_node: VPS {name} is on {target} already"),
+        ));
+    }
+    match s.nodes.get(&v.node) {
+        Some(n) if n.down => {
+            return Err((
+                RejectCode::FailedPrecondition,
+                format!(
+                    "node {} (where VPS {name} is) is down: a live migration needs its agent",
+                    v.node
+                ),
+            ))
+        }
+        _ => {}
+    }
+    let empty = Default::default();
+    let req = PlacementReq {
+        template: &v.spec.template,
+        cpu_millicores: v.spec.cpu_millicores as u64,
+        memory_bytes: v.spec.memory_bytes,
+        pin_node: target,
+        exclude_node: &v.node,
+        node_selector: &empty,
+        anti_affinity_group: &v.anti_affinity_group,
+    };
+    scheduler::place(s, &req).map_err(|why| (RejectCode::ResourceExhausted, why))
+}
+
+impl ClusterState {
+    pub(super) fn apply_migration(&mut self, c: MigrationCmd) -> Response {
+        match c {
+            MigrationCmd::Begin {
+                name,
+                id,
+                target,
+                mode,
+                now_ms,
+            } => {
+                let (node, why) = match check_begin(self, &name, &target) {
+                    Ok(p) => p,
+                    Err((code, msg)) => return reject(code, msg),
+                };
+                let Some(old) = self.vps.get(&name).cloned() else {
+                    return reject(RejectCode::NotFound, format!("VPS {name:?} not found"));
+                };
+                let mut new = old.clone();
+                new.migration = Some(Migration {
+                    id: id.clone(),
+                    target: node.clone(),
+                    mode,
+                    phase: "starting".into(),
+                    generation: old.generation,
+                    started_ms: now_ms,
+                });
+                self.replace_vps(&old, new.clone());
+                self.events.push(
+                    now_ms,
+                    "vps",
+                    &name,
+                    format!("migration {id} to {node} begins ({why})"),
+                );
+                Response::Vps(Box::new(new))
+            }
+            MigrationCmd::Phase { name, id, phase } => {
+                match self.vps.get_mut(&name).and_then(|v| v.migration.as_mut()) {
+                    Some(m) if m.id == id => {
+                        m.phase = phase;
+                        Response::Ok
+                    }
+                    _ => reject(
+                        RejectCode::FailedPrecondition,
+                        format!("VPS {name} has no migration {id} in flight"),
+                    ),
+                }
+            }
+            MigrationCmd::Decide {
+                name,
+                id,
+                commit,
+                reason,
+                now_ms,
+            } => {
+                let Some(old) = self.vps.get(&name).cloned() else {
+                    return reject(RejectCode::NotFound, format!("VPS {name:?} not found"));
+                };
+                if old.last_migration.as_ref().is_some_and(|o| o.id == id) {
+                    // Decided already: the same answer again.
+                    return Response::Vps(Box::new(old));
+                }
+                let Some(m) = old.migration.clone().filter(|m| m.id == id) else {
+                    return reject(
+                        RejectCode::FailedPrecondition,
+                        format!("VPS {name} has no migration {id} in flight"),
+                    );
+                };
+                let mut new = old.clone();
+                new.migration = None;
+                // Fenced by generation: nothing else changed the VPS meanwhile
+                // (the commands that would are refused while it migrates).
+                let moved = commit && old.generation == m.generation;
+                new.last_migration = Some(Outcome {
+                    id: id.clone(),
+                    moved,
+                });
+                let msg = if moved {
+                    new.generation += 1;
+                    new.node = m.target.clone();
+                    format!(
+                        "migrated from {} to {} ({id}, generation {})",
+                        old.node, m.target, new.generation
+                    )
+                } else if reason.is_empty() {
+                    format!(
+                        "migration {id} to {} cancelled; it stays on {}",
+                        m.target, old.node
+                    )
+                } else {
+                    format!(
+                        "migration {id} to {} cancelled ({reason}); it stays on {}",
+                        m.target, old.node
+                    )
+                };
+                self.replace_vps(&old, new.clone());
+                self.events.push(now_ms, "vps", &name, msg);
+                Response::Vps(Box::new(new))
+            }
+        }
+    }
+
+    /// Swaps a VPS record, keeping the allocation index in step.
+    fn replace_vps(&mut self, old: &VpsRecord, new: VpsRecord) {
+        self.index_remove(old);
+        self.index_add(&new);
+        self.vps.insert(new.spec.name.clone(), new);
+    }
+}
+
+/// The refusal for commands that would give a migrating VPS's node new work.
+pub(super) fn refuse_while_migrating(v: &VpsRecord) -> Option<Response> {
+    v.migration.as_ref().map(|m| {
+        reject(
+            RejectCode::FailedPrecondition,
+            format!(
+                "VPS {} is migrating to {} ({}, phase {}); try again when it ends",
+                v.spec.name, m.target, m.id, m.phase
+            ),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Capacity, Desired, NodeCmd, Request, VpsCmd, VpsSpecData};
+
+    fn node(s: &mut ClusterState, name: &str, mem: u64, templates: &[&str]) {
+        s.apply(Request::Node(NodeCmd::Register {
+            name: name.into(),
+            addr: format!("unix:/{name}.sock"),
+            capacity: Capacity {
+                cpu_millicores: 4000,
+                memory_bytes: mem,
+                disk_bytes: 0,
+            },
+            labels: Default::default(),
+            now_ms: 0,
+        }));
+        s.nodes.get_mut(name).unwrap().templates =
+            Some(templates.iter().map(|t| t.to_string()).collect());
+    }
+
+    fn vps(s: &mut ClusterState, name: &str, on: &str, mem: u64) {
+        let r = s.apply(Request::Vps(VpsCmd::Create {
+            spec: Box::new(VpsSpecData {
+                name: name.into(),
+                template: "busybox".into(),
+                memory_bytes: mem,
+                ..Default::default()
+            }),
+            pin_node: on.into(),
+            node_selector: Default::default(),
+            anti_affinity_group: String::new(),
+            desired: Desired::Running,
+            allocate_ip: false,
+            now_ms: 0,
+        }));
+        assert!(matches!(r, Response::Vps(_)), "{r:?}");
+    }
+
+    fn begin(s: &mut ClusterState, name: &str, id: &str, target: &str) -> Response {
+        s.apply(Request::Migration(MigrationCmd::Begin {
+            name: name.into(),
+            id: id.into(),
+            target: target.into(),
+            mode: "auto".into(),
+            now_ms: 1,
+        }))
+    }
+
+    fn decide(s: &mut ClusterState, name: &str, id: &str, commit: bool) -> Response {
+        s.apply(Request::Migration(MigrationCmd::Decide {
+            name: name.into(),
+            id: id.into(),
+            commit,
+            reason: String::new(),
+            now_ms: 2,
+        }))
+    }
+
+    fn code(r: &Response) -> Option<RejectCode> {
+        match r {
+            Response::Rejected { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn refusals_name_what_is_wrong() {
+        let mut s = ClusterState::default();
+        node(&mut s, "a", 1 << 30, &["busybox"]);
+        node(&mut s, "b", 1 << 30, &["debian"]);
+        node(&mut s, "c", 256 << 20, &["busybox"]);
+        vps(&mut s, "v", "a", 512 << 20);
+        assert_eq!(
+            code(&begin(&mut s, "nope", "m1", "b")),
+            Some(RejectCode::NotFound)
+        );
+        assert_eq!(
+            code(&begin(&mut s, "v", "m1", "zz")),
+            Some(RejectCode::NotFound)
+        );
+        assert_eq!(
+            code(&begin(&mut s, "v", "m1", "a")),
+            Some(RejectCode::FailedPrecondition)
+        );
+        // b lacks the template, c the memory: both named.
+        for t in ["b", "c"] {
+            let r = begin(&mut s, "v", "m1", t);
+            assert_eq!(code(&r), Some(RejectCode::ResourceExhausted), "{r:?}");
+        }
+        let Response::Rejected { message, .. } = begin(&mut s, "v", "m1", "b") else {
+            panic!()
+        };
+        assert!(message.contains("template busybox missing"), "{message}");
+        // Nothing was recorded by any of them.
+        assert!(s.vps["v"].migration.is_none());
+    }
+
+    #[test]
+    fn one_decision_stands_and_moves_ownership_with_a_new_generation() {
+        let mut s = ClusterState::default();
+        node(&mut s, "a", 1 << 30, &["busybox"]);
+        node(&mut s, "b", 1 << 30, &["busybox"]);
+        vps(&mut s, "v", "a", 512 << 20);
+        // No target given: the scheduler picks the other node.
+        let Response::Vps(v) = begin(&mut s, "v", "m1", "") else {
+            panic!()
+        };
+        assert_eq!(v.migration.as_ref().unwrap().target, "b");
+        // The target's room is held: a second VPS of the same size does not
+        // fit on b while v moves there.
+        assert_eq!(s.alloc["b"].memory_bytes, 512 << 20);
+        assert_eq!(
+            code(&begin(&mut s, "v", "m2", "b")),
+            Some(RejectCode::FailedPrecondition)
+        );
+        // Commands that would give a node new work wait.
+        let r = s.apply(Request::Vps(VpsCmd::Delete {
+            name: "v".into(),
+            now_ms: 0,
+        }));
+        assert_eq!(code(&r), Some(RejectCode::FailedPrecondition));
+        // The move commits once; a late cancel gets the same answer.
+        let Response::Vps(v) = decide(&mut s, "v", "m1", true) else {
+            panic!()
+        };
+        assert_eq!((v.node.as_str(), v.generation), ("b", 2));
+        let Response::Vps(again) = decide(&mut s, "v", "m1", false) else {
+            panic!()
+        };
+        assert_eq!(again.node, "b");
+        assert!(again.last_migration.as_ref().unwrap().moved);
+        assert_eq!(s.alloc["a"].memory_bytes, 0);
+        assert_eq!(s.alloc["b"].memory_bytes, 512 << 20);
+
+        // Back to a, cancelled first: a later commit cannot move it.
+        assert!(matches!(begin(&mut s, "v", "m3", "a"), Response::Vps(_)));
+        let Response::Vps(v) = decide(&mut s, "v", "m3", false) else {
+            panic!()
+        };
+        assert_eq!((v.node.as_str(), v.generation), ("b", 2));
+        let Response::Vps(v) = decide(&mut s, "v", "m3", true) else {
+            panic!()
+        };
+        assert_eq!(v.node, "b");
+        assert_eq!(s.alloc["a"].memory_bytes, 0);
+        // An unknown migration gets no answer.
+        assert_eq!(
+            code(&decide(&mut s, "v", "m9", true)),
+            Some(RejectCode::FailedPrecondition)
+        );
+        // The index matches a rebuild from scratch.
+        let mut r = s.clone();
+        r.rebuild_index();
+        let used = |s: &ClusterState| {
+            s.alloc
+                .iter()
+                .filter(|(_, a)| a.count > 0)
+                .map(|(n, a)| (n.clone(), a.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(used(&r), used(&s));
+    }
+}
