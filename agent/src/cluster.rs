@@ -87,3 +87,81 @@ pub fn spawn(agent: Arc<Agent>, link: ClusterLink) -> tokio::task::JoinHandle<()
         }
     })
 }
+
+/// Why no decision came back.
+#[derive(Debug, thiserror::Error)]
+pub enum DecideError {
+    /// The cluster knows no such migration (a definite answer).
+    #[error("the cluster refused the decision: {0}")]
+    Refused(String),
+    /// No controller could answer in time; the outcome is unknown.
+    #[error("no controller could decide: {0}")]
+    NoAnswer(String),
+}
+
+/// The pause between rounds of asking every controller for a decision.
+const DECIDE_RETRY_PAUSE: Duration = Duration::from_millis(300);
+
+/// Asks the controllers for a migration's decision (`commit`: move it to the
+/// target; otherwise cancel it). The first answer Raft applied stands and is
+/// returned: (moved, generation after). While no controller can answer
+/// (down, or no quorum) it keeps asking until `patience` runs out: during that
+/// time the VPS stays frozen, which is the one safe state. A refusal (the
+/// cluster knows no such migration) is returned as an error at once.
+pub async fn decide_migration(
+    controllers: &[String],
+    name: &str,
+    migration_id: &str,
+    commit: bool,
+    patience: Duration,
+) -> Result<(bool, u64), DecideError> {
+    let addrs: Vec<Addr> = controllers.iter().filter_map(|a| a.parse().ok()).collect();
+    if addrs.is_empty() {
+        return Err(DecideError::NoAnswer("no controller address to ask".into()));
+    }
+    let end = tokio::time::Instant::now() + patience;
+    let mut last = String::new();
+    let mut warned = tokio::time::Instant::now();
+    loop {
+        for a in &addrs {
+            let call = async {
+                let ch = ferry_proto::addr::connect(a)
+                    .await
+                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                ControllerServiceClient::new(ch)
+                    .decide_migration(cpb::DecideMigrationRequest {
+                        name: name.to_string(),
+                        migration_id: migration_id.to_string(),
+                        commit,
+                    })
+                    .await
+            };
+            match tokio::time::timeout(Duration::from_secs(10), call).await {
+                Ok(Ok(r)) => {
+                    let r = r.into_inner();
+                    return Ok((r.moved, r.generation));
+                }
+                Ok(Err(s))
+                    if matches!(
+                        s.code(),
+                        tonic::Code::FailedPrecondition
+                            | tonic::Code::NotFound
+                            | tonic::Code::InvalidArgument
+                    ) =>
+                {
+                    return Err(DecideError::Refused(s.message().to_string()));
+                }
+                Ok(Err(s)) => last = format!("{a}: {}", s.message()),
+                Err(_) => last = format!("{a}: timed out"),
+            }
+        }
+        if tokio::time::Instant::now() >= end {
+            return Err(DecideError::NoAnswer(last));
+        }
+        if warned.elapsed() >= Duration::from_secs(10) {
+            tracing::warn!(migration = %migration_id, error = %last, "still waiting for the migration's decision");
+            warned = tokio::time::Instant::now();
+        }
+        tokio::time::sleep(DECIDE_RETRY_PAUSE).await;
+    }
+}

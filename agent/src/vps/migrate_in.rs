@@ -26,6 +26,8 @@ pub struct Incoming {
     live: bool,
     images: PathBuf,
     held: Option<Held>,
+    /// Where the decision lives in a cluster (empty: node-local).
+    controllers: Vec<String>,
 }
 
 impl Agent {
@@ -84,6 +86,7 @@ impl Agent {
                 live: req.live,
                 images,
                 held: None,
+                controllers: req.controllers.clone(),
             },
         );
         Ok(pb::MigratePrepareResponse {
@@ -198,20 +201,60 @@ impl Agent {
             .insert(req.migration_id.clone(), i);
         res?;
         // A source that never comes back must not leave the VPS held here for
-        // ever: give up after HOLD_TIMEOUT (a no-op once it has finished).
+        // ever: after HOLD_TIMEOUT, give up (node-local), or ask the cluster
+        // what was decided and follow it (a no-op once it has finished).
         let agent = Arc::clone(self);
         tokio::spawn(async move {
             tokio::time::sleep(HOLD_TIMEOUT).await;
-            let abort = pb::MigrateFinishRequest {
-                migration_id: req.migration_id,
-                commit: false,
-                generation: 0,
-            };
-            let _ = agent.migrate_finish(abort).await;
+            agent.settle_held(&req.migration_id).await;
         });
         Ok(pb::MigrateRestoreResponse {
             restore_ms: t.elapsed().as_millis() as u64,
         })
+    }
+
+    /// Ends a held arrival whose source went quiet. In a cluster the Raft
+    /// decision says which way: cancelling first means a later commit cannot
+    /// happen, and a commit made already is followed. While no controller can
+    /// answer, the VPS stays held: running it or dropping it could each be
+    /// wrong.
+    async fn settle_held(self: &Arc<Self>, id: &str) {
+        let (name, controllers) = match self.incoming.lock().await.get(id) {
+            Some(i) => (i.name.clone(), i.controllers.clone()),
+            None => return,
+        };
+        let mut finish = pb::MigrateFinishRequest {
+            migration_id: id.to_string(),
+            commit: false,
+            generation: 0,
+        };
+        if !controllers.is_empty() {
+            loop {
+                match crate::cluster::decide_migration(&controllers, &name, id, false, HOLD_TIMEOUT)
+                    .await
+                {
+                    Ok((moved, generation)) => {
+                        finish.commit = moved;
+                        finish.generation = generation;
+                        break;
+                    }
+                    Err(e @ crate::cluster::DecideError::Refused(_)) => {
+                        tracing::error!(vps = %name, migration = %id, error = %e, "dropping the held arrival");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::error!(vps = %name, migration = %id, error = %e, "the arrival stays held until the cluster decides");
+                    }
+                }
+                if !self.incoming.lock().await.contains_key(id) {
+                    return;
+                }
+            }
+        }
+        tracing::warn!(vps = %name, migration = %id, commit = finish.commit, "settling a held arrival its source left");
+        if let Err(e) = self.migrate_finish(finish).await {
+            tracing::error!(vps = %name, migration = %id, error = %e, "settling a held arrival");
+        }
     }
 
     /// Restores the arriving VPS and keeps it held before it runs. On failure

@@ -21,10 +21,10 @@ struct AgentSource {
     agent: Arc<Agent>,
     rec: VpsRecord,
     scratch: PathBuf,
-    /// Node-local use: this agent owns the VPS, and the first decision stands;
-    /// the journal keeps it (and what a recovery needs) across a crash. (In a
-    /// cluster the owner is the controller's Raft log; that path is not built
-    /// yet, so controller-managed VPSes are refused in `migrate_out`.)
+    /// Who decides: in a cluster (journal.controllers set), the controllers'
+    /// Raft log; in node-local use this agent, where the first decision
+    /// stands. The journal keeps the decision and what a recovery needs
+    /// across a crash.
     journal: std::sync::Mutex<Journal>,
     /// The VPS's lock, held from the dump to the outcome.
     frozen: tokio::sync::Mutex<Option<tokio::sync::OwnedMutexGuard<()>>>,
@@ -110,17 +110,34 @@ impl Source for AgentSource {
         }
     }
     async fn decide(&self, commit: bool) -> std::result::Result<bool, String> {
-        let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(d) = j.decision {
-            return Ok(d);
-        }
-        j.decision = Some(commit);
-        // Durable before anyone acts on it.
-        if let Err(e) = j.save(&self.scratch) {
-            j.decision = None;
-            return Err(e.to_string());
-        }
-        Ok(commit)
+        let (controllers, id) = {
+            let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(d) = j.decision {
+                return Ok(d);
+            }
+            if j.controllers.is_empty() {
+                j.decision = Some(commit);
+                // Durable before anyone acts on it.
+                if let Err(e) = j.save(&self.scratch) {
+                    j.decision = None;
+                    return Err(e.to_string());
+                }
+                return Ok(commit);
+            }
+            (j.controllers.clone(), j.migration_id.clone())
+        };
+        let (moved, _) = crate::cluster::decide_migration(
+            &controllers,
+            &self.rec.config.name,
+            &id,
+            commit,
+            DECIDE_PATIENCE,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        // Raft holds the decision; the journal's copy saves a question later.
+        let _ = self.journal_update(|j| j.decision = Some(moved));
+        Ok(moved)
     }
     async fn release(&self) -> std::result::Result<(), String> {
         drop(self.frozen.lock().await.take());
@@ -139,6 +156,10 @@ impl AgentSource {
     }
 }
 
+/// How long the source keeps asking the controllers for a decision they
+/// cannot give (no quorum); the VPS stays frozen meanwhile.
+const DECIDE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
+
 pub type EventStream =
     futures::stream::BoxStream<'static, std::result::Result<pb::MigrationEvent, tonic::Status>>;
 
@@ -146,13 +167,28 @@ impl Agent {
     /// Starts migrating a VPS to another agent; returns its progress.
     pub async fn migrate_out(self: &Arc<Self>, req: pb::MigrateVpsRequest) -> Result<EventStream> {
         let rec = self.record(&req.name)?;
-        if rec.config.generation > 0 || req.generation > 0 {
+        if req.controllers.is_empty() && (rec.config.generation > 0 || req.generation > 0) {
             // Moving it behind the controller's back would leave the cluster
             // state pointing at this node.
             return Err(AgentError::FailedPrecondition(format!(
-                "VPS {} is managed by a controller (generation {}); migrate it through the                  controller. Agent-to-agent migration is for node-local VPSes",
+                "VPS {} is managed by a controller (generation {}); migrate it through the \
+                 controller. Agent-to-agent migration is for node-local VPSes",
                 req.name, rec.config.generation
             )));
+        }
+        if !req.controllers.is_empty() {
+            if req.migration_id.is_empty() {
+                return Err(AgentError::invalid(
+                    "migration_id",
+                    "a cluster migration needs the id the controller recorded",
+                ));
+            }
+            if req.generation <= rec.config.generation {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "generation {} is not newer than the VPS's {} here; the request is stale",
+                    req.generation, rec.config.generation
+                )));
+            }
         }
         if req.target_addr.is_empty() {
             return Err(AgentError::invalid(
@@ -210,6 +246,8 @@ impl Agent {
             migration_id: id.clone(),
             name: req.name.clone(),
             target_addr: req.target_addr.clone(),
+            controllers: req.controllers.clone(),
+            generation: req.generation,
             ..Default::default()
         };
         if let Err(e) = journal.save(&scratch) {
@@ -235,6 +273,7 @@ impl Agent {
             mode: Mode::from_pb(req.mode),
             verify: req.verify,
             generation: req.generation,
+            controllers: req.controllers.clone(),
         };
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let agent = Arc::clone(self);

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use ferry_proto::agent::v1 as pb;
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 
 use super::start::Resume;
 use super::Agent;
@@ -26,6 +27,8 @@ use crate::error::{AgentError, Result};
 const JOURNAL: &str = "journal.json";
 /// How long recovery waits for a CRIU dump the dead agent started.
 const CRIU_WAIT: Duration = Duration::from_secs(60);
+/// How long one round of asking the cluster for a decision may take.
+const CLUSTER_PATIENCE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(super) struct Journal {
@@ -37,6 +40,12 @@ pub(super) struct Journal {
     pub frozen: bool,
     /// Some(true): moved to the target; Some(false): stays here.
     pub decision: Option<bool>,
+    /// Set when the cluster owns the VPS: the decision is the controllers'.
+    #[serde(default)]
+    pub controllers: Vec<String>,
+    /// The VPS's generation after a committed move.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 impl Journal {
@@ -69,17 +78,78 @@ impl Agent {
             .map(|e| e.path())
             .collect();
         for dir in dirs {
-            if let Some(j) = Journal::load(&dir) {
-                let span =
-                    tracing::info_span!("recover", vps = %j.name, migration = %j.migration_id);
-                let _e = span.enter();
-                if let Err(e) = self.recover_one(&dir, j).await {
+            let Some(j) = Journal::load(&dir) else {
+                forget(&dir);
+                continue;
+            };
+            let span = tracing::info_span!("recover", vps = %j.name, migration = %j.migration_id);
+            if j.controllers.is_empty() {
+                if let Err(e) = self.recover_one(&dir, j).instrument(span).await {
                     tracing::error!(error = %e, "recovering an interrupted migration");
                 }
+                forget(&dir);
+            } else {
+                // The cluster decides, which can take a while (no quorum):
+                // in the background, so the agent serves meanwhile.
+                let agent = Arc::clone(self);
+                tokio::spawn(
+                    async move {
+                        match agent.recover_in_cluster(&dir, j).await {
+                            Ok(()) => forget(&dir),
+                            Err(e) => {
+                                tracing::error!(error = %e, "recovering an interrupted migration")
+                            }
+                        }
+                    }
+                    .instrument(span),
+                );
             }
-            crate::criu::clear_leftover_mounts(&dir.join("images"));
-            let _ = std::fs::remove_dir_all(&dir);
         }
+    }
+
+    /// A cluster migration: Raft's decision says where the VPS belongs. Asking
+    /// to cancel settles it when nothing was decided yet.
+    async fn recover_in_cluster(self: &Arc<Self>, dir: &Path, mut j: Journal) -> Result<()> {
+        wait_for_criu(&dir.join("images")).await;
+        let moved = match j.decision {
+            Some(true) => true,
+            _ => loop {
+                match crate::cluster::decide_migration(
+                    &j.controllers,
+                    &j.name,
+                    &j.migration_id,
+                    false,
+                    CLUSTER_PATIENCE,
+                )
+                .await
+                {
+                    Ok((moved, _)) => break moved,
+                    Err(e @ crate::cluster::DecideError::Refused(_)) => {
+                        return Err(AgentError::FailedPrecondition(format!(
+                            "{e}; the VPS is left as it is for an operator"
+                        )))
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no decision yet; the VPS stays as it is")
+                    }
+                }
+            },
+        };
+        j.decision = Some(moved);
+        j.save(dir)?;
+        if moved {
+            // The cluster's reconciler removes this copy; the target may be
+            // holding the VPS for our word.
+            self.tell_target(&j, true).await;
+            tracing::warn!(target = %j.target_addr, "the VPS moved to the target before this agent stopped; it stays stopped here");
+            return Ok(());
+        }
+        self.tell_target(&j, false).await;
+        if !j.frozen || self.status(&j.name).is_running() {
+            return Ok(());
+        }
+        let rec = self.record(&j.name)?;
+        self.resume_here(dir, &j, &rec).await
     }
 
     async fn recover_one(self: &Arc<Self>, dir: &Path, mut j: Journal) -> Result<()> {
@@ -98,16 +168,26 @@ impl Agent {
         }
         j.decision = Some(false);
         j.save(dir)?;
-        self.drop_remote_copy(&j).await;
+        self.tell_target(&j, false).await;
+        self.resume_here(dir, &j, &rec).await
+    }
+
+    /// Brings the VPS back on this node from the migration's images.
+    async fn resume_here(
+        self: &Arc<Self>,
+        dir: &Path,
+        j: &Journal,
+        rec: &super::VpsRecord,
+    ) -> Result<()> {
         let lock = self.lock_for(&j.name);
         let _g = lock.lock().await;
         self.teardown(&j.name).await?;
         let r = Resume {
-            images,
+            images: dir.join("images"),
             console_key: j.console_key.clone(),
             hold: false,
         };
-        match self.bring_up(&rec, Some(&r)).await {
+        match self.bring_up(rec, Some(&r)).await {
             Ok(_) => {
                 self.watch(&j.name);
                 tracing::warn!("the VPS was resumed here from its migration images");
@@ -120,8 +200,9 @@ impl Agent {
         }
     }
 
-    /// Best effort: the target removes what it got (it would time out anyway).
-    async fn drop_remote_copy(&self, j: &Journal) {
+    /// Best effort: the target lets the VPS run (`commit`) or removes what it
+    /// got (it would settle on its own after its hold timeout anyway).
+    async fn tell_target(&self, j: &Journal, commit: bool) {
         let Ok(addr) = j.target_addr.parse::<ferry_proto::addr::Addr>() else {
             return;
         };
@@ -130,14 +211,19 @@ impl Agent {
             let mut c = pb::agent_service_client::AgentServiceClient::new(ch);
             c.migrate_finish(pb::MigrateFinishRequest {
                 migration_id: j.migration_id.clone(),
-                commit: false,
-                generation: 0,
+                commit,
+                generation: if commit { j.generation } else { 0 },
             })
             .await
             .ok()
         };
         let _ = tokio::time::timeout(Duration::from_secs(5), call).await;
     }
+}
+
+fn forget(dir: &Path) {
+    crate::criu::clear_leftover_mounts(&dir.join("images"));
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Waits while some process (a CRIU dump the dead agent started) still has

@@ -65,6 +65,8 @@ pub struct Job {
     pub verify: bool,
     /// The VPS's generation after the move.
     pub generation: u64,
+    /// The controllers holding the decision (empty: node-local).
+    pub controllers: Vec<String>,
 }
 
 /// Where a failure happened decides the rollback.

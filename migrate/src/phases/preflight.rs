@@ -27,6 +27,7 @@ pub async fn run(
             live,
             criu_version: src.criu_version(),
             cpu_flags: if live { cpu_flags() } else { Vec::new() },
+            controllers: job.controllers.clone(),
         })
         .await
         .map_err(|s| {
