@@ -129,13 +129,16 @@ pub enum VpsCmd {
         #[arg(long)]
         from: std::path::PathBuf,
     },
-    /// Live-migrate a VPS to another node's agent (node-local mode: this agent
-    /// decides the move; in a cluster use --controller).
+    /// Live-migrate a VPS to another node. Cluster mode (--controller): the
+    /// move is recorded and decided in Raft. Node-local mode (--agent): this
+    /// agent decides, for VPSes no controller manages.
     Migrate {
         name: String,
-        /// Target agent address (HOST:PORT or unix:/path).
+        /// The target: a node name in cluster mode (default: the scheduler
+        /// picks one); the target agent's address (HOST:PORT or unix:/path)
+        /// in node-local mode.
         #[arg(long)]
-        to: String,
+        to: Option<String>,
         /// auto, post-copy, pre-copy, stop-copy or cold.
         #[arg(long, default_value = "auto")]
         mode: String,
@@ -580,6 +583,9 @@ pub async fn vps(c: &mut AgentServiceClient<Channel>, cmd: VpsCmd) -> Result<i32
             verify,
         } => {
             let mode = crate::migrate_view::parse_mode(&mode)?;
+            let Some(to) = to else {
+                bail!("--to ADDR: give the target agent's address (or use --controller)");
+            };
             let s = c
                 .migrate_vps(pb::MigrateVpsRequest {
                     name: name.clone(),

@@ -276,6 +276,12 @@ fn cvps_json(v: &cpb::ClusterVps) -> serde_json::Value {
     j["status"] = json!(v.observed);
     j["generation"] = json!(v.generation);
     j["placement_reason"] = json!(v.placement_reason);
+    if let Some(m) = &v.migration {
+        j["migration"] = json!({
+            "id": m.id, "source": m.source, "target": m.target,
+            "mode": m.mode, "phase": m.phase, "started_unix_ms": m.started_unix_ms,
+        });
+    }
     j
 }
 
@@ -398,7 +404,31 @@ pub async fn vps(c: &mut ControllerServiceClient<Channel>, cmd: VpsCmd) -> Resul
                 ] {
                     println!("{k:<10} {val}");
                 }
+                if let Some(m) = &v.migration {
+                    println!(
+                        "{:<10} {} → {} ({}, {}, phase {})",
+                        "Migrating", m.source, m.target, m.id, m.mode, m.phase
+                    );
+                }
             }
+        }
+        VpsCmd::Migrate {
+            name,
+            to,
+            mode,
+            verify,
+        } => {
+            let mode = crate::migrate_view::parse_mode(&mode)?;
+            let s = c
+                .migrate_vps(cpb::MigrateVpsRequest {
+                    name,
+                    to_node: to.unwrap_or_default(),
+                    mode: mode as i32,
+                    verify,
+                })
+                .await?
+                .into_inner();
+            return crate::migrate_view::follow(s).await;
         }
         VpsCmd::Destroy { name, .. } => {
             c.delete_vps(cpb::DeleteVpsRequest { name: name.clone() })
