@@ -506,3 +506,293 @@ async fn source_agent_killed_after_the_freeze_runs_the_vps_once_on_the_source() 
     })
     .await;
 }
+
+/// Waits until the controller's record of `name` satisfies `f`.
+async fn wait_record(
+    c: &mut ferry_proto::controller::v1::controller_service_client::ControllerServiceClient<
+        tonic::transport::Channel,
+    >,
+    name: &str,
+    what: &str,
+    f: impl Fn(&ferry_proto::controller::v1::ClusterVps) -> bool,
+) -> ferry_proto::controller::v1::ClusterVps {
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(v) = c
+            .get_vps(ferry_proto::controller::v1::GetVpsRequest { name: name.into() })
+            .await
+        {
+            let v = v.into_inner();
+            if f(&v) {
+                return v;
+            }
+            assert!(
+                std::time::Instant::now() < end,
+                "timed out waiting for {what}: {v:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Whether an agent runs `name` now.
+async fn runs_on(h: &Host, name: &str) -> bool {
+    let mut c = h.client().await;
+    c.get_vps(pb::GetVpsRequest { name: name.into() })
+        .await
+        .is_ok_and(|v| running(v.get_ref()))
+}
+
+/// Through the controllers: refusals before anything is frozen, a live move
+/// that is one Raft commit (the record moves with a new generation, the source
+/// copy goes), and a move during which the leading controller is SIGKILLed:
+/// the agents settle it with the surviving replicas, and the VPS runs exactly
+/// once, where the record says.
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_migration_is_one_raft_decision_and_survives_a_controller_failover() {
+    use ferry_proto::controller::v1 as cpb;
+    bounded(360, async {
+        let _heavy = HEAVY.lock().await;
+        let mut ctl = Controllers::start().await;
+        let lan = Lan::new();
+        let a = Host::on_lan(&lan, "10.77.0.41/16", ctl.agent_args("mig-a")).await;
+        let b = Host::on_lan(&lan, "10.77.0.42/16", ctl.agent_args("mig-b")).await;
+        let mut c = ctl.client(0).await;
+        wait_node(&mut c, "mig-a", "ready", 15).await;
+        wait_node(&mut c, "mig-b", "ready", 15).await;
+        let name = format!("cm{}", std::process::id());
+        let ip = "10.77.7.10";
+        let mut s = spec(&name, Some(ip));
+        s.limits.as_mut().unwrap().memory_bytes = 64 << 20;
+        c.create_vps(cpb::CreateVpsRequest {
+            spec: Some(s),
+            placement: Some(cpb::Placement {
+                node: "mig-a".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("create");
+        let v0 = wait_record(&mut c, &name, "running on mig-a", |v| {
+            v.observed == "running" && v.node == "mig-a"
+        })
+        .await;
+        let mut ca = a.client().await;
+        start_counter(&mut ca, &name).await;
+        let init = get(&mut ca, &name).await.init_pid;
+
+        // Refused before anything is frozen, each naming why, and recording nothing.
+        let (code, _, err) = ctl.ferryctl(&["vps", "migrate", &name, "--to", "nosuch"]);
+        assert!(
+            code != 0 && err.contains("node \"nosuch\" not found"),
+            "{err}"
+        );
+        let (code, _, err) = ctl.ferryctl(&["vps", "migrate", &name, "--to", "mig-a"]);
+        assert!(code != 0 && err.contains("is on mig-a already"), "{err}");
+        // Target full: a stopped VPS takes all but 32 MiB of mig-b.
+        let cap = c
+            .get_node(cpb::GetNodeRequest {
+                name: "mig-b".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .capacity
+            .unwrap_or_default()
+            .memory_bytes;
+        let mut filler = spec(&format!("{name}f"), None);
+        filler.limits.as_mut().unwrap().memory_bytes = cap - (32 << 20);
+        c.create_vps(cpb::CreateVpsRequest {
+            spec: Some(filler),
+            placement: Some(cpb::Placement {
+                node: "mig-b".into(),
+                ..Default::default()
+            }),
+            desired: "stopped".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("create filler");
+        let (code, _, err) = ctl.ferryctl(&["vps", "migrate", &name, "--to", "mig-b"]);
+        assert!(
+            code != 0 && err.contains("mig-b: memory"),
+            "target full: {err}"
+        );
+        c.delete_vps(cpb::DeleteVpsRequest {
+            name: format!("{name}f"),
+        })
+        .await
+        .expect("delete filler");
+        // Template missing on the target: a template only mig-a has.
+        let tar = a.dir.join("mini.tar");
+        run_ok(
+            "tar",
+            &[
+                "-C",
+                a.data_dir()
+                    .join("templates/busybox/rootfs")
+                    .to_str()
+                    .unwrap(),
+                "-cf",
+                tar.to_str().unwrap(),
+                ".",
+            ],
+        );
+        let (code, _, err) = ferryctl(&a, &["template", "import", "mini", tar.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while !c
+            .get_node(cpb::GetNodeRequest {
+                name: "mig-a".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .templates
+            .contains(&"mini".to_string())
+        {
+            assert!(std::time::Instant::now() < end, "mig-a never reported mini");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut tm = spec(&format!("{name}t"), None);
+        tm.template = "mini".into();
+        c.create_vps(cpb::CreateVpsRequest {
+            spec: Some(tm),
+            placement: Some(cpb::Placement {
+                node: "mig-a".into(),
+                ..Default::default()
+            }),
+            desired: "stopped".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("create from mini");
+        let (code, _, err) =
+            ctl.ferryctl(&["vps", "migrate", &format!("{name}t"), "--to", "mig-b"]);
+        assert!(
+            code != 0 && err.contains("template mini missing"),
+            "template missing: {err}"
+        );
+        let v = wait_record(&mut c, &name, "no migration recorded", |v| {
+            v.migration.is_none()
+        })
+        .await;
+        assert_eq!((v.node.as_str(), v.generation), ("mig-a", v0.generation));
+        assert_eq!(get(&mut ca, &name).await.init_pid, init, "never frozen");
+
+        // The live move, as an operator runs it, with a TCP client attached.
+        let r = exec(
+            &mut ca,
+            &name,
+            &[
+                "setsid",
+                "sh",
+                "-c",
+                "nc -ll -p 7000 -e cat </dev/null >/dev/null 2>&1 &",
+            ],
+        )
+        .await;
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut tcp = TcpClient::connect(&lan, ip, 7000);
+        assert_eq!(tcp.echo("before"), "before");
+        let before = counter(&mut ca, &name).await;
+        let (code, out, err) =
+            ctl.ferryctl(&["vps", "migrate", &name, "--to", "mig-b", "--verify"]);
+        assert_eq!(
+            code,
+            0,
+            "{out}{err}\nA: {}\nB: {}",
+            a.agent_log(),
+            b.agent_log()
+        );
+        assert!(out.contains("migrated (stop-copy): downtime "), "{out}");
+        eprintln!("{out}");
+        // One commit moved the record: new node, next generation, no migration left.
+        let v = wait_record(&mut c, &name, "owned by mig-b", |v| v.node == "mig-b").await;
+        assert!(v.migration.is_none(), "{v:?}");
+        assert_eq!(v.generation, v0.generation + 1);
+        let mut cb = b.client().await;
+        let on_b = get(&mut cb, &name).await;
+        assert!(running(&on_b), "{on_b:?}");
+        assert_eq!(on_b.spec.unwrap().generation, v.generation);
+        assert!(!runs_on(&a, &name).await, "still running on the source");
+        assert_eq!(tcp.echo("after"), "after");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(counter(&mut cb, &name).await > before, "counter continued");
+        let events = c
+            .watch_events(cpb::WatchEventsRequest {
+                after_seq: 0,
+                follow: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let events: Vec<cpb::Event> = events.filter_map(|e| async { e.ok() }).collect().await;
+        assert!(
+            events
+                .iter()
+                .any(|e| e.message.starts_with("migrated from mig-a to mig-b")),
+            "{events:?}"
+        );
+        // The source copy goes (the source releases it; the reconciler would too).
+        let end = std::time::Instant::now() + Duration::from_secs(20);
+        while ca
+            .get_vps(pb::GetVpsRequest { name: name.clone() })
+            .await
+            .is_ok()
+        {
+            assert!(std::time::Instant::now() < end, "source copy left");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+
+        // Back to mig-a, SIGKILLing the leading controller mid-move; the
+        // stream comes through a replica that stays.
+        let leader = ctl.leader().await;
+        let watcher = (leader + 1) % 3;
+        let mut cw = ctl.client(watcher).await;
+        let mut stream = cw
+            .migrate_vps(cpb::MigrateVpsRequest {
+                name: name.clone(),
+                to_node: "mig-a".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("migrate back")
+            .into_inner();
+        let mut last = None;
+        let mut killed = false;
+        while let Some(ev) = stream.next().await {
+            let ev = ev.expect("event");
+            if !killed && ev.phase == "rootfs" {
+                ctl.kill(leader);
+                killed = true;
+            }
+            if ev.done {
+                last = Some(ev);
+            }
+        }
+        assert!(killed, "the leader was never killed");
+        let ev = last.expect("a final event");
+        // Either way, exactly once and where the record says, with no
+        // migration left in flight. (The agents reach the survivors, so here
+        // the move completes.)
+        let mut c = ctl.client(watcher).await;
+        let v = wait_record(&mut c, &name, "settled", |v| v.migration.is_none()).await;
+        let (on_a, on_b) = (runs_on(&a, &name).await, runs_on(&b, &name).await);
+        assert!(on_a != on_b, "runs on a: {on_a}, on b: {on_b}");
+        assert_eq!(v.node, if on_a { "mig-a" } else { "mig-b" });
+        assert!(
+            ev.error.is_empty(),
+            "{ev:?}\nA: {}\nB: {}\nleader log: {}",
+            a.agent_log(),
+            b.agent_log(),
+            ctl.log(watcher)
+        );
+        assert_eq!(v.node, "mig-a");
+        assert_eq!(v.generation, v0.generation + 2);
+        assert_eq!(tcp.echo("again"), "again");
+    })
+    .await;
+}

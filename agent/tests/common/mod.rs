@@ -10,6 +10,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod cluster;
+#[allow(unused_imports)]
+pub use cluster::*;
+
 use ferry_proto::agent::v1 as pb;
 use ferry_proto::agent::v1::agent_service_client::AgentServiceClient;
 use tonic::transport::Channel;

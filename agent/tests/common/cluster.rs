@@ -1,0 +1,207 @@
+//! A three-replica controller cluster for agent tests, over unix sockets
+//! reachable from every test host's network namespace.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry_proto::controller::v1 as cpb;
+use ferry_proto::controller::v1::controller_service_client::ControllerServiceClient;
+
+use super::AGENT;
+
+pub struct Controllers {
+    pub dir: tempfile::TempDir,
+    children: Vec<Option<Child>>,
+}
+
+impl Drop for Controllers {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Controllers {
+    pub fn sock(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("c{i}.sock"))
+    }
+    /// Flags that make an agent join these controllers as node `name`.
+    pub fn agent_args(&self, name: &str) -> Vec<String> {
+        vec![
+            "--controller".into(),
+            self.addrs(),
+            "--node-name".into(),
+            name.into(),
+        ]
+    }
+    pub fn addrs(&self) -> String {
+        (0..3)
+            .map(|i| format!("unix:{}", self.sock(i).display()))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+    pub async fn start() -> Controllers {
+        let bin = Path::new(AGENT).with_file_name("ferry-controller");
+        assert!(
+            bin.exists(),
+            "{} missing: build the workspace first (scripts/test.sh does)",
+            bin.display()
+        );
+        let mut c = Controllers {
+            dir: tempfile::tempdir().unwrap(),
+            children: Vec::new(),
+        };
+        for i in 0..3 {
+            let log = std::fs::File::create(c.dir.path().join(format!("c{i}.log"))).unwrap();
+            let mut cmd = Command::new(&bin);
+            cmd.args(["--listen", &format!("unix:{}", c.sock(i).display())])
+                .args([
+                    "--data-dir",
+                    c.dir.path().join(format!("c{i}")).to_str().unwrap(),
+                ])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log);
+            if i == 0 {
+                cmd.arg("--init");
+            }
+            c.children.push(Some(cmd.spawn().unwrap()));
+        }
+        let mut first = c.client(0).await;
+        let end = Instant::now() + Duration::from_secs(10);
+        while first
+            .cluster_status(cpb::ClusterStatusRequest {})
+            .await
+            .map(|s| s.into_inner().leader_id)
+            .unwrap_or(0)
+            == 0
+        {
+            assert!(Instant::now() < end, "no leader");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for i in 1..3 {
+            let _ = c.client(i).await;
+            first
+                .add_member(cpb::AddMemberRequest {
+                    addr: format!("unix:{}", c.sock(i).display()),
+                })
+                .await
+                .expect("add member");
+        }
+        c
+    }
+    pub async fn client(&self, i: usize) -> ControllerServiceClient<tonic::transport::Channel> {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.sock(i).exists() {
+                if let Ok(ch) =
+                    ferry_proto::addr::connect(&ferry_proto::addr::Addr::Unix(self.sock(i))).await
+                {
+                    return ControllerServiceClient::new(ch);
+                }
+            }
+            assert!(Instant::now() < end, "controller {i} does not answer");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+pub async fn wait_vps(
+    c: &mut ControllerServiceClient<tonic::transport::Channel>,
+    what: &str,
+    f: impl Fn(&[cpb::ClusterVps]) -> bool,
+) -> Vec<cpb::ClusterVps> {
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let vs = c
+            .list_vps(cpb::ListVpsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .vps;
+        if f(&vs) {
+            return vs;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}: {vs:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub async fn wait_node(
+    c: &mut ControllerServiceClient<tonic::transport::Channel>,
+    name: &str,
+    status: &str,
+    secs: u64,
+) {
+    let end = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Ok(n) = c.get_node(cpb::GetNodeRequest { name: name.into() }).await {
+            if n.get_ref().status == status {
+                return;
+            }
+        }
+        assert!(Instant::now() < end, "node {name} never became {status}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+impl Controllers {
+    /// The replica that leads now.
+    pub async fn leader(&self) -> usize {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            for i in 0..self.children.len() {
+                if self.children[i].is_none() {
+                    continue;
+                }
+                let Ok(ch) =
+                    ferry_proto::addr::connect(&ferry_proto::addr::Addr::Unix(self.sock(i))).await
+                else {
+                    continue;
+                };
+                if let Ok(s) = ControllerServiceClient::new(ch)
+                    .cluster_status(cpb::ClusterStatusRequest {})
+                    .await
+                {
+                    let s = s.into_inner();
+                    if s.leader_id != 0 && s.leader_id == s.self_id {
+                        return i;
+                    }
+                }
+            }
+            assert!(Instant::now() < end, "no leader");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILLs replica `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("c{i}.log"))).unwrap_or_default()
+    }
+
+    /// `ferryctl --controller <all replicas> ARGS`: exit code, stdout, stderr.
+    pub fn ferryctl(&self, args: &[&str]) -> (i32, String, String) {
+        let bin = Path::new(AGENT).with_file_name("ferryctl");
+        let o = Command::new(bin)
+            .arg("--controller")
+            .arg(self.addrs())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into(),
+            String::from_utf8_lossy(&o.stderr).into(),
+        )
+    }
+}
