@@ -175,6 +175,32 @@ impl Drop for TcpClient {
     }
 }
 
+/// Listens on the client host for a gratuitous ARP of `ip` (sender and
+/// target address both `ip`); the child prints "garp" and exits when it sees
+/// one, or exits silently after 60 s.
+fn watch_garp(lan: &Lan, ip: &str) -> std::process::Child {
+    let octets: Vec<String> = ip.split('.').map(str::to_string).collect();
+    let script = format!(
+        "import socket,time\n\
+         s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW,socket.htons(0x0806))\n\
+         s.settimeout(1)\n\
+         ip=bytes([{}])\n\
+         end=time.time()+60\n\
+         while time.time()<end:\n\
+         \x20   try: f=s.recv(100)\n\
+         \x20   except socket.timeout: continue\n\
+         \x20   if f[28:32]==ip and f[38:42]==ip:\n\
+         \x20       print('garp',flush=True); break\n",
+        octets.join(",")
+    );
+    Command::new("nsenter")
+        .arg(format!("--net={}", lan.client))
+        .args(["--", "python3", "-c", &script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 ARP watcher")
+}
+
 async fn migrate(
     c: &mut ferry_proto::agent::v1::agent_service_client::AgentServiceClient<
         tonic::transport::Channel,
@@ -247,6 +273,7 @@ async fn live_migration_keeps_processes_files_ip_and_tcp() {
         let sum = r.stdout.split_whitespace().next().unwrap_or("").to_string();
         let before = counter(&mut ca, &name).await;
 
+        let garp = watch_garp(&lan, ip);
         // As an operator does it: ferryctl on the source's agent.
         let target = format!("unix:{}", b.sock().display());
         let (code, out, err) =
@@ -290,6 +317,13 @@ async fn live_migration_keeps_processes_files_ip_and_tcp() {
         assert!(downtime > 0 && downtime < 5000, "{out}");
         eprintln!("{out}");
 
+        // The target announced the address on the LAN.
+        let seen = garp.wait_with_output().expect("ARP watcher");
+        assert_eq!(
+            String::from_utf8_lossy(&seen.stdout).trim(),
+            "garp",
+            "no gratuitous ARP for {ip} reached the client"
+        );
         // Gone from A, running on B with the same processes.
         let e = ca
             .get_vps(pb::GetVpsRequest { name: name.clone() })

@@ -4,10 +4,12 @@
 //! The VPS's netns is made and configured before its init starts and outlives
 //! reboots of the VPS; init joins it with setns.
 
+mod announce;
 mod bridge;
 mod netns;
 mod veth;
 
+pub use announce::{announce, garp_frames};
 pub use bridge::{attach_uplink, ensure_bridge};
 pub use netns::{create_netns, remove_netns};
 pub use veth::{host_veth_name, remove_veth, setup_vps_network};

@@ -257,6 +257,14 @@ impl Agent {
         }
     }
 
+    /// Tells the LAN where a VPS that just came up here is (gratuitous ARP).
+    pub(super) fn announce(&self, rec: &VpsRecord) {
+        if let Some(net) = &rec.config.net {
+            let netns = self.paths.vps_run(&rec.config.name).join("netns");
+            crate::net::announce(&netns, net.ip, net.mac, &rec.config.name);
+        }
+    }
+
     /// Restores the arriving VPS and keeps it held before it runs. On failure
     /// its kernel objects are gone (the source's rollback removes the rest).
     async fn restore_held(self: &Arc<Self>, i: &mut Incoming, console_key: &str) -> Result<()> {
@@ -310,6 +318,7 @@ impl Agent {
             self.save_record(&rec)?;
             let _ = std::fs::remove_file(self.paths.vps(&name).join(INCOMING_MARKER));
             self.watch(&name);
+            self.announce(&rec);
             crate::criu::clear_leftover_mounts(&i.images);
             let _ = std::fs::remove_dir_all(&i.images);
             drop(_g);

@@ -101,6 +101,8 @@ impl Source for AgentSource {
         match res {
             Ok(_) => {
                 self.agent.watch(name);
+                // The target may have announced the VPS already: take it back.
+                self.agent.announce(&self.rec);
                 Ok(())
             }
             Err(e) => {

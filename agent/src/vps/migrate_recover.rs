@@ -190,6 +190,7 @@ impl Agent {
         match self.bring_up(rec, Some(&r)).await {
             Ok(_) => {
                 self.watch(&j.name);
+                self.announce(rec);
                 tracing::warn!("the VPS was resumed here from its migration images");
                 Ok(())
             }
