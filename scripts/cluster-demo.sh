@@ -2,7 +2,9 @@
 # The main job: a local Ferry cluster on this one machine. Three "hosts", each
 # a network namespace with its own address on a LAN bridge and its own data
 # dirs, each running a controller replica and an agent. The controllers form
-# a Raft cluster; the agents join it; VPSes are created across the nodes.
+# a Raft cluster; the agents join it; VPSes are created across the nodes; then
+# one VPS serving HTTP is live-migrated to another node while a client polls
+# it, and the downtime is printed as Ferry measured it and as the client saw it.
 # Cleans up after itself, even when interrupted. Root required.
 #   scripts/cluster-demo.sh          run it and tear it down
 #   scripts/cluster-demo.sh --keep   leave it running (then: scripts/cluster-demo.sh down)
@@ -46,17 +48,21 @@ down
 [ "${1:-}" = --keep ] || trap down EXIT
 mkdir -p "$DIR"
 
-# The LAN: a bridge in the root namespace, one veth per host.
+# The LAN: a bridge in the root namespace, one veth per host. Inside each host
+# the LAN port is plugged into the node bridge, which holds the host's address:
+# VPSes of every node share the LAN, so a VPS keeps its address when it moves.
 ip link add "$LAN" type bridge
-ip addr add 10.88.0.1/24 dev "$LAN"
+ip addr add 10.88.0.1/16 dev "$LAN"
 ip link set "$LAN" up
 for i in 1 2 3; do
   ns=ferry-h$i
   ip netns add "$ns"
-  ip link add "fh$i" type veth peer name eth0 netns "$ns"
+  ip link add "fh$i" type veth peer name uplink netns "$ns"
   ip link set "fh$i" master "$LAN" up
-  ip -n "$ns" addr add "10.88.0.1$i/24" dev eth0
-  ip -n "$ns" link set eth0 up
+  ip -n "$ns" link add ferrybr0 type bridge
+  ip -n "$ns" addr add "10.88.0.1$i/16" dev ferrybr0
+  ip -n "$ns" link set ferrybr0 up
+  ip -n "$ns" link set uplink master ferrybr0 up
   ip -n "$ns" link set lo up
   ip -n "$ns" route add default via 10.88.0.1
 done
@@ -65,7 +71,8 @@ on() { local i=$1; shift; nsenter --net=/run/netns/ferry-h$i -- "$@"; }
 ctl() { echo "\$ ferryctl $*" >&2; "$BIN/ferryctl" --controller "$CTRL" "$@"; }
 
 for i in 1 2 3; do
-  init=(); [ "$i" = 1 ] && init=(--init)
+  init=()
+  [ "$i" = 1 ] && init=(--init --ip-pool 10.88.1.0/24)
   on "$i" "$BIN/ferry-controller" --listen "10.88.0.1$i:7800" --data-dir "$DIR/h$i/controller" "${init[@]}" \
     >"$DIR/controller$i.log" 2>&1 &
 done
@@ -76,6 +83,7 @@ ctl cluster status
 
 for i in 1 2 3; do
   on "$i" "$BIN/ferry-agent" --listen "10.88.0.1$i:7700" --data-dir "$DIR/h$i/agent" --run-dir "$DIR/h$i/run" \
+    --bridge ferrybr0 --bridge-cidr "10.88.0.1$i/16" --uplink uplink \
     --controller "$CTRL" --node-name "node$i" --label "zone=z$i" >"$DIR/agent$i.log" 2>&1 &
 done
 for _ in $(seq 100); do
@@ -93,11 +101,34 @@ done
 ctl vps ls
 ctl node ls
 
-web1_node=$("$BIN/ferryctl" --controller "$CTRL" vps show demo-web1 -o json | grep '"node"' | cut -d'"' -f4)
-web1_ip=$("$BIN/ferryctl" --controller "$CTRL" vps show demo-web1 -o json | grep '"ip"' | cut -d'"' -f4)
-echo; echo "demo-web1 serves HTTP at $web1_ip on $web1_node:"
-on "${web1_node#node}" curl -s -m 3 "http://$web1_ip/"
+field() { "$BIN/ferryctl" --controller "$CTRL" vps show "$1" -o json | grep "\"$2\"" | head -1 | cut -d'"' -f4; }
+web1_ip=$(field demo-web1 ip)
+echo; echo "demo-web1 serves HTTP at $web1_ip on $(field demo-web1 node):"
+curl -s -m 3 "http://$web1_ip/"
 echo; ctl vps show demo-db
+
+# Live migration: demo-cache serves HTTP while a client on the LAN polls it;
+# the scheduler picks the target node.
+ip=$(field demo-cache ip)
+from=$(field demo-cache node)
+echo; echo "== live migration: demo-cache ($ip) leaves $from while a client polls it every 20 ms"
+curl -s -m 3 "http://$ip/" >/dev/null || { echo "demo-cache does not answer before the move" >&2; exit 1; }
+( while :; do
+    if curl -s -m 0.5 -o /dev/null "http://$ip/"; then echo "$(date +%s%3N) ok"; else echo "$(date +%s%3N) fail"; fi
+    sleep 0.02
+  done ) >"$DIR/poll.log" 2>&1 &
+poller=$!
+sleep 1
+ctl vps migrate demo-cache
+sleep 1
+kill "$poller"; wait "$poller" 2>/dev/null || true
+to=$(field demo-cache node)
+[ "$to" != "$from" ] || { echo "demo-cache did not move" >&2; exit 1; }
+echo "demo-cache now runs on $to and answers at the same address: $(curl -s -m 3 "http://$ip/")"
+awk '$2 == "ok" { if (last && $1 - last > gap) gap = $1 - last; last = $1; ok++ } $2 == "fail" { fail++ }
+     END { printf "the client saw: %d answers, %d failed polls, longest gap between answers %d ms\n", ok, fail, gap }' \
+  "$DIR/poll.log"
+echo "(a poll caught by the freeze waits for its 0.5 s timeout: TCP would resend its SYN only after 1 s)"
 if [ "${1:-}" = --keep ]; then
   echo; echo "left running. Try: $BIN/ferryctl --controller $CTRL vps ls; tear down with: scripts/cluster-demo.sh down"
 fi
