@@ -830,3 +830,135 @@ async fn cluster_migration_is_one_raft_decision_and_survives_a_controller_failov
     })
     .await;
 }
+
+/// Post-copy: the VPS runs on the target while its memory follows from the
+/// source; a failure before the decision thaws it on the source (its tasks
+/// were only stopped, memory and all).
+#[tokio::test(flavor = "multi_thread")]
+async fn post_copy_moves_memory_on_demand_and_a_rollback_thaws_the_source() {
+    bounded(300, async {
+        let _heavy = HEAVY.lock().await;
+        let lan = Lan::new();
+        let a = Host::on_lan(&lan, "10.77.0.51/16", vec![]).await;
+        let mut b = Host::on_lan(&lan, "10.77.0.52/16", vec![]).await;
+        let mut ca = a.client().await;
+        let name = format!("pc{}", std::process::id());
+        let ip = "10.77.9.10";
+        let mut s = spec(&name, Some(ip));
+        s.limits.as_mut().unwrap().memory_bytes = 256 << 20;
+        create_started(&mut ca, s).await;
+        start_counter(&mut ca, &name).await;
+        // 64 MiB of memory that must arrive intact: awk holds a string and
+        // writes its length to a file every 100 ms.
+        let r = exec(
+            &mut ca,
+            &name,
+            &[
+                "setsid",
+                "sh",
+                "-c",
+                "awk 'BEGIN { s = \"x\"; while (length(s) < 67108864) s = s s; \
+                 while (1) { print length(s) > \"/var/www/len\"; close(\"/var/www/len\"); system(\"sleep 0.1\") } }' \
+                 </dev/null >/dev/null 2>&1 &",
+            ],
+        )
+        .await;
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let r = exec(
+            &mut ca,
+            &name,
+            &["setsid", "sh", "-c", "nc -ll -p 7000 -e cat </dev/null >/dev/null 2>&1 &"],
+        )
+        .await;
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let mut tcp = TcpClient::connect(&lan, ip, 7000);
+        assert_eq!(tcp.echo("before"), "before");
+
+        // Rollback first: the target agent dies during the restore.
+        let init = get(&mut ca, &name).await.init_pid;
+        let before = counter(&mut ca, &name).await;
+        let b_pid = b.agent_pid();
+        let mut st = ca
+            .migrate_vps(pb::MigrateVpsRequest {
+                name: name.clone(),
+                target_addr: format!("unix:{}", b.sock().display()),
+                mode: pb::MigrationMode::PostCopy as i32,
+                ..Default::default()
+            })
+            .await
+            .expect("migrate")
+            .into_inner();
+        let mut last = None;
+        while let Some(ev) = st.next().await {
+            let ev = ev.expect("event");
+            if ev.phase == "restore" {
+                if let Some(p) = b_pid {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(p),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+            if ev.done {
+                last = Some(ev);
+            }
+        }
+        let ev = last.expect("final event");
+        assert!(!ev.error.is_empty(), "{ev:?}");
+        let v = get(&mut ca, &name).await;
+        assert!(
+            running(&v) && v.init_pid == init,
+            "thawed, same init: {v:?}\n{}",
+            a.agent_log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(counter(&mut ca, &name).await > before, "the counter went on");
+        assert_eq!(tcp.echo("after rollback"), "after rollback");
+        b.kill_agent();
+        b.start_agent().await;
+
+        // The move.
+        let before = counter(&mut ca, &name).await;
+        let (code, out, err) = ferryctl(
+            &a,
+            &[
+                "vps",
+                "migrate",
+                &name,
+                "--to",
+                &format!("unix:{}", b.sock().display()),
+                "--mode",
+                "post-copy",
+            ],
+        );
+        assert_eq!(
+            code,
+            0,
+            "{out}{err}\nA: {}\nB: {}",
+            a.agent_log(),
+            b.agent_log()
+        );
+        eprintln!("{out}");
+        assert!(out.contains("migrated (post-copy): downtime "), "{out}");
+        assert!(
+            out.lines()
+                .any(|l| l.split_whitespace().next() == Some("post-copy")),
+            "{out}"
+        );
+        let mut cb = b.client().await;
+        let v = get(&mut cb, &name).await;
+        assert!(running(&v), "{v:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(counter(&mut cb, &name).await > before, "counter continued");
+        let r = exec(&mut cb, &name, &["cat", "/var/www/len"]).await;
+        assert_eq!(r.stdout.trim(), "67108864", "the 64 MiB string arrived");
+        assert_eq!(tcp.echo("after"), "after");
+        let e = ca
+            .get_vps(pb::GetVpsRequest { name: name.clone() })
+            .await
+            .expect_err("gone from A");
+        assert_eq!(e.code(), tonic::Code::NotFound);
+    })
+    .await;
+}

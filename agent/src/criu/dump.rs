@@ -33,8 +33,32 @@ pub struct DumpRequest<'a> {
     pub images: &'a Path,
     /// Keep the VPS running after the dump (a snapshot) instead of ending it.
     pub leave_running: bool,
+    /// Leave the tasks stopped (SIGSTOP) after the dump instead of ending
+    /// them (post-copy: a rollback must be able to let them run again).
+    pub leave_stopped: bool,
     /// 0 = errors only .. 4 = debug.
     pub log_level: i32,
+    /// Post-copy: leave anonymous memory out of the images and serve it
+    /// from a page server on this address once the rest is dumped.
+    pub lazy: Option<LazyDump>,
+}
+
+/// A post-copy dump's page server and what it reports while it runs.
+pub struct LazyDump {
+    pub address: String,
+    pub port: u16,
+    pub events: std::sync::mpsc::Sender<LazyEvent>,
+}
+
+/// The steps of a post-copy dump, in order. The tasks stay frozen until every
+/// page has been served (then they end), or until the page transfer fails
+/// (then CRIU lets them run again, with the network still locked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LazyEvent {
+    /// Everything but the lazy memory is in the images.
+    Dumped,
+    /// The page server listens: the target can start fetching.
+    Serving,
 }
 
 /// The console pipe of init `pid` as CRIU names it (`pipe:[INODE]`), or "".
@@ -65,6 +89,7 @@ pub fn dump(criu: &Path, req: &DumpRequest<'_>) -> Result<DumpFacts, CriuError> 
         images_dir_fd: dir.as_raw_fd(),
         pid: Some(req.pid),
         leave_running: Some(req.leave_running),
+        leave_stopped: req.leave_stopped.then_some(true),
         // Established TCP connections are dumped in repair mode and survive.
         tcp_established: Some(true),
         // flock/posix locks held inside the VPS are part of its state.
@@ -77,6 +102,14 @@ pub fn dump(criu: &Path, req: &DumpRequest<'_>) -> Result<DumpFacts, CriuError> 
         // iptables is not installed on Ferry nodes; nftables is.
         network_lock: Some(NetworkLock::Nftables as i32),
         external: vec![format!("net[{netns}]:{NETNS_KEY}")],
+        lazy_pages: req.lazy.as_ref().map(|_| true),
+        ps: req.lazy.as_ref().map(|l| super::rpc::PageServerInfo {
+            address: Some(l.address.clone()),
+            port: Some(l.port as i32),
+            pid: None,
+            fd: None,
+        }),
+        notify_scripts: req.lazy.as_ref().map(|_| true),
         ..Opts::default()
     };
     let mut w = Swrk::spawn(criu, &[])?;
@@ -86,7 +119,19 @@ pub fn dump(criu: &Path, req: &DumpRequest<'_>) -> Result<DumpFacts, CriuError> 
             opts: Some(opts),
             ..Default::default()
         },
-        |_| true,
+        |action| {
+            if let Some(l) = &req.lazy {
+                let ev = match action {
+                    "post-dump" => Some(LazyEvent::Dumped),
+                    "status-ready" => Some(LazyEvent::Serving),
+                    _ => None,
+                };
+                if let Some(ev) = ev {
+                    let _ = l.events.send(ev);
+                }
+            }
+            true
+        },
     )?;
     if !resp.success {
         return Err(CriuError::Failed {

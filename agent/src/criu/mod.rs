@@ -4,11 +4,13 @@
 //! - [`swrk`]: one worker process and its socketpair.
 //! - [`probe`](Criu::probe): version and kernel features, at agent start.
 //! - [`dump`] / [`restore`]: the options a Ferry VPS needs, each explained.
+//! - [`lazy`]: post-copy: the target's `criu lazy-pages` daemon and its helpers.
 //!
 //! The CRIU binary comes from `--criu` (default: the project prefix that
 //! `scripts/install-criu.sh` fills, then `criu` on PATH).
 
 pub mod dump;
+pub mod lazy;
 pub mod restore;
 pub mod rpc;
 pub mod swrk;

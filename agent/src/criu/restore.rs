@@ -27,6 +27,10 @@ pub struct RestoreRequest {
     /// (controller, path) for every hierarchy: where the VPS's cgroups are on this host.
     pub cg_roots: Vec<(Option<String>, String)>,
     pub log_level: i32,
+    /// Post-copy: memory comes from the `criu lazy-pages` daemon already
+    /// running on the images dir, not from the images.
+    #[serde(default)]
+    pub lazy: bool,
 }
 
 /// Runs the restore. The restored init becomes a child of the caller
@@ -82,6 +86,7 @@ pub fn restore(
         inherit_fd: inherit,
         network_lock: Some(NetworkLock::Nftables as i32),
         notify_scripts: Some(true),
+        lazy_pages: req.lazy.then_some(true),
         ..Opts::default()
     };
     let mut w = Swrk::spawn(criu, &[console, netns.as_fd()])?;

@@ -116,6 +116,8 @@ pub struct Opts {
     pub status_fd: Option<i32>,
     #[prost(enumeration = "NetworkLock", optional, tag = "64")]
     pub network_lock: Option<i32>,
+    #[prost(bool, optional, tag = "69")]
+    pub leave_stopped: Option<bool>,
 }
 
 /// `criu_req_type`.

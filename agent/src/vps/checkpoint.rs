@@ -65,7 +65,9 @@ impl Agent {
                     pid,
                     images: &images_owned,
                     leave_running,
+                    leave_stopped: false,
                     log_level: criu_log_level(),
+                    lazy: None,
                 },
             )
             .map_err(|e| AgentError::FailedPrecondition(e.to_string()))

@@ -26,6 +26,8 @@ pub struct Incoming {
     live: bool,
     images: PathBuf,
     held: Option<Held>,
+    /// Post-copy: the daemon fetching the VPS's memory from the source.
+    lazy: Option<crate::criu::lazy::LazyDaemon>,
     /// Where the decision lives in a cluster (empty: node-local).
     controllers: Vec<String>,
 }
@@ -86,6 +88,7 @@ impl Agent {
                 live: req.live,
                 images,
                 held: None,
+                lazy: None,
                 controllers: req.controllers.clone(),
             },
         );
@@ -191,7 +194,8 @@ impl Agent {
             .remove(&req.migration_id)
             .ok_or_else(|| AgentError::not_found("migration", &req.migration_id))?;
         let res = if i.live && req.live {
-            self.restore_held(&mut i, &req.console_key).await
+            self.restore_held(&mut i, &req.console_key, &req.page_server)
+                .await
         } else {
             Ok(())
         };
@@ -267,13 +271,43 @@ impl Agent {
 
     /// Restores the arriving VPS and keeps it held before it runs. On failure
     /// its kernel objects are gone (the source's rollback removes the rest).
-    async fn restore_held(self: &Arc<Self>, i: &mut Incoming, console_key: &str) -> Result<()> {
+    async fn restore_held(
+        self: &Arc<Self>,
+        i: &mut Incoming,
+        console_key: &str,
+        page_server: &str,
+    ) -> Result<()> {
         let lock = self.lock_for(&i.name);
         let _g = lock.lock().await;
+        if !page_server.is_empty() {
+            let (addr, port) = page_server
+                .rsplit_once(':')
+                .and_then(|(a, p)| Some((a.to_string(), p.parse::<u16>().ok()?)))
+                .ok_or_else(|| AgentError::invalid("page_server", "use ADDR:PORT"))?;
+            let criu = self
+                .criu
+                .usable()
+                .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?
+                .path
+                .clone();
+            crate::criu::lazy::ensure_pipe_max_size()
+                .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?;
+            let d = crate::criu::lazy::start_daemon(
+                &criu,
+                &i.images,
+                &addr,
+                port,
+                super::start::criu_log_level(),
+            )
+            .await
+            .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?;
+            i.lazy = Some(d);
+        }
         let r = Resume {
             images: i.images.clone(),
             console_key: console_key.to_string(),
             hold: true,
+            lazy: i.lazy.is_some(),
         };
         match self.bring_up(&i.rec, Some(&r)).await {
             Ok(Some(h)) => {
@@ -288,6 +322,7 @@ impl Agent {
                 Err(AgentError::Internal("the restored VPS was not held".into()))
             }
             Err(e) => {
+                i.lazy = None;
                 crate::criu::clear_leftover_mounts(&i.images);
                 let _ = self.teardown(&i.name).await;
                 Err(e)
@@ -313,14 +348,36 @@ impl Agent {
             if let Some(h) = i.held.take() {
                 h.go().await?;
             }
+            if let Some(d) = i.lazy.take() {
+                // The post-copy window: the VPS runs here while its memory
+                // still comes from the source. Its images stay until then.
+                let images = i.images.clone();
+                let vps = name.clone();
+                tokio::spawn(async move {
+                    let t = std::time::Instant::now();
+                    let mut child = d.child;
+                    let st = child.wait().await;
+                    let ok = st.as_ref().is_ok_and(|s| s.success());
+                    if ok {
+                        tracing::info!(vps = %vps, ms = t.elapsed().as_millis() as u64, "post-copy: every page arrived");
+                    } else {
+                        tracing::error!(vps = %vps, status = ?st, log = %crate::criu::log_tail(&images.join(crate::criu::lazy::LAZY_LOG)), "post-copy: the page transfer failed; the VPS may miss memory");
+                    }
+                    crate::criu::clear_leftover_mounts(&images);
+                    let _ = std::fs::remove_dir_all(&images);
+                });
+                i.images = PathBuf::new();
+            }
             let mut rec = i.rec.clone();
             rec.config.generation = rec.config.generation.max(req.generation);
             self.save_record(&rec)?;
             let _ = std::fs::remove_file(self.paths.vps(&name).join(INCOMING_MARKER));
             self.watch(&name);
             self.announce(&rec);
-            crate::criu::clear_leftover_mounts(&i.images);
-            let _ = std::fs::remove_dir_all(&i.images);
+            if !i.images.as_os_str().is_empty() {
+                crate::criu::clear_leftover_mounts(&i.images);
+                let _ = std::fs::remove_dir_all(&i.images);
+            }
             drop(_g);
             tracing::info!(vps = %name, "migration arrived");
             return Ok(pb::MigrateFinishResponse {
@@ -330,6 +387,7 @@ impl Agent {
         if let Some(h) = i.held.take() {
             h.abort().await;
         }
+        drop(i.lazy.take());
         self.discard_incoming(&name, &i.images).await;
         Ok(pb::MigrateFinishResponse { vps: None })
     }

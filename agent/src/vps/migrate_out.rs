@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ferry_migrate::phases::{self, Job, Mode, Source};
+use ferry_migrate::phases::{self, Dumped, Job, Mode, Source};
 use ferry_proto::agent::v1 as pb;
 use ferry_proto::agent::v1::agent_service_client::AgentServiceClient;
 use futures::StreamExt;
@@ -28,6 +28,8 @@ struct AgentSource {
     journal: std::sync::Mutex<Journal>,
     /// The VPS's lock, held from the dump to the outcome.
     frozen: tokio::sync::Mutex<Option<tokio::sync::OwnedMutexGuard<()>>>,
+    /// Post-copy: the lazy dump serving the VPS's memory.
+    lazy: tokio::sync::Mutex<Option<super::postcopy::LazyRun>>,
 }
 
 #[tonic::async_trait]
@@ -55,7 +57,13 @@ impl Source for AgentSource {
     fn dirty_tracking(&self) -> bool {
         self.agent.criu.info.as_ref().is_ok_and(|i| i.mem_track)
     }
-    async fn dump(&self, images: &Path) -> std::result::Result<String, String> {
+    fn post_copy(&self) -> bool {
+        self.agent.criu.info.as_ref().is_ok_and(|i| i.lazy_pages)
+    }
+    async fn dump(&self, images: &Path, lazy: bool) -> std::result::Result<Dumped, String> {
+        if lazy {
+            return self.dump_lazy(images).await;
+        }
         let name = &self.rec.config.name;
         let guard = self.agent.lock_for(name).lock_owned().await;
         // Journal first: if this agent dies during the dump, its successor
@@ -81,7 +89,22 @@ impl Source for AgentSource {
         // Keep the VPS's lock until the outcome: nothing (the exit watcher
         // included) touches the old run's kernel objects inside the frozen window.
         *self.frozen.lock().await = Some(guard);
-        Ok(key)
+        Ok(Dumped {
+            console_key: key,
+            page_server: None,
+        })
+    }
+    async fn post_copy_done(&self) -> std::result::Result<(), String> {
+        let Some(run) = self.lazy.lock().await.take() else {
+            return Ok(());
+        };
+        match run.done.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!(
+                "the page transfer failed: {e}; the VPS on the target may miss memory"
+            )),
+            Err(e) => Err(format!("the lazy dump's thread: {e}")),
+        }
     }
     async fn resume(&self, images: &Path, console_key: &str) -> std::result::Result<(), String> {
         let name = &self.rec.config.name;
@@ -90,10 +113,20 @@ impl Source for AgentSource {
             Some(g) => g,
             None => self.agent.lock_for(name).lock_owned().await,
         };
+        if let Some(run) = self.lazy.lock().await.take() {
+            // Post-copy: the tasks are still here, stopped; let them run.
+            self.agent
+                .thaw_lazy(name, run)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.agent.announce(&self.rec);
+            return Ok(());
+        }
         let r = Resume {
             images: images.to_path_buf(),
             console_key: console_key.to_string(),
             hold: false,
+            lazy: false,
         };
         // The dump left the kernel objects of the old run; release them first.
         self.agent.teardown(name).await.map_err(|e| e.to_string())?;
@@ -151,6 +184,42 @@ impl Source for AgentSource {
 }
 
 impl AgentSource {
+    /// Post-copy: dumps all but the memory and keeps serving it.
+    async fn dump_lazy(&self, images: &Path) -> std::result::Result<Dumped, String> {
+        let name = &self.rec.config.name;
+        let guard = self.agent.lock_for(name).lock_owned().await;
+        let pid = match self.agent.status(name) {
+            super::Status::Running(st) => st.init_pid,
+            _ => return Err(format!("VPS {name} is not running")),
+        };
+        self.journal_update(|j| {
+            j.console_key = crate::criu::dump::console_key(pid);
+            j.frozen = true;
+            j.lazy = true;
+        })?;
+        let marker = self
+            .agent
+            .paths
+            .vps_run(name)
+            .join(crate::runtime::CHECKPOINT_MARKER);
+        let _ = std::fs::write(&marker, b"");
+        let (key, run) = match self.agent.dump_lazy_locked(name, images).await {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = std::fs::remove_file(&marker);
+                let _ = self.journal_update(|j| j.frozen = false);
+                return Err(e.to_string());
+            }
+        };
+        let page_server = run.page_server.clone();
+        *self.lazy.lock().await = Some(run);
+        *self.frozen.lock().await = Some(guard);
+        Ok(Dumped {
+            console_key: key,
+            page_server: Some(page_server),
+        })
+    }
+
     fn journal_update(&self, f: impl FnOnce(&mut Journal)) -> std::result::Result<(), String> {
         let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut j);
@@ -263,6 +332,7 @@ impl Agent {
             scratch: scratch.clone(),
             journal: std::sync::Mutex::new(journal),
             frozen: Default::default(),
+            lazy: Default::default(),
         });
         let job = Job {
             id,

@@ -46,6 +46,9 @@ pub(super) struct Journal {
     /// The VPS's generation after a committed move.
     #[serde(default)]
     pub generation: u64,
+    /// Post-copy: the dump left the tasks stopped here, memory and all.
+    #[serde(default)]
+    pub lazy: bool,
 }
 
 impl Journal {
@@ -186,6 +189,7 @@ impl Agent {
             images: dir.join("images"),
             console_key: j.console_key.clone(),
             hold: false,
+            lazy: false,
         };
         match self.bring_up(rec, Some(&r)).await {
             Ok(_) => {

@@ -9,6 +9,7 @@ mod exec;
 mod migrate_in;
 mod migrate_out;
 mod migrate_recover;
+mod postcopy;
 mod query;
 mod restore;
 mod set;

@@ -71,6 +71,7 @@ impl Agent {
             images,
             console_key: meta.facts.console_key.clone(),
             hold: false,
+            lazy: false,
         };
         match self.bring_up(rec, Some(&resume)).await {
             Ok(_) => {

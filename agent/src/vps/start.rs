@@ -140,6 +140,7 @@ impl Agent {
                     console_key: r.console_key.clone(),
                     cg_roots: cg.criu_roots(),
                     log_level: criu_log_level(),
+                    lazy: r.lazy,
                 },
                 hold: r.hold,
             };
@@ -267,6 +268,8 @@ pub(crate) struct Resume {
     pub images: PathBuf,
     pub console_key: String,
     pub hold: bool,
+    /// Post-copy: a `criu lazy-pages` daemon serves the memory.
+    pub lazy: bool,
 }
 
 /// A restored VPS waiting at CRIU's post-restore: nothing in it has run and its

@@ -6,9 +6,10 @@
 //! - stop-copy: dump everything while frozen, copy, restore.
 //! - cold: a stopped VPS: its files only.
 //!
-//! `auto` takes the fastest this engine can run safely on both nodes. This
-//! build runs stop-copy and cold; pre-copy and post-copy are refused with the
-//! reason (see docs/migration.md).
+//! `auto` takes stop-copy for a running VPS: it has no window in which the
+//! VPS depends on two nodes. Post-copy is chosen explicitly (it cuts the
+//! freeze for VPSes with much memory; see docs/migration.md). Pre-copy is
+//! refused with the reason.
 
 use ferry_proto::agent::v1::MigrationMode;
 
@@ -67,8 +68,9 @@ pub fn choose(asked: Mode, src: &dyn Source) -> Result<Mode, MigrateError> {
         Mode::PreCopy => Err(MigrateError::Refused(
             "mode pre-copy is not implemented yet; use stop-copy".into(),
         )),
-        Mode::PostCopy => Err(MigrateError::Refused(
-            "mode post-copy (lazy pages) is not implemented yet; use stop-copy".into(),
+        Mode::PostCopy if !src.post_copy() => Err(MigrateError::Refused(
+            "mode post-copy: this node's CRIU or kernel has no lazy pages (userfaultfd); use stop-copy".into(),
         )),
+        Mode::PostCopy => Ok(Mode::PostCopy),
     }
 }

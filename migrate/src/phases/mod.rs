@@ -5,6 +5,7 @@
 //! mode → [`freeze`] (CRIU dumps the frozen tree; the source copy ends) →
 //! [`rootfs`] final delta + [`images`] → [`restore`] on the target, held before
 //! it runs → [`commit`]: the single decision point, then the target runs it →
+//! (post-copy: the memory follows until the source has served every page) →
 //! [`cleanup`] of the source copy, or [`rollback`].
 //!
 //! Until the decision commits, every failure rolls back: the target removes
@@ -43,10 +44,19 @@ pub trait Source: Send + Sync {
     fn scratch(&self) -> PathBuf;
     fn criu_version(&self) -> String;
     fn dirty_tracking(&self) -> bool;
-    /// Freezes and dumps the VPS into `images`; on success the source copy has
-    /// ended. Returns the console pipe key the restore needs.
-    async fn dump(&self, images: &Path) -> Result<String, String>;
-    /// Brings the VPS back on this node from `images` (rollback after a freeze).
+    /// Whether this node can serve a post-copy migration (lazy pages).
+    fn post_copy(&self) -> bool;
+    /// Freezes and dumps the VPS into `images`. Stop-copy: on success the
+    /// source copy has ended. Post-copy (`lazy`): the memory stays out of the
+    /// images and a page server serves it; the frozen tasks end once it has
+    /// all gone ([`Source::post_copy_done`]).
+    async fn dump(&self, images: &Path, lazy: bool) -> Result<Dumped, String>;
+    /// Post-copy: waits until the target has every page (the window in which
+    /// the VPS on the target still needs this node ends).
+    async fn post_copy_done(&self) -> Result<(), String>;
+    /// Brings the VPS back on this node after a freeze (rollback): from
+    /// `images`, or, in post-copy, by stopping the page server, which lets the
+    /// frozen tasks run again.
     async fn resume(&self, images: &Path, console_key: &str) -> Result<(), String>;
     /// The decision point: asks whoever owns the VPS record to move it to the
     /// target (`commit`) or to keep it here. Returns whether it moved, which
@@ -54,6 +64,15 @@ pub trait Source: Send + Sync {
     async fn decide(&self, commit: bool) -> Result<bool, String>;
     /// Removes the source copy after a committed migration.
     async fn release(&self) -> Result<(), String>;
+}
+
+/// What a dump gives the rest of the migration.
+#[derive(Debug, Clone, Default)]
+pub struct Dumped {
+    /// The console pipe key the restore needs.
+    pub console_key: String,
+    /// Post-copy: where the source serves the memory (ADDR:PORT).
+    pub page_server: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -191,6 +210,7 @@ pub struct State {
     pub frozen_at: Option<Instant>,
     pub images: Option<PathBuf>,
     pub console_key: String,
+    pub page_server: Option<String>,
     pub decided: Option<bool>,
     pub mode: Option<Mode>,
     pub downtime: Option<Duration>,
@@ -212,7 +232,7 @@ async fn steps(
     if mode != Mode::Cold {
         let images = src.scratch().join("images");
         st.images = Some(images.clone());
-        freeze::run(src, &images, p, st).await?;
+        freeze::run(src, &images, mode == Mode::PostCopy, p, st).await?;
         // The tree is frozen (dead on the source): the final delta is exact.
         sync.pass(target, job, p, "final-rootfs").await?;
         images::push(target, job, &images, p).await?;
@@ -224,6 +244,14 @@ async fn steps(
     }
     restore::run(target, job, mode, st, p).await?;
     commit::run(src, target, job, st, p).await?;
+    if mode == Mode::PostCopy {
+        // The VPS runs on the target; its memory still comes from here.
+        p.phase("post-copy", "memory follows on demand").await;
+        src.post_copy_done()
+            .await
+            .map_err(MigrateError::at("post-copy"))?;
+        p.done_phase("post-copy", 0);
+    }
     cleanup::run(src, st, p).await;
     Ok(())
 }

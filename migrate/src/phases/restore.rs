@@ -21,6 +21,7 @@ pub async fn run(
             migration_id: job.id.clone(),
             live: mode != Mode::Cold,
             console_key: st.console_key.clone(),
+            page_server: st.page_server.clone().unwrap_or_default(),
         })
         .await
         .map_err(|s| MigrateError::at("restore")(status_msg(s)))?;

@@ -1,0 +1,492 @@
+//! Migration benchmark (root; real CRIU, two agents on a LAN of network
+//! namespaces, a client host polling the VPS).
+//!
+//! 1. Downtime and total time of a live migration of a VPS holding 64, 256 and
+//!    1024 MiB of touched memory, per mode this host supports. Downtime is
+//!    measured by the source (freeze to running on the target) and by a client
+//!    on the LAN (the longest gap between HTTP answers, polling every ~5 ms with
+//!    a 50 ms connect timeout). Beside it, the peer: the CRIU CLI dumping and
+//!    restoring a plain process holding the same memory on this node (no
+//!    transfer, no network), the floor of any stop-and-copy.
+//! 2. Rootfs sync of a Debian 12 minbase tree (debootstrap): a cold migration's
+//!    full pass and its no-op final pass, beside `rsync -aHAX` to a loopback
+//!    rsync daemon (full, then no-op), and bytes on the wire against `rsync -z`.
+//!
+//! `cargo bench -p ferry-agent --bench migrate`. FERRY_BENCH_SIZES_MIB picks the
+//! sizes (default "64,256,1024"); FERRY_BENCH_SKIP_ROOTFS=1 skips part 2.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use ferry_proto::agent::v1 as pb;
+use futures::StreamExt;
+
+const DEBIAN: &str = "/var/tmp/ferry-cache/debian12-v1.tar.zst";
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// A busybox awk that fills a string of `bytes` (a power of two) and sleeps.
+fn memhog_awk(bytes: u64) -> String {
+    format!(
+        "BEGIN {{ s = \"x\"; while (length(s) < {bytes}) s = s s; \
+         while (1) system(\"sleep 3600\") }}"
+    )
+}
+
+/// Polls http://ip/ from the client host until told to stop; reports the
+/// longest gap between answers (ms), answers and failures.
+struct Poller {
+    child: std::process::Child,
+}
+
+impl Poller {
+    fn start(lan: &Lan, ip: &str) -> Poller {
+        let script = "import socket,sys,time,threading\n\
+ip=sys.argv[1]\n\
+done=[False]\n\
+def wait():\n\
+\x20   sys.stdin.read(); done[0]=True\n\
+threading.Thread(target=wait,daemon=True).start()\n\
+last=None; gap=0.0; ok=0; fail=0\n\
+while not done[0]:\n\
+\x20   try:\n\
+\x20       s=socket.create_connection((ip,80),timeout=0.05)\n\
+\x20       s.settimeout(0.5)\n\
+\x20       s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n\
+\x20       d=b''\n\
+\x20       while True:\n\
+\x20           c=s.recv(4096)\n\
+\x20           if not c: break\n\
+\x20           d+=c\n\
+\x20       s.close()\n\
+\x20       if b' 200 ' in d[:20]:\n\
+\x20           now=time.monotonic()\n\
+\x20           if last is not None: gap=max(gap,now-last)\n\
+\x20           last=now; ok+=1\n\
+\x20       else: fail+=1\n\
+\x20   except Exception:\n\
+\x20       fail+=1\n\
+\x20   time.sleep(0.005)\n\
+print('%d %d %d' % (gap*1000, ok, fail), flush=True)\n";
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", lan.client))
+            .args(["--", "python3", "-c", script, ip])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 poller");
+        Poller { child }
+    }
+
+    /// (longest gap ms, answers, failures)
+    fn stop(mut self) -> (u64, u64, u64) {
+        drop(self.child.stdin.take());
+        let out = std::mem::replace(
+            &mut self.child,
+            Command::new("true").spawn().expect("true"),
+        )
+        .wait_with_output()
+        .expect("poller output");
+        let s = String::from_utf8_lossy(&out.stdout);
+        let v: Vec<u64> = s.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        (
+            v.first().copied().unwrap_or(0),
+            v.get(1).copied().unwrap_or(0),
+            v.get(2).copied().unwrap_or(0),
+        )
+    }
+}
+
+async fn wait_memory(
+    c: &mut pb::agent_service_client::AgentServiceClient<tonic::transport::Channel>,
+    name: &str,
+    bytes: u64,
+) {
+    let end = Instant::now() + Duration::from_secs(300);
+    loop {
+        let v = get(c, name).await;
+        if v.usage.map(|u| u.memory_bytes).unwrap_or(0) >= bytes {
+            return;
+        }
+        assert!(Instant::now() < end, "{name} never reached {bytes} bytes");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn migrate(
+    c: &mut pb::agent_service_client::AgentServiceClient<tonic::transport::Channel>,
+    name: &str,
+    to: &Host,
+    mode: pb::MigrationMode,
+) -> pb::MigrationEvent {
+    let mut s = c
+        .migrate_vps(pb::MigrateVpsRequest {
+            name: name.into(),
+            target_addr: format!("unix:{}", to.sock().display()),
+            target_node: to.id.clone(),
+            mode: mode as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("migrate")
+        .into_inner();
+    let mut last = None;
+    while let Some(ev) = s.next().await {
+        let ev = ev.expect("event");
+        if ev.done {
+            last = Some(ev);
+        }
+    }
+    let ev = last.expect("final event");
+    assert!(ev.error.is_empty(), "migration failed: {}", ev.error);
+    ev
+}
+
+fn phase_ms(ev: &pb::MigrationEvent, phase: &str) -> u64 {
+    ev.phases
+        .iter()
+        .filter(|p| p.phase == phase)
+        .map(|p| p.millis)
+        .sum()
+}
+
+fn phase_bytes(ev: &pb::MigrationEvent, phase: &str) -> u64 {
+    ev.phases
+        .iter()
+        .filter(|p| p.phase == phase)
+        .map(|p| p.bytes)
+        .sum()
+}
+
+fn criu_bin() -> String {
+    if Path::new("/opt/ferry/criu/bin/criu").exists() {
+        "/opt/ferry/criu/bin/criu".into()
+    } else {
+        "criu".into()
+    }
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+/// The CRIU CLI on a plain process holding `bytes`: (dump, restore) times.
+fn criu_cli_peer(dir: &Path, bytes: u64) -> Option<(Duration, Duration)> {
+    let images = dir.join(format!("cli-{bytes}"));
+    std::fs::create_dir_all(&images).ok()?;
+    let child = Command::new("setsid")
+        .args(["busybox", "awk", &memhog_awk(bytes)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let pid = child.id();
+    let end = Instant::now() + Duration::from_secs(300);
+    while rss_bytes(pid) < bytes {
+        if Instant::now() > end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let t = Instant::now();
+    let dump = Command::new(criu_bin())
+        .args(["dump", "-t", &pid.to_string(), "-D"])
+        .arg(&images)
+        .args(["-o", "dump.log"])
+        .status()
+        .ok()?;
+    let dump_t = t.elapsed();
+    let mut child = child;
+    let _ = child.wait();
+    if !dump.success() {
+        eprintln!("criu dump failed: see {}/dump.log", images.display());
+        return None;
+    }
+    let t = Instant::now();
+    let rst = Command::new(criu_bin())
+        .args(["restore", "-d", "-D"])
+        .arg(&images)
+        .args(["-o", "restore.log"])
+        .status()
+        .ok()?;
+    let rst_t = t.elapsed();
+    let _ = Command::new("pkill")
+        .args(["-9", "-f", &memhog_awk(bytes)])
+        .status();
+    let _ = std::fs::remove_dir_all(&images);
+    rst.success().then_some((dump_t, rst_t))
+}
+
+async fn memory_bench(lan: &Lan, a: &Host, b: &Host) -> Vec<String> {
+    let sizes: Vec<u64> = std::env::var("FERRY_BENCH_SIZES_MIB")
+        .unwrap_or_else(|_| "64,256,1024".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let mut rows = Vec::new();
+    println!("\n== live migration downtime (stop-copy; pre-copy and post-copy are not available here)");
+    println!(
+        "{:>8}  {:>12} {:>12} {:>9} {:>9} {:>9} {:>9}  {:>16}",
+        "memory",
+        "downtime src",
+        "client gap",
+        "total",
+        "freeze",
+        "images",
+        "restore",
+        "peer: criu CLI"
+    );
+    for (i, mib) in sizes.iter().enumerate() {
+        let bytes = mib << 20;
+        let name = format!("bm{mib}");
+        let ip = format!("10.77.8.{}", 10 + i);
+        let mut ca = a.client().await;
+        let mut s = spec(&name, Some(&ip));
+        s.limits.as_mut().expect("limits").memory_bytes = 2 * bytes + (128 << 20);
+        create_started(&mut ca, s).await;
+        let r = exec(
+            &mut ca,
+            &name,
+            &[
+                "setsid",
+                "sh",
+                "-c",
+                &format!(
+                    "awk '{}' </dev/null >/dev/null 2>&1 &",
+                    memhog_awk(bytes).replace('\'', "")
+                ),
+            ],
+        )
+        .await;
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        wait_memory(&mut ca, &name, bytes).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let poller = Poller::start(lan, &ip);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let ev = migrate(&mut ca, &name, b, pb::MigrationMode::StopCopy).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let (gap, ok, fail) = poller.stop();
+        assert!(ok > 0, "the client never got an answer");
+        let peer = criu_cli_peer(&a.dir, bytes);
+        let peer_s = match peer {
+            Some((d, r)) => format!("{:.0}+{:.0}={:.0} ms", ms(d), ms(r), ms(d + r)),
+            None => "failed".into(),
+        };
+        let row = format!(
+            "{:>5} MiB  {:>9} ms {:>9} ms {:>6} ms {:>6} ms {:>6} ms {:>6} ms  {:>16}",
+            mib,
+            ev.downtime_ms,
+            gap,
+            ev.total_ms,
+            phase_ms(&ev, "freeze"),
+            phase_ms(&ev, "images"),
+            phase_ms(&ev, "restore"),
+            peer_s
+        );
+        println!("{row}  (client: {ok} answers, {fail} failed polls)");
+        rows.push(row);
+        let mut cb = b.client().await;
+        stop(&mut cb, &name, 0, true).await;
+        let _ = cb
+            .destroy_vps(pb::DestroyVpsRequest {
+                name: name.clone(),
+                force: true,
+                generation: 0,
+            })
+            .await;
+    }
+    rows
+}
+
+fn debian_tree(into: &Path) -> bool {
+    if !Path::new(DEBIAN).exists() {
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../scripts/make-debian-template.sh"
+        );
+        let _ = std::fs::create_dir_all("/var/tmp/ferry-cache");
+        if !Command::new(script)
+            .arg(DEBIAN)
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            return false;
+        }
+    }
+    std::fs::create_dir_all(into).is_ok()
+        && Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "zstd -dc {DEBIAN} | tar -C {} --numeric-owner --xattrs -xf -",
+                into.display()
+            ))
+            .status()
+            .is_ok_and(|s| s.success())
+}
+
+struct RsyncDaemon {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for RsyncDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rsync_daemon(dir: &Path, dest: &Path) -> RsyncDaemon {
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let conf = dir.join("rsyncd.conf");
+    let mut f = std::fs::File::create(&conf).expect("rsyncd.conf");
+    writeln!(
+        f,
+        "use chroot = false\nuid = root\ngid = root\n[dst]\npath = {}\nread only = false\n",
+        dest.display()
+    )
+    .expect("write rsyncd.conf");
+    let child = Command::new("rsync")
+        .args(["--daemon", "--no-detach", "--address=127.0.0.1"])
+        .arg(format!("--port={port}"))
+        .arg(format!("--config={}", conf.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("rsync --daemon");
+    std::thread::sleep(Duration::from_millis(500));
+    RsyncDaemon { child, port }
+}
+
+/// One rsync run: (time, bytes sent).
+fn rsync(src: &Path, port: u16, sub: &str, z: bool) -> (Duration, u64) {
+    let t = Instant::now();
+    let out = Command::new("rsync")
+        .arg(if z { "-aHAXz" } else { "-aHAX" })
+        .args(["--stats", "--numeric-ids"])
+        .arg(format!("{}/", src.display()))
+        .arg(format!("rsync://127.0.0.1:{port}/dst/{sub}/"))
+        .output()
+        .expect("rsync");
+    let took = t.elapsed();
+    assert!(
+        out.status.success(),
+        "rsync failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sent = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with("Total bytes sent:"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|v| v.trim().replace(',', ""))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    (took, sent)
+}
+
+async fn rootfs_bench(a: &Host, b: &Host) -> Vec<String> {
+    println!("\n== rootfs sync: Debian 12 minbase (debootstrap)");
+    let name = "bdeb".to_string();
+    let mut ca = a.client().await;
+    ca.create_vps(pb::CreateVpsRequest {
+        spec: Some(spec(&name, None)),
+        start: false,
+    })
+    .await
+    .expect("create");
+    let upper: PathBuf = a.data_dir().join("vps").join(&name).join("upper");
+    if !debian_tree(&upper) {
+        println!("skipped: no Debian 12 tree (debootstrap or a mirror is missing)");
+        return Vec::new();
+    }
+    let du = Command::new("du")
+        .args(["-sb"])
+        .arg(&upper)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    let tree_bytes: u64 = du
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    // Warm the page cache for both contenders alike.
+    let _ = Command::new("tar")
+        .arg("-C")
+        .arg(&upper)
+        .args(["-cf", "/dev/null", "."])
+        .status();
+
+    let ev = migrate(&mut ca, &name, b, pb::MigrationMode::Cold).await;
+    let full = phase_ms(&ev, "rootfs");
+    let full_bytes = phase_bytes(&ev, "rootfs");
+    let noop = phase_ms(&ev, "final-rootfs");
+
+    let dest = a.dir.join("rsync-dest");
+    std::fs::create_dir_all(&dest).expect("rsync dest");
+    let d = rsync_daemon(&a.dir, &dest);
+    let (r_full, r_bytes) = rsync(&upper, d.port, "plain", false);
+    let (r_noop, _) = rsync(&upper, d.port, "plain", false);
+    let (_, rz_bytes) = rsync(&upper, d.port, "z", true);
+
+    let mb = tree_bytes as f64 / 1e6;
+    let rows = vec![
+        format!(
+            "tree {:.0} MB; full copy: ferry {} ms ({:.0} MB/s), rsync -aHAX {:.0} ms ({:.0} MB/s): {:.2}x rsync's speed",
+            mb,
+            full,
+            mb / (full.max(1) as f64 / 1000.0),
+            ms(r_full),
+            mb / r_full.as_secs_f64(),
+            ms(r_full) / full.max(1) as f64
+        ),
+        format!(
+            "bytes on the wire: ferry {:.1} MB (zstd where it pays), rsync {:.1} MB, rsync -z {:.1} MB",
+            full_bytes as f64 / 1e6,
+            r_bytes as f64 / 1e6,
+            rz_bytes as f64 / 1e6
+        ),
+        format!(
+            "no-op pass (nothing changed): ferry {} ms, rsync {:.0} ms",
+            noop,
+            ms(r_noop)
+        ),
+    ];
+    for r in &rows {
+        println!("{r}");
+    }
+    rows
+}
+
+fn main() {
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    rt.block_on(async {
+        let lan = Lan::new();
+        let a = Host::on_lan(&lan, "10.77.0.61/16", vec![]).await;
+        let b = Host::on_lan(&lan, "10.77.0.62/16", vec![]).await;
+        let mut rows = memory_bench(&lan, &a, &b).await;
+        if std::env::var("FERRY_BENCH_SKIP_ROOTFS").as_deref() != Ok("1") {
+            rows.extend(rootfs_bench(&a, &b).await);
+        }
+        println!("\n== summary");
+        for r in rows {
+            println!("{r}");
+        }
+    });
+}

@@ -1,0 +1,257 @@
+//! Post-copy, source side: a lazy dump whose page server this node runs
+//! until the target has every page.
+//!
+//! The dump leaves the tasks *stopped*, not ended (`leave_stopped`): CRIU
+//! would otherwise end them as soon as the last page left, even before the
+//! migration's decision, and a rollback would have nothing to resume. So:
+//! - committed: the target runs the VPS; once every page has gone, the
+//!   stopped tasks here are ended with the rest of the source copy;
+//! - rolled back: the page transfer is cut (the target drops its copy, and
+//!   the server is poked so it stops waiting), then the tasks here are let
+//!   run again and the network lock CRIU left in the VPS's netns is removed.
+
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::criu::dump::{DumpFacts, DumpRequest, LazyDump, LazyEvent};
+use crate::error::{AgentError, IoContext, Result};
+use crate::runtime::CHECKPOINT_MARKER;
+
+use super::start::{blocking, criu_log_level};
+use super::{Agent, Status};
+
+/// How long the dump may take to reach its page server.
+const SERVE_WAIT: Duration = Duration::from_secs(60);
+
+/// A post-copy dump in progress.
+pub(super) struct LazyRun {
+    /// Where the page server listens (ADDR:PORT).
+    pub page_server: String,
+    /// Ends when every page was served (Ok) or the transfer failed.
+    pub done: tokio::task::JoinHandle<Result<DumpFacts>>,
+}
+
+impl Agent {
+    /// Freezes and dumps a running VPS without its memory, and returns once
+    /// the page server listens. The caller holds the VPS's lock.
+    pub(super) async fn dump_lazy_locked(
+        &self,
+        name: &str,
+        images: &Path,
+    ) -> Result<(String, LazyRun)> {
+        let pid = match self.status(name) {
+            Status::Running(s) => s.init_pid,
+            _ => {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "VPS {name} is not running"
+                )))
+            }
+        };
+        let criu = self
+            .criu
+            .usable()
+            .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?
+            .path
+            .clone();
+        crate::criu::lazy::ensure_pipe_max_size()
+            .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?;
+        let addr = self.cfg.bridge_cidr.addr();
+        let port = crate::criu::lazy::free_port(addr)
+            .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?;
+        std::fs::create_dir_all(images).at("creating", images)?;
+        let console_key = crate::criu::dump::console_key(pid);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let images_owned = images.to_path_buf();
+        let address = addr.to_string();
+        let mut done = tokio::spawn(blocking(move || {
+            crate::criu::dump::dump(
+                &criu,
+                &DumpRequest {
+                    pid,
+                    images: &images_owned,
+                    leave_running: false,
+                    leave_stopped: true,
+                    log_level: criu_log_level(),
+                    lazy: Some(LazyDump {
+                        address,
+                        port,
+                        events: tx,
+                    }),
+                },
+            )
+            .map_err(|e| AgentError::FailedPrecondition(e.to_string()))
+        }));
+        // Dumped, then listening (seen in /proc/net/tcp: connecting would
+        // take the server's one connection).
+        let end = Instant::now() + SERVE_WAIT;
+        let mut dumped = false;
+        loop {
+            if !dumped && rx.try_recv() == Ok(LazyEvent::Dumped) {
+                dumped = true;
+            }
+            if dumped && crate::criu::lazy::listening(port) {
+                break;
+            }
+            if done.is_finished() {
+                return match (&mut done).await {
+                    Ok(Err(e)) => Err(e),
+                    _ => Err(AgentError::Internal(
+                        "the lazy dump ended before it served any page".into(),
+                    )),
+                };
+            }
+            if Instant::now() > end {
+                return Err(AgentError::Internal(
+                    "the lazy dump did not start its page server in time".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok((
+            console_key,
+            LazyRun {
+                page_server: format!("{addr}:{port}"),
+                done,
+            },
+        ))
+    }
+
+    /// Rollback of a post-copy dump: stops the page transfer, lets the
+    /// stopped tasks run and removes CRIU's network lock.
+    pub(super) async fn thaw_lazy(&self, name: &str, run: LazyRun) -> Result<()> {
+        // The target dropped its daemon already; a server still waiting for
+        // it gives up on a connection that closes at once.
+        if let Ok(a) = run.page_server.parse::<std::net::SocketAddr>() {
+            if let Ok(s) = std::net::TcpStream::connect_timeout(&a, Duration::from_millis(200)) {
+                drop(s);
+            }
+        }
+        let res = tokio::time::timeout(Duration::from_secs(30), run.done).await;
+        match &res {
+            Ok(Ok(Ok(_))) => {
+                tracing::warn!(vps = %name, "the page transfer had finished before the rollback; the tasks are stopped, not gone")
+            }
+            Ok(Ok(Err(e))) => tracing::info!(vps = %name, error = %e, "page transfer cut for the rollback"),
+            _ => tracing::warn!(vps = %name, "the lazy dump did not end in time"),
+        }
+        unlock_network(&self.paths.vps_run(name).join("netns"))?;
+        let pids = self.cgroup(name).pids();
+        let n = blocking({
+            let pids = pids.clone();
+            move || Ok(tcp_repair_off(&pids))
+        })
+        .await?;
+        tracing::info!(vps = %name, sockets = n, "TCP connections out of repair mode");
+        for pid in pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGCONT,
+            );
+        }
+        let _ = std::fs::remove_file(self.paths.vps_run(name).join(CHECKPOINT_MARKER));
+        Ok(())
+    }
+}
+
+/// Linux's TCP_REPAIR socket option (linux/tcp.h).
+const TCP_REPAIR: libc::c_int = 19;
+
+/// Takes every TCP socket of `pids` out of repair mode, where CRIU's dump put
+/// them (it would take them out when it unlocks the network, which a failed
+/// lazy transfer skips): each socket is borrowed with pidfd_getfd and
+/// switched back, which also sends a window probe so the peer resumes at
+/// once. Returns how many it switched.
+fn tcp_repair_off(pids: &[i32]) -> usize {
+    let mut n = 0;
+    for &pid in pids {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+        if pidfd < 0 {
+            continue;
+        }
+        // SAFETY: `pidfd` is a fresh descriptor owned here alone.
+        let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd) };
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let is_socket = std::fs::read_link(fd.path())
+                .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"));
+            let Some(num) = fd.file_name().to_str().and_then(|f| f.parse::<i32>().ok()) else {
+                continue;
+            };
+            if !is_socket {
+                continue;
+            }
+            // SAFETY: pidfd_getfd duplicates the task's descriptor `num` into
+            // this process; the result is checked and owned below.
+            let mine = unsafe {
+                libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), num, 0)
+            } as i32;
+            if mine < 0 {
+                continue;
+            }
+            // SAFETY: a fresh descriptor owned here alone.
+            let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(mine) };
+            let tcp = nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::SockType)
+                .is_ok_and(|t| t == nix::sys::socket::SockType::Stream)
+                && nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(
+                    sock.as_raw_fd(),
+                )
+                .is_ok_and(|a| a.as_sockaddr_in().is_some() || a.as_sockaddr_in6().is_some());
+            if !tcp {
+                continue;
+            }
+            let off: libc::c_int = 0;
+            // SAFETY: setsockopt with a valid fd and a c_int option value.
+            let r = unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    TCP_REPAIR,
+                    (&off as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as u32,
+                )
+            };
+            if r == 0 {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// Deletes the nftables tables CRIU's network lock left (`inet CRIU-*`) in
+/// the netns at `netns`.
+fn unlock_network(netns: &Path) -> Result<()> {
+    let nft = |args: &[&str]| {
+        std::process::Command::new("nsenter")
+            .arg(format!("--net={}", netns.display()))
+            .arg("--")
+            .arg("nft")
+            .args(args)
+            .output()
+    };
+    let out = nft(&["list", "tables"]).map_err(|e| {
+        AgentError::io(
+            "running nft (install the nftables package: scripts/install-deps.sh)",
+            e,
+        )
+    })?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() == 3 && f[0] == "table" && f[2].starts_with("CRIU-") {
+            let o = nft(&["delete", "table", f[1], f[2]])
+                .map_err(|e| AgentError::io("running nft", e))?;
+            if !o.status.success() {
+                return Err(AgentError::Internal(format!(
+                    "removing CRIU's network lock {}: {}",
+                    f[2],
+                    String::from_utf8_lossy(&o.stderr)
+                )));
+            }
+        }
+    }
+    Ok(())
+}
