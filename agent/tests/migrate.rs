@@ -266,7 +266,10 @@ async fn live_migration_keeps_processes_files_ip_and_tcp() {
             &[
                 "sh",
                 "-c",
-                "head -c 100000 /dev/urandom > /root/blob; sha256sum /root/blob",
+                // 100 kB to check byte-exact, and 30 MB more: a tree of more
+                // messages than the target's writer channel holds (a push
+                // that size once hung).
+                "head -c 100000 /dev/urandom > /root/blob; head -c 30000000 /dev/urandom > /root/bulk; sha256sum /root/blob",
             ],
         )
         .await;

@@ -57,6 +57,13 @@ pub async fn follow(mut s: tonic::Streaming<pb::MigrationEvent>) -> Result<i32> 
         eprintln!("migration failed: {}", ev.error);
         return Ok(1);
     }
+    if let Some(w) = ev.phases.iter().find(|p| p.phase == "post-copy") {
+        println!(
+            "post-copy window: {} ms after it resumed, the VPS on the target still \
+             needed the source's memory (all of it has arrived now)",
+            w.millis
+        );
+    }
     println!(
         "migrated ({}): downtime {} ms, total {} ms; {}",
         ev.mode, ev.downtime_ms, ev.total_ms, ev.message

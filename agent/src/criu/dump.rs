@@ -92,6 +92,11 @@ pub fn dump(criu: &Path, req: &DumpRequest<'_>) -> Result<DumpFacts, CriuError> 
         leave_stopped: req.leave_stopped.then_some(true),
         // Established TCP connections are dumped in repair mode and survive.
         tcp_established: Some(true),
+        // A connection still in a listening socket's accept queue (the
+        // handshake done, not yet accepted) cannot be dumped; without this a
+        // busy server could never be checkpointed. Its client sees the
+        // connection reset and reconnects; accepted ones move intact.
+        tcp_skip_in_flight: Some(true),
         // flock/posix locks held inside the VPS are part of its state.
         file_locks: Some(true),
         log_level: Some(req.log_level),
@@ -138,7 +143,10 @@ pub fn dump(criu: &Path, req: &DumpRequest<'_>) -> Result<DumpFacts, CriuError> 
             op: "dump",
             msg: format!(
                 "{}{}",
-                resp.cr_errmsg.map(|m| format!("{m}: ")).unwrap_or_default(),
+                resp.cr_errmsg
+                    .filter(|m| !m.contains("RLIMIT_NOFILE"))
+                    .map(|m| format!("{m}: "))
+                    .unwrap_or_default(),
                 log_tail(&req.images.join(DUMP_LOG))
             ),
         });

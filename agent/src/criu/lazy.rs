@@ -40,7 +40,11 @@ pub fn ensure_pipe_max_size() -> Result<(), CriuError> {
             "post-copy needs fs.pipe-max-size >= {PIPE_MAX_SIZE} (it is {cur}) and raising it failed: {e}"
         ))
     })?;
-    tracing::info!(from = cur, to = PIPE_MAX_SIZE, "raised fs.pipe-max-size for post-copy");
+    tracing::info!(
+        from = cur,
+        to = PIPE_MAX_SIZE,
+        "raised fs.pipe-max-size for post-copy"
+    );
     Ok(())
 }
 
@@ -63,9 +67,7 @@ pub fn listening(port: u16) -> bool {
         .skip(1)
         .any(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3
-                && f[3] == "0A"
-                && f[1].rsplit(':').next().is_some_and(|p| p == want)
+            f.len() > 3 && f[3] == "0A" && f[1].rsplit(':').next().is_some_and(|p| p == want)
         })
 }
 
@@ -83,8 +85,8 @@ pub async fn start_daemon(
     port: u16,
     log_level: i32,
 ) -> Result<LazyDaemon, CriuError> {
-    let (rd, wr) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
-        .map_err(|e| CriuError::Spawn(format!("pipe: {e}")))?;
+    let (rd, wr) =
+        nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| CriuError::Spawn(format!("pipe: {e}")))?;
     let wr_raw = wr.as_raw_fd();
     let mut cmd = tokio::process::Command::new(criu);
     cmd.arg("lazy-pages")

@@ -101,7 +101,10 @@ pub fn restore(
     if !resp.success {
         return Err(fail(format!(
             "{}{}",
-            resp.cr_errmsg.map(|m| format!("{m}: ")).unwrap_or_default(),
+            resp.cr_errmsg
+                .filter(|m| !m.contains("RLIMIT_NOFILE"))
+                .map(|m| format!("{m}: "))
+                .unwrap_or_default(),
             log_tail(&req.images.join(RESTORE_LOG))
         )));
     }

@@ -110,6 +110,8 @@ pub struct Opts {
     pub join_ns: Vec<JoinNamespace>,
     #[prost(uint32, optional, tag = "45")]
     pub timeout: Option<u32>,
+    #[prost(bool, optional, tag = "46")]
+    pub tcp_skip_in_flight: Option<bool>,
     #[prost(bool, optional, tag = "48")]
     pub lazy_pages: Option<bool>,
     #[prost(int32, optional, tag = "49")]

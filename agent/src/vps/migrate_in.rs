@@ -151,7 +151,10 @@ impl Agent {
             }
         };
         let (tx, mut rx) = tokio::sync::mpsc::channel::<pb::MigrateChunk>(8);
-        let writer = blocking(move || {
+        // Spawned now, not when awaited: the feed below fills the channel
+        // and would wait for a writer that had not started (a tree bigger
+        // than the channel's eight messages hung the push).
+        let writer = tokio::spawn(blocking(move || {
             let mut a = ferry_migrate::tree::apply::Applier::new(&dest).map_err(tree_err)?;
             while let Some(c) = rx.blocking_recv() {
                 for it in c.items {
@@ -159,7 +162,7 @@ impl Agent {
                 }
             }
             a.finish().map_err(tree_err)
-        });
+        }));
         let feed = async {
             tx.send(first).await.map_err(|_| ())?;
             while let Some(c) = stream.next().await {
@@ -170,7 +173,9 @@ impl Agent {
         };
         let fed = feed.await;
         drop(tx);
-        let st = writer.await?;
+        let st = writer
+            .await
+            .map_err(|e| AgentError::Internal(format!("tree writer: {e}")))??;
         if fed.is_err() {
             return Err(AgentError::Internal("the push stream broke".into()));
         }

@@ -113,7 +113,10 @@ impl Agent {
     /// A cluster migration: Raft's decision says where the VPS belongs. Asking
     /// to cancel settles it when nothing was decided yet.
     async fn recover_in_cluster(self: &Arc<Self>, dir: &Path, mut j: Journal) -> Result<()> {
-        wait_for_criu(&dir.join("images")).await;
+        if !j.lazy {
+            // (A post-copy's CRIU keeps its images open until the target lets go.)
+            wait_for_criu(&dir.join("images")).await;
+        }
         let moved = match j.decision {
             Some(true) => true,
             _ => loop {
@@ -140,6 +143,9 @@ impl Agent {
         };
         j.decision = Some(moved);
         j.save(dir)?;
+        if j.lazy && j.frozen {
+            return self.recover_lazy(&j, moved).await;
+        }
         if moved {
             // The cluster's reconciler removes this copy; the target may be
             // holding the VPS for our word.
@@ -156,6 +162,14 @@ impl Agent {
     }
 
     async fn recover_one(self: &Arc<Self>, dir: &Path, mut j: Journal) -> Result<()> {
+        if j.lazy && j.frozen {
+            let moved = j.decision == Some(true);
+            if !moved {
+                j.decision = Some(false);
+                j.save(dir)?;
+            }
+            return self.recover_lazy(&j, moved).await;
+        }
         let images = dir.join("images");
         wait_for_criu(&images).await;
         let rec = self.record(&j.name)?;
@@ -173,6 +187,26 @@ impl Agent {
         j.save(dir)?;
         self.tell_target(&j, false).await;
         self.resume_here(dir, &j, &rec).await
+    }
+
+    /// A post-copy the dead agent was serving: its tasks are stopped here,
+    /// memory and all. Moved: they stay stopped (the target may still be
+    /// fetching pages from the dead agent's CRIU) until the copy is removed.
+    /// Not moved: the target drops its copy and the tasks run again.
+    async fn recover_lazy(self: &Arc<Self>, j: &Journal, moved: bool) -> Result<()> {
+        if moved {
+            self.tell_target(j, true).await;
+            tracing::warn!("post-copy: the VPS moved before this agent stopped; its stopped tasks here stay until the copy is removed");
+            return Ok(());
+        }
+        self.tell_target(j, false).await;
+        let pid = match self.status(&j.name) {
+            super::Status::Running(s) => s.init_pid,
+            _ => return Ok(()),
+        };
+        self.recover_lazy_stay(&j.name, pid).await?;
+        tracing::warn!("post-copy: the VPS runs on here again");
+        Ok(())
     }
 
     /// Brings the VPS back on this node from the migration's images.

@@ -120,21 +120,23 @@ impl Agent {
     /// Rollback of a post-copy dump: stops the page transfer, lets the
     /// stopped tasks run and removes CRIU's network lock.
     pub(super) async fn thaw_lazy(&self, name: &str, run: LazyRun) -> Result<()> {
-        // The target dropped its daemon already; a server still waiting for
-        // it gives up on a connection that closes at once.
-        if let Ok(a) = run.page_server.parse::<std::net::SocketAddr>() {
-            if let Ok(s) = std::net::TcpStream::connect_timeout(&a, Duration::from_millis(200)) {
-                drop(s);
-            }
-        }
+        self.cut_transfer(&run.page_server);
         let res = tokio::time::timeout(Duration::from_secs(30), run.done).await;
         match &res {
             Ok(Ok(Ok(_))) => {
                 tracing::warn!(vps = %name, "the page transfer had finished before the rollback; the tasks are stopped, not gone")
             }
-            Ok(Ok(Err(e))) => tracing::info!(vps = %name, error = %e, "page transfer cut for the rollback"),
+            Ok(Ok(Err(e))) => {
+                tracing::info!(vps = %name, error = %e, "page transfer cut for the rollback")
+            }
             _ => tracing::warn!(vps = %name, "the lazy dump did not end in time"),
         }
+        self.thaw_stopped(name).await
+    }
+
+    /// Lets a VPS whose tasks a post-copy dump left stopped run again: its
+    /// network lock removed, its TCP sockets out of repair mode.
+    pub(super) async fn thaw_stopped(&self, name: &str) -> Result<()> {
         unlock_network(&self.paths.vps_run(name).join("netns"))?;
         let pids = self.cgroup(name).pids();
         let n = blocking({
@@ -152,6 +154,44 @@ impl Agent {
         let _ = std::fs::remove_file(self.paths.vps_run(name).join(CHECKPOINT_MARKER));
         Ok(())
     }
+}
+
+impl Agent {
+    /// The target dropped its daemon already; a page server still waiting for
+    /// it gives up on a connection that closes at once.
+    fn cut_transfer(&self, page_server: &str) {
+        if let Ok(a) = page_server.parse::<std::net::SocketAddr>() {
+            if let Ok(s) = std::net::TcpStream::connect_timeout(&a, Duration::from_millis(200)) {
+                drop(s);
+            }
+        }
+    }
+
+    /// Recovery of a post-copy whose source agent died: waits for the dead
+    /// agent's CRIU to let go of the tasks (the target dropped its copy, so
+    /// the transfer fails), then thaws them.
+    pub(super) async fn recover_lazy_stay(&self, name: &str, init_pid: i32) -> Result<()> {
+        let end = Instant::now() + SERVE_WAIT;
+        while traced(init_pid) {
+            if Instant::now() > end {
+                return Err(AgentError::Internal(format!(
+                    "the tasks of VPS {name} are still held by a CRIU of the dead agent"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.thaw_stopped(name).await
+    }
+}
+
+/// Whether a process is ptrace-attached (CRIU holds dumped tasks so).
+fn traced(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("TracerPid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .is_some_and(|v| v != "0")
 }
 
 /// Linux's TCP_REPAIR socket option (linux/tcp.h).
@@ -186,9 +226,8 @@ fn tcp_repair_off(pids: &[i32]) -> usize {
             }
             // SAFETY: pidfd_getfd duplicates the task's descriptor `num` into
             // this process; the result is checked and owned below.
-            let mine = unsafe {
-                libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), num, 0)
-            } as i32;
+            let mine =
+                unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), num, 0) } as i32;
             if mine < 0 {
                 continue;
             }

@@ -81,11 +81,32 @@ pub async fn push_tree(
     // (bytes read so far, bytes the plan will read), shared with the sender thread.
     let counts = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
     let c2 = Arc::clone(&counts);
+    // Set when the push has ended (the target answered, maybe with an error):
+    // the sender must not wait for room in a channel nobody drains any more.
+    let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ended2 = Arc::clone(&ended);
     let producer = tokio::task::spawn_blocking(move || {
         let chunk = |items| pb::MigrateChunk {
             migration_id: id2.clone(),
             area: area2.clone(),
             items,
+        };
+        let put = |mut c: pb::MigrateChunk| -> Result<(), TreeError> {
+            loop {
+                match tx.try_send(c) {
+                    Ok(()) => return Ok(()),
+                    Err(mpsc::error::TrySendError::Full(back)) => {
+                        if ended2.load(Ordering::Relaxed) {
+                            return Err(TreeError::Closed("the target stopped reading".into()));
+                        }
+                        c = back;
+                        std::thread::sleep(std::time::Duration::from_micros(200));
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        return Err(TreeError::Closed("the target stopped reading".into()))
+                    }
+                }
+            }
         };
         let m = scan::scan(&root)?;
         let plan = plan::plan(prev.as_ref(), &m, |x| hashes.has(x));
@@ -113,8 +134,7 @@ pub async fn push_tree(
                 }
                 batch.push(it);
                 if batch.len() >= BATCH_ITEMS || bytes >= BATCH_BYTES {
-                    tx.blocking_send(chunk(std::mem::take(&mut batch)))
-                        .map_err(|_| TreeError::Closed("the target stopped reading".into()))?;
+                    put(chunk(std::mem::take(&mut batch)))?;
                     bytes = 0;
                     sent_any = true;
                 }
@@ -123,8 +143,7 @@ pub async fn push_tree(
         )?;
         // At least one message, so the target learns the migration and area.
         if !batch.is_empty() || !sent_any {
-            tx.blocking_send(chunk(batch))
-                .map_err(|_| TreeError::Closed("the target stopped reading".into()))?;
+            put(chunk(batch))?;
         }
         Ok::<_, TreeError>((m, hashes, st))
     });
@@ -142,7 +161,9 @@ pub async fn push_tree(
             }
         }
     };
+    ended.store(true, Ordering::Relaxed);
     let produced = producer.await.map_err(|e| format!("sender thread: {e}"))?;
+    // The target's answer first: its error explains a sender that stopped.
     resp.map_err(status_msg)?;
     produced.map_err(|e| e.to_string())
 }
