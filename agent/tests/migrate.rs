@@ -711,6 +711,36 @@ async fn cluster_migration_is_one_raft_decision_and_survives_a_controller_failov
             code != 0 && err.contains("template mini missing"),
             "template missing: {err}"
         );
+        // With the template on mig-b too, the stopped VPS moves cold: files
+        // only, and the record follows.
+        let (code, _, err) = ferryctl(&b, &["template", "import", "mini", tar.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while !c
+            .get_node(cpb::GetNodeRequest {
+                name: "mig-b".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .templates
+            .contains(&"mini".to_string())
+        {
+            assert!(std::time::Instant::now() < end, "mig-b never reported mini");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (code, out, err) =
+            ctl.ferryctl(&["vps", "migrate", &format!("{name}t"), "--to", "mig-b"]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains("migrated (cold)"), "{out}");
+        let t = wait_record(&mut c, &format!("{name}t"), "cold move recorded", |v| {
+            v.node == "mig-b" && v.migration.is_none()
+        })
+        .await;
+        assert_eq!(t.desired, "stopped");
+        let mut cb = b.client().await;
+        assert!(stopped(&get(&mut cb, &format!("{name}t")).await));
+
         let v = wait_record(&mut c, &name, "no migration recorded", |v| {
             v.migration.is_none()
         })

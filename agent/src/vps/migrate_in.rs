@@ -94,6 +94,7 @@ impl Agent {
         );
         Ok(pb::MigratePrepareResponse {
             criu_version: mine.map(|i| i.version.clone()).unwrap_or_default(),
+            lazy_pages: mine.is_some_and(|i| i.lazy_pages),
         })
     }
 

@@ -60,6 +60,12 @@ impl Source for AgentSource {
     fn post_copy(&self) -> bool {
         self.agent.criu.info.as_ref().is_ok_and(|i| i.lazy_pages)
     }
+    fn memory_bytes(&self) -> u64 {
+        self.agent
+            .cgroup(&self.rec.config.name)
+            .usage()
+            .memory_bytes
+    }
     async fn dump(&self, images: &Path, lazy: bool) -> std::result::Result<Dumped, String> {
         if lazy {
             return self.dump_lazy(images).await;

@@ -217,7 +217,8 @@ fn monitor_report(
         ))),
         Ok(Err(e)) => Err(AgentError::io("reading the monitor's report", e)),
         Err(_) => Err(AgentError::Internal(format!(
-            "VPS init did not start within {LAUNCH_TIMEOUT:?}"
+            "VPS init did not report running in time; see {}",
+            run.join("monitor.log").display()
         ))),
     }
 }
@@ -290,7 +291,9 @@ impl Held {
             .await
             .map_err(|e| AgentError::io("telling the monitor to resume", e))?;
         let mut line = String::new();
-        let read = tokio::time::timeout(LAUNCH_TIMEOUT, self.reader.read_line(&mut line)).await;
+        // Past the decision there is no going back, so this waits long: CRIU
+        // finishing a restore of gigabytes can take a while under load.
+        let read = tokio::time::timeout(GO_TIMEOUT, self.reader.read_line(&mut line)).await;
         monitor_report(read, &line, &self.run)
     }
 
@@ -301,6 +304,9 @@ impl Held {
         let _ = tokio::time::timeout(LAUNCH_TIMEOUT, self.reader.read_line(&mut line)).await;
     }
 }
+
+/// How long a held VPS may take to run once told to go.
+const GO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// CRIU's log level: FERRY_CRIU_LOG_LEVEL (0-4), default 2 (warnings); 4 for debugging.
 pub(crate) fn criu_log_level() -> i32 {

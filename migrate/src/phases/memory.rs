@@ -6,14 +6,19 @@
 //! - stop-copy: dump everything while frozen, copy, restore.
 //! - cold: a stopped VPS: its files only.
 //!
-//! `auto` takes stop-copy for a running VPS: it has no window in which the
-//! VPS depends on two nodes. Post-copy is chosen explicitly (it cuts the
-//! freeze for VPSes with much memory; see docs/migration.md). Pre-copy is
-//! refused with the reason.
+//! `auto`, for a running VPS: post-copy when it uses at least
+//! [`AUTO_POST_COPY`] of memory and both nodes have lazy pages (its downtime
+//! stays ~0.3 s while stop-copy's grows with memory: 0.85 s at 256 MiB,
+//! 6 s at 1 GiB here); stop-copy otherwise, which has no window in which the
+//! VPS depends on two nodes. (If the target turns out to lack lazy pages,
+//! preflight falls back to stop-copy.) Pre-copy is refused with the reason.
 
 use ferry_proto::agent::v1::MigrationMode;
 
 use super::{MigrateError, Source};
+
+/// Memory in use from which `auto` prefers post-copy.
+pub const AUTO_POST_COPY: u64 = 256 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -58,6 +63,7 @@ pub fn choose(asked: Mode, src: &dyn Source) -> Result<Mode, MigrateError> {
         };
     }
     match asked {
+        Mode::Auto if src.post_copy() && src.memory_bytes() >= AUTO_POST_COPY => Ok(Mode::PostCopy),
         Mode::Auto | Mode::StopCopy => Ok(Mode::StopCopy),
         Mode::Cold => Err(MigrateError::Refused(
             "mode cold: the VPS is running; stop it first or use a live mode".into(),
@@ -72,5 +78,92 @@ pub fn choose(asked: Mode, src: &dyn Source) -> Result<Mode, MigrateError> {
             "mode post-copy: this node's CRIU or kernel has no lazy pages (userfaultfd); use stop-copy".into(),
         )),
         Mode::PostCopy => Ok(Mode::PostCopy),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+    use crate::phases::Dumped;
+
+    /// Only what `choose` reads; the rest is never called.
+    struct Fake {
+        running: bool,
+        lazy: bool,
+        mem: u64,
+    }
+
+    #[tonic::async_trait]
+    impl Source for Fake {
+        fn spec(&self) -> ferry_proto::agent::v1::VpsSpec {
+            Default::default()
+        }
+        fn running(&self) -> bool {
+            self.running
+        }
+        fn rootfs(&self) -> PathBuf {
+            PathBuf::new()
+        }
+        fn scratch(&self) -> PathBuf {
+            PathBuf::new()
+        }
+        fn criu_version(&self) -> String {
+            String::new()
+        }
+        fn dirty_tracking(&self) -> bool {
+            false
+        }
+        fn post_copy(&self) -> bool {
+            self.lazy
+        }
+        fn memory_bytes(&self) -> u64 {
+            self.mem
+        }
+        async fn dump(&self, _: &Path, _: bool) -> Result<Dumped, String> {
+            Err("unused".into())
+        }
+        async fn post_copy_done(&self) -> Result<(), String> {
+            Ok(())
+        }
+        async fn resume(&self, _: &Path, _: &str) -> Result<(), String> {
+            Ok(())
+        }
+        async fn decide(&self, c: bool) -> Result<bool, String> {
+            Ok(c)
+        }
+        async fn release(&self) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn auto_weighs_memory_and_lazy_pages_forced_modes_say_why_not() {
+        let f = |running, lazy, mem| Fake { running, lazy, mem };
+        let ok = |m: Mode, s: &Fake| choose(m, s).ok();
+        assert_eq!(ok(Mode::Auto, &f(false, true, 1 << 30)), Some(Mode::Cold));
+        assert_eq!(
+            ok(Mode::Auto, &f(true, true, 64 << 20)),
+            Some(Mode::StopCopy)
+        );
+        assert_eq!(
+            ok(Mode::Auto, &f(true, true, 512 << 20)),
+            Some(Mode::PostCopy)
+        );
+        assert_eq!(
+            ok(Mode::Auto, &f(true, false, 512 << 20)),
+            Some(Mode::StopCopy)
+        );
+        assert_eq!(ok(Mode::PostCopy, &f(true, true, 1)), Some(Mode::PostCopy));
+        for (m, s, why) in [
+            (Mode::PostCopy, f(true, false, 1), "no lazy pages"),
+            (Mode::PreCopy, f(true, true, 1), "soft-dirty"),
+            (Mode::Cold, f(true, true, 1), "is running"),
+            (Mode::StopCopy, f(false, true, 1), "is stopped"),
+        ] {
+            let e = choose(m, &s).expect_err("refused").to_string();
+            assert!(e.contains(why), "{m:?}: {e}");
+        }
     }
 }

@@ -46,6 +46,8 @@ pub trait Source: Send + Sync {
     fn dirty_tracking(&self) -> bool;
     /// Whether this node can serve a post-copy migration (lazy pages).
     fn post_copy(&self) -> bool;
+    /// Memory the VPS uses now (auto mode weighs it).
+    fn memory_bytes(&self) -> u64;
     /// Freezes and dumps the VPS into `images`. Stop-copy: on success the
     /// source copy has ended. Post-copy (`lazy`): the memory stays out of the
     /// images and a page server serves it; the frozen tasks end once it has
@@ -223,10 +225,22 @@ async fn steps(
     p: &mut Progress,
     st: &mut State,
 ) -> Result<(), MigrateError> {
-    let mode = memory::choose(job.mode, src)?;
+    let mut mode = memory::choose(job.mode, src)?;
     st.mode = Some(mode);
-    preflight::run(src, target, job, mode, p).await?;
+    let target_lazy = preflight::run(src, target, job, mode, p).await?;
     st.prepared = true;
+    if mode == Mode::PostCopy && !target_lazy {
+        if job.mode == Mode::Auto {
+            // auto wanted post-copy; the target cannot take it.
+            mode = Mode::StopCopy;
+            st.mode = Some(mode);
+        } else {
+            return Err(MigrateError::Refused(format!(
+                "mode post-copy: {} has no lazy pages (userfaultfd); use stop-copy",
+                job.target_node
+            )));
+        }
+    }
     let mut sync = rootfs::RootfsSync::new(src.rootfs());
     sync.pass(target, job, p, "rootfs").await?;
     if mode != Mode::Cold {

@@ -1,6 +1,7 @@
 //! Preflight: the target checks everything it can before the VPS is touched:
 //! the name is free there, capacity, template, a usable CRIU of a compatible
-//! version, and the CPU features the VPS's processes may use.
+//! version, and the CPU features the VPS's processes may use. It answers
+//! whether it can take a post-copy arrival.
 
 use ferry_proto::agent::v1 as pb;
 use ferry_proto::agent::v1::agent_service_client::AgentServiceClient;
@@ -14,13 +15,13 @@ pub async fn run(
     job: &Job,
     mode: Mode,
     p: &mut Progress,
-) -> Result<(), MigrateError> {
+) -> Result<bool, MigrateError> {
     p.phase("preflight", format!("checking {}", job.target_node))
         .await;
     let mut spec = src.spec();
     spec.generation = job.generation;
     let live = mode != Mode::Cold;
-    target
+    let r = target
         .migrate_prepare(pb::MigratePrepareRequest {
             migration_id: job.id.clone(),
             spec: Some(spec),
@@ -30,11 +31,10 @@ pub async fn run(
             controllers: job.controllers.clone(),
         })
         .await
-        .map_err(|s| {
-            MigrateError::Refused(format!("target {}: {}", job.target_node, s.message()))
-        })?;
+        .map_err(|s| MigrateError::Refused(format!("target {}: {}", job.target_node, s.message())))?
+        .into_inner();
     p.done_phase("preflight", 0);
-    Ok(())
+    Ok(r.lazy_pages)
 }
 
 /// This CPU's feature flags (x86 `flags`, arm `Features`); the restored
