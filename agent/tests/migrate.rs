@@ -19,18 +19,12 @@ async fn start_counter(
     >,
     name: &str,
 ) {
-    let r = exec(
+    spawn_in(
         c,
         name,
-        &[
-            "setsid",
-            "sh",
-            "-c",
-            "i=0; while :; do i=$((i+1)); echo $i > /var/www/counter; sleep 0.05; done </dev/null >/dev/null 2>&1 &",
-        ],
+        "sh -c 'i=0; while :; do i=$((i+1)); echo $i > /var/www/counter; sleep 0.05; done'",
     )
     .await;
-    assert_eq!(r.code, 0, "{}", r.stderr);
 }
 
 async fn counter(
@@ -207,28 +201,9 @@ async fn migrate(
     >,
     name: &str,
     target: &Host,
-    mut on_event: impl FnMut(&pb::MigrationEvent),
+    on_event: impl FnMut(&pb::MigrationEvent),
 ) -> pb::MigrationEvent {
-    let mut s = c
-        .migrate_vps(pb::MigrateVpsRequest {
-            name: name.into(),
-            target_addr: format!("unix:{}", target.sock().display()),
-            target_node: target.id.clone(),
-            verify: true,
-            ..Default::default()
-        })
-        .await
-        .expect("migrate")
-        .into_inner();
-    let mut last = None;
-    while let Some(ev) = s.next().await {
-        let ev = ev.expect("event");
-        on_event(&ev);
-        if ev.done {
-            last = Some(ev);
-        }
-    }
-    last.expect("a final event")
+    migrate_vps(c, name, target, pb::MigrationMode::Auto, true, on_event).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -243,18 +218,7 @@ async fn live_migration_keeps_processes_files_ip_and_tcp() {
         let ip = "10.77.4.10";
         create_started(&mut ca, spec(&name, Some(ip))).await;
         start_counter(&mut ca, &name).await;
-        let r = exec(
-            &mut ca,
-            &name,
-            &[
-                "setsid",
-                "sh",
-                "-c",
-                "nc -ll -p 7000 -e cat </dev/null >/dev/null 2>&1 &",
-            ],
-        )
-        .await;
-        assert_eq!(r.code, 0, "{}", r.stderr);
+        spawn_in(&mut ca, &name, "nc -ll -p 7000 -e cat").await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let mut tcp = TcpClient::connect(&lan, ip, 7000);
         assert_eq!(tcp.echo("before"), "before");
@@ -572,6 +536,37 @@ async fn wait_record(
     }
 }
 
+/// Imports `tar` as template `tpl` on host `h` (node `node`) and waits until
+/// the controller knows the node has it.
+async fn import_template(
+    h: &Host,
+    c: &mut ferry_proto::controller::v1::controller_service_client::ControllerServiceClient<
+        tonic::transport::Channel,
+    >,
+    node: &str,
+    tpl: &str,
+    tar: &std::path::Path,
+) {
+    let (code, _, err) = ferryctl(h, &["template", "import", tpl, tar.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while !c
+        .get_node(ferry_proto::controller::v1::GetNodeRequest { name: node.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .templates
+        .iter()
+        .any(|t| t == tpl)
+    {
+        assert!(
+            std::time::Instant::now() < end,
+            "{node} never reported {tpl}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Whether an agent runs `name` now.
 async fn runs_on(h: &Host, name: &str) -> bool {
     let mut c = h.client().await;
@@ -676,22 +671,7 @@ async fn cluster_migration_is_one_raft_decision_and_survives_a_controller_failov
                 ".",
             ],
         );
-        let (code, _, err) = ferryctl(&a, &["template", "import", "mini", tar.to_str().unwrap()]);
-        assert_eq!(code, 0, "{err}");
-        let end = std::time::Instant::now() + Duration::from_secs(10);
-        while !c
-            .get_node(cpb::GetNodeRequest {
-                name: "mig-a".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .templates
-            .contains(&"mini".to_string())
-        {
-            assert!(std::time::Instant::now() < end, "mig-a never reported mini");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        import_template(&a, &mut c, "mig-a", "mini", &tar).await;
         let mut tm = spec(&format!("{name}t"), None);
         tm.template = "mini".into();
         c.create_vps(cpb::CreateVpsRequest {
@@ -713,22 +693,7 @@ async fn cluster_migration_is_one_raft_decision_and_survives_a_controller_failov
         );
         // With the template on mig-b too, the stopped VPS moves cold: files
         // only, and the record follows.
-        let (code, _, err) = ferryctl(&b, &["template", "import", "mini", tar.to_str().unwrap()]);
-        assert_eq!(code, 0, "{err}");
-        let end = std::time::Instant::now() + Duration::from_secs(10);
-        while !c
-            .get_node(cpb::GetNodeRequest {
-                name: "mig-b".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .templates
-            .contains(&"mini".to_string())
-        {
-            assert!(std::time::Instant::now() < end, "mig-b never reported mini");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        import_template(&b, &mut c, "mig-b", "mini", &tar).await;
         let (code, out, err) =
             ctl.ferryctl(&["vps", "migrate", &format!("{name}t"), "--to", "mig-b"]);
         assert_eq!(code, 0, "{out}{err}");
@@ -749,18 +714,7 @@ async fn cluster_migration_is_one_raft_decision_and_survives_a_controller_failov
         assert_eq!(get(&mut ca, &name).await.init_pid, init, "never frozen");
 
         // The live move, as an operator runs it, with a TCP client attached.
-        let r = exec(
-            &mut ca,
-            &name,
-            &[
-                "setsid",
-                "sh",
-                "-c",
-                "nc -ll -p 7000 -e cat </dev/null >/dev/null 2>&1 &",
-            ],
-        )
-        .await;
-        assert_eq!(r.code, 0, "{}", r.stderr);
+        spawn_in(&mut ca, &name, "nc -ll -p 7000 -e cat").await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let mut tcp = TcpClient::connect(&lan, ip, 7000);
         assert_eq!(tcp.echo("before"), "before");
@@ -883,27 +837,14 @@ async fn post_copy_moves_memory_on_demand_and_a_rollback_thaws_the_source() {
         start_counter(&mut ca, &name).await;
         // 64 MiB of memory that must arrive intact: awk holds a string and
         // writes its length to a file every 100 ms.
-        let r = exec(
+        spawn_in(
             &mut ca,
             &name,
-            &[
-                "setsid",
-                "sh",
-                "-c",
-                "awk 'BEGIN { s = \"x\"; while (length(s) < 67108864) s = s s; \
-                 while (1) { print length(s) > \"/var/www/len\"; close(\"/var/www/len\"); system(\"sleep 0.1\") } }' \
-                 </dev/null >/dev/null 2>&1 &",
-            ],
+            "awk 'BEGIN { s = \"x\"; while (length(s) < 67108864) s = s s; \
+             while (1) { print length(s) > \"/var/www/len\"; close(\"/var/www/len\"); system(\"sleep 0.1\") } }'",
         )
         .await;
-        assert_eq!(r.code, 0, "{}", r.stderr);
-        let r = exec(
-            &mut ca,
-            &name,
-            &["setsid", "sh", "-c", "nc -ll -p 7000 -e cat </dev/null >/dev/null 2>&1 &"],
-        )
-        .await;
-        assert_eq!(r.code, 0, "{}", r.stderr);
+        spawn_in(&mut ca, &name, "nc -ll -p 7000 -e cat").await;
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let mut tcp = TcpClient::connect(&lan, ip, 7000);
         assert_eq!(tcp.echo("before"), "before");
@@ -912,19 +853,7 @@ async fn post_copy_moves_memory_on_demand_and_a_rollback_thaws_the_source() {
         let init = get(&mut ca, &name).await.init_pid;
         let before = counter(&mut ca, &name).await;
         let b_pid = b.agent_pid();
-        let mut st = ca
-            .migrate_vps(pb::MigrateVpsRequest {
-                name: name.clone(),
-                target_addr: format!("unix:{}", b.sock().display()),
-                mode: pb::MigrationMode::PostCopy as i32,
-                ..Default::default()
-            })
-            .await
-            .expect("migrate")
-            .into_inner();
-        let mut last = None;
-        while let Some(ev) = st.next().await {
-            let ev = ev.expect("event");
+        let ev = migrate_vps(&mut ca, &name, &b, pb::MigrationMode::PostCopy, false, |ev| {
             if ev.phase == "restore" {
                 if let Some(p) = b_pid {
                     let _ = nix::sys::signal::kill(
@@ -933,11 +862,8 @@ async fn post_copy_moves_memory_on_demand_and_a_rollback_thaws_the_source() {
                     );
                 }
             }
-            if ev.done {
-                last = Some(ev);
-            }
-        }
-        let ev = last.expect("final event");
+        })
+        .await;
         assert!(!ev.error.is_empty(), "{ev:?}");
         let v = get(&mut ca, &name).await;
         assert!(

@@ -44,12 +44,7 @@ impl Agent {
                 )))
             }
         };
-        let criu = self
-            .criu
-            .usable()
-            .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?
-            .path
-            .clone();
+        let criu = self.criu_path()?;
         let run = self.paths.vps_run(name);
         let marker = run.join(CHECKPOINT_MARKER);
         if !leave_running {
@@ -89,6 +84,14 @@ impl Agent {
             let _ = std::fs::remove_file(&marker);
         }
         Ok(facts)
+    }
+
+    /// The CRIU binary, if it is usable on this node.
+    pub(super) fn criu_path(&self) -> Result<PathBuf> {
+        self.criu
+            .usable()
+            .map(|i| i.path.clone())
+            .map_err(|e| AgentError::FailedPrecondition(e.to_string()))
     }
 
     /// Checkpoints a VPS into an archive under the data dir; returns its path.

@@ -290,12 +290,7 @@ impl Agent {
                 .rsplit_once(':')
                 .and_then(|(a, p)| Some((a.to_string(), p.parse::<u16>().ok()?)))
                 .ok_or_else(|| AgentError::invalid("page_server", "use ADDR:PORT"))?;
-            let criu = self
-                .criu
-                .usable()
-                .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?
-                .path
-                .clone();
+            let criu = self.criu_path()?;
             crate::criu::lazy::ensure_pipe_max_size()
                 .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?;
             let d = crate::criu::lazy::start_daemon(

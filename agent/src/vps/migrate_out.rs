@@ -71,17 +71,7 @@ impl Source for AgentSource {
             return self.dump_lazy(images).await;
         }
         let name = &self.rec.config.name;
-        let guard = self.agent.lock_for(name).lock_owned().await;
-        // Journal first: if this agent dies during the dump, its successor
-        // knows the VPS may be frozen and how to bring it back.
-        let pid = match self.agent.status(name) {
-            super::Status::Running(st) => st.init_pid,
-            _ => return Err(format!("VPS {name} is not running")),
-        };
-        self.journal_update(|j| {
-            j.console_key = crate::criu::dump::console_key(pid);
-            j.frozen = true;
-        })?;
+        let guard = self.before_freeze(false).await?;
         let key = self
             .agent
             .dump_locked(name, images, false)
@@ -190,8 +180,13 @@ impl Source for AgentSource {
 }
 
 impl AgentSource {
-    /// Post-copy: dumps all but the memory and keeps serving it.
-    async fn dump_lazy(&self, images: &Path) -> std::result::Result<Dumped, String> {
+    /// Takes the VPS's lock and journals the freeze before it happens: if
+    /// this agent dies during the dump, its successor knows the VPS may be
+    /// frozen and how to bring it back.
+    async fn before_freeze(
+        &self,
+        lazy: bool,
+    ) -> std::result::Result<tokio::sync::OwnedMutexGuard<()>, String> {
         let name = &self.rec.config.name;
         let guard = self.agent.lock_for(name).lock_owned().await;
         let pid = match self.agent.status(name) {
@@ -201,8 +196,15 @@ impl AgentSource {
         self.journal_update(|j| {
             j.console_key = crate::criu::dump::console_key(pid);
             j.frozen = true;
-            j.lazy = true;
+            j.lazy = lazy;
         })?;
+        Ok(guard)
+    }
+
+    /// Post-copy: dumps all but the memory and keeps serving it.
+    async fn dump_lazy(&self, images: &Path) -> std::result::Result<Dumped, String> {
+        let name = &self.rec.config.name;
+        let guard = self.before_freeze(true).await?;
         let marker = self
             .agent
             .paths

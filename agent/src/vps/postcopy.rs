@@ -48,12 +48,7 @@ impl Agent {
                 )))
             }
         };
-        let criu = self
-            .criu
-            .usable()
-            .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?
-            .path
-            .clone();
+        let criu = self.criu_path()?;
         crate::criu::lazy::ensure_pipe_max_size()
             .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?;
         let addr = self.cfg.bridge_cidr.addr();

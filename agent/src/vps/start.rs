@@ -58,13 +58,7 @@ impl Agent {
         let c = &rec.config;
         // Before any kernel object is made: a restore needs a working CRIU.
         let criu = match resume {
-            Some(_) => Some(
-                self.criu
-                    .usable()
-                    .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?
-                    .path
-                    .clone(),
-            ),
+            Some(_) => Some(self.criu_path()?),
             None => None,
         };
         let run = self.paths.vps_run(&c.name);

@@ -191,17 +191,6 @@ impl Controllers {
 
     /// `ferryctl --controller <all replicas> ARGS`: exit code, stdout, stderr.
     pub fn ferryctl(&self, args: &[&str]) -> (i32, String, String) {
-        let bin = Path::new(AGENT).with_file_name("ferryctl");
-        let o = Command::new(bin)
-            .arg("--controller")
-            .arg(self.addrs())
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            o.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&o.stdout).into(),
-            String::from_utf8_lossy(&o.stderr).into(),
-        )
+        super::run_ferryctl("--controller", &self.addrs(), args)
     }
 }

@@ -518,6 +518,11 @@ pub fn stopped(v: &pb::Vps) -> bool {
 
 /// `ferryctl --agent <h> ARGS`: exit code, stdout, stderr.
 pub fn ferryctl(h: &Host, args: &[&str]) -> (i32, String, String) {
+    run_ferryctl("--agent", &format!("unix:{}", h.sock().display()), args)
+}
+
+/// `ferryctl FLAG ADDR ARGS`: exit code, stdout, stderr.
+pub fn run_ferryctl(flag: &str, addr: &str, args: &[&str]) -> (i32, String, String) {
     let bin = std::path::Path::new(AGENT).with_file_name("ferryctl");
     assert!(
         bin.exists(),
@@ -525,8 +530,8 @@ pub fn ferryctl(h: &Host, args: &[&str]) -> (i32, String, String) {
         bin.display()
     );
     let o = Command::new(bin)
-        .arg("--agent")
-        .arg(format!("unix:{}", h.sock().display()))
+        .arg(flag)
+        .arg(addr)
         .args(args)
         .output()
         .unwrap();
@@ -551,4 +556,46 @@ async fn http_get_in(netns: &str, url: &str) -> String {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     String::new()
+}
+
+/// Migrates `name` from the agent behind `c` to `target` (node-local),
+/// showing every event to `on_event`; returns the final one.
+pub async fn migrate_vps(
+    c: &mut AgentServiceClient<Channel>,
+    name: &str,
+    target: &Host,
+    mode: pb::MigrationMode,
+    verify: bool,
+    mut on_event: impl FnMut(&pb::MigrationEvent),
+) -> pb::MigrationEvent {
+    use futures::StreamExt;
+    let mut s = c
+        .migrate_vps(pb::MigrateVpsRequest {
+            name: name.into(),
+            target_addr: format!("unix:{}", target.sock().display()),
+            target_node: target.id.clone(),
+            mode: mode as i32,
+            verify,
+            ..Default::default()
+        })
+        .await
+        .expect("migrate")
+        .into_inner();
+    let mut last = None;
+    while let Some(ev) = s.next().await {
+        let ev = ev.expect("event");
+        on_event(&ev);
+        if ev.done {
+            last = Some(ev);
+        }
+    }
+    last.expect("a final event")
+}
+
+/// Starts `cmd` in the background inside VPS `name`, detached from exec (its
+/// own session, no stdio), and checks the shell took it.
+pub async fn spawn_in(c: &mut AgentServiceClient<Channel>, name: &str, cmd: &str) {
+    let line = format!("{cmd} </dev/null >/dev/null 2>&1 &");
+    let r = exec(c, name, &["setsid", "sh", "-c", &line]).await;
+    assert_eq!(r.code, 0, "{cmd}: {}", r.stderr);
 }
