@@ -826,7 +826,7 @@ async fn post_copy_moves_memory_on_demand_and_a_rollback_thaws_the_source() {
     bounded(300, async {
         let _heavy = HEAVY.lock().await;
         let lan = Lan::new();
-        let a = Host::on_lan(&lan, "10.77.0.51/16", vec![]).await;
+        let mut a = Host::on_lan(&lan, "10.77.0.51/16", vec![]).await;
         let mut b = Host::on_lan(&lan, "10.77.0.52/16", vec![]).await;
         let mut ca = a.client().await;
         let name = format!("pc{}", std::process::id());
@@ -876,6 +876,53 @@ async fn post_copy_moves_memory_on_demand_and_a_rollback_thaws_the_source() {
         assert_eq!(tcp.echo("after rollback"), "after rollback");
         b.kill_agent();
         b.start_agent().await;
+
+        // The source agent dies right after the freeze (its CRIU holds the
+        // stopped tasks and serves their memory). Its successor settles
+        // "stay", has the target drop its copy, and thaws the same tasks.
+        let before = counter(&mut ca, &name).await;
+        let a_pid = a.agent_pid().expect("agent pid");
+        let mut killed = false;
+        let _ = migrate_vps(&mut ca, &name, &b, pb::MigrationMode::PostCopy, false, |ev| {
+            if !killed && ev.phase == "final-rootfs" {
+                killed = true;
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(a_pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        })
+        .await;
+        assert!(killed, "never reached final-rootfs");
+        a.kill_agent();
+        a.start_agent().await;
+        let mut ca = a.client().await;
+        let end = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let v = get(&mut ca, &name).await;
+            if running(&v) && counter(&mut ca, &name).await > before {
+                assert_eq!(v.init_pid, init, "the same tasks, thawed");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < end,
+                "not thawed: {v:?}\n{}",
+                a.agent_log()
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        assert_eq!(tcp.echo("after recovery"), "after recovery");
+        assert!(
+            b.client()
+                .await
+                .list_vps(pb::ListVpsRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .vps
+                .is_empty(),
+            "the target kept a copy"
+        );
 
         // The move.
         let before = counter(&mut ca, &name).await;

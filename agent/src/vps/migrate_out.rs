@@ -220,6 +220,7 @@ impl AgentSource {
             }
         };
         let page_server = run.page_server.clone();
+        let _ = self.journal_update(|j| j.page_server = page_server.clone());
         *self.lazy.lock().await = Some(run);
         *self.frozen.lock().await = Some(guard);
         Ok(Dumped {

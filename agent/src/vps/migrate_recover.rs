@@ -49,6 +49,9 @@ pub(super) struct Journal {
     /// Post-copy: the dump left the tasks stopped here, memory and all.
     #[serde(default)]
     pub lazy: bool,
+    /// Post-copy: where this node's page server listened (ADDR:PORT).
+    #[serde(default)]
+    pub page_server: String,
 }
 
 impl Journal {
@@ -200,6 +203,8 @@ impl Agent {
             return Ok(());
         }
         self.tell_target(j, false).await;
+        // A page server the target never reached still waits for it.
+        self.cut_transfer(&j.page_server);
         let pid = match self.status(&j.name) {
             super::Status::Running(s) => s.init_pid,
             _ => return Ok(()),

@@ -154,7 +154,7 @@ impl Agent {
 impl Agent {
     /// The target dropped its daemon already; a page server still waiting for
     /// it gives up on a connection that closes at once.
-    fn cut_transfer(&self, page_server: &str) {
+    pub(super) fn cut_transfer(&self, page_server: &str) {
         if let Ok(a) = page_server.parse::<std::net::SocketAddr>() {
             if let Ok(s) = std::net::TcpStream::connect_timeout(&a, Duration::from_millis(200)) {
                 drop(s);

@@ -583,7 +583,17 @@ pub async fn migrate_vps(
         .into_inner();
     let mut last = None;
     while let Some(ev) = s.next().await {
-        let ev = ev.expect("event");
+        let ev = match ev {
+            Ok(ev) => ev,
+            // The source agent went away (some tests kill it).
+            Err(s) => {
+                return pb::MigrationEvent {
+                    done: true,
+                    error: format!("progress stream broke: {}", s.message()),
+                    ..Default::default()
+                }
+            }
+        };
         on_event(&ev);
         if ev.done {
             last = Some(ev);
