@@ -108,12 +108,13 @@ pub fn scan(root: &Path) -> Result<Manifest, TreeError> {
         for e in rd {
             let e = e.map_err(|e| TreeError::io(&dir, e))?;
             let child = rel.join(e.file_name());
-            let full = root.join(&child);
-            let m = match std::fs::symlink_metadata(&full) {
+            // lstat relative to the open directory (DirEntry::metadata does
+            // not follow symlinks): no walk of the whole path per entry.
+            let m = match e.metadata() {
                 Ok(m) => m,
                 // Gone between readdir and lstat: a running VPS deletes files.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(TreeError::io(&full, e)),
+                Err(e) => return Err(TreeError::io(&root.join(&child), e)),
             };
             let meta = Meta::from_metadata(&m);
             if meta.kind == Kind::Dir && meta.dev == dev {
