@@ -37,7 +37,27 @@ pub struct Member {
     /// [`Member::local_read_index`].
     startup_term: u64,
     startup_last_log: u64,
+    /// Shared leadership checks (see [`Member::confirm_leader`]).
+    reads: ReadRounds,
 }
+
+/// Coalesces leadership checks: each one is a heartbeat round to every voter
+/// that must answer within one heartbeat interval, so two hundred concurrent
+/// reads were two hundred rounds, and under load followers missed the
+/// deadline (`not enough for a quorum`). Rounds run one at a time; a caller
+/// that waited behind a round which *started after it arrived* takes that
+/// round's answer, which covers every write acknowledged before it arrived.
+#[derive(Default)]
+struct ReadRounds {
+    /// Arrival tickets.
+    next: std::sync::atomic::AtomicU64,
+    /// Held while a round runs; holds the last round's (first ticket not
+    /// covered by it, its read log id).
+    last: tokio::sync::Mutex<Option<(u64, Option<crate::types::LogId>)>>,
+}
+
+type CheckResult =
+    Result<Option<crate::types::LogId>, RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>>>;
 
 /// Why a batched write did not happen here.
 #[derive(Debug, Clone)]
@@ -170,6 +190,7 @@ impl Member {
             batcher: tx,
             startup_term,
             startup_last_log,
+            reads: ReadRounds::default(),
         }))
     }
 
@@ -245,7 +266,7 @@ impl Member {
     pub async fn read_barrier(&self) -> Result<(), ControllerError> {
         let end = Instant::now() + LEADER_WAIT;
         loop {
-            let check = tokio::time::timeout(CALL_TIMEOUT, self.raft.ensure_linearizable()).await;
+            let check = tokio::time::timeout(CALL_TIMEOUT, self.confirm_leader()).await;
             let Ok(check) = check else {
                 return Err(ControllerError::Unavailable(
                     "could not confirm leadership with a quorum".into(),
@@ -317,11 +338,31 @@ impl Member {
     /// re-committed everything it held at start, that is the read index.
     /// (A leader never drops entries of its own log, so they all commit.)
     pub async fn local_read_index(&self) -> Result<u64, String> {
-        tokio::time::timeout(CALL_TIMEOUT, self.raft.ensure_linearizable())
+        tokio::time::timeout(CALL_TIMEOUT, self.confirm_leader())
             .await
             .map_err(|_| "could not confirm leadership with a quorum".to_string())?
             .map(|l| l.map(|l| l.index).unwrap_or(0).max(self.read_floor()))
             .map_err(|e| e.to_string())
+    }
+
+    /// openraft's `ensure_linearizable` (leadership confirmed by a quorum,
+    /// then applied up to the read index), shared among concurrent callers.
+    async fn confirm_leader(&self) -> CheckResult {
+        use std::sync::atomic::Ordering;
+        let ticket = self.reads.next.fetch_add(1, Ordering::SeqCst);
+        let mut last = self.reads.last.lock().await;
+        if let Some((covers_below, idx)) = *last {
+            if ticket < covers_below {
+                return Ok(idx);
+            }
+        }
+        // Everyone who arrived so far is covered by a round starting now.
+        let covers_below = self.reads.next.load(Ordering::SeqCst);
+        let r = self.raft.ensure_linearizable().await;
+        if let Ok(idx) = &r {
+            *last = Some((covers_below, *idx));
+        }
+        r
     }
 
     /// The lowest read index a leader may give: the log held at start while
