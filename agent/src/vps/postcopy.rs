@@ -175,7 +175,31 @@ impl Agent {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // That CRIU has let go of the tasks; it must not linger either.
+        end_orphan_dump(init_pid);
         self.thaw_stopped(name).await
+    }
+}
+
+/// Kills a dead agent's CRIU still serving the dump of `init_pid` (CRIU
+/// names itself `criu: dump --rpc -t PID`).
+fn end_orphan_dump(init_pid: i32) {
+    let want = format!("dump --rpc -t {init_pid} ");
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.starts_with("criu: ") && cmd.contains(&want) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
 }
 
