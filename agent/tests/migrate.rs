@@ -22,7 +22,9 @@ async fn start_counter(
     spawn_in(
         c,
         name,
-        "sh -c 'i=0; while :; do i=$((i+1)); echo $i > /var/www/counter; sleep 0.05; done'",
+        // Written aside and renamed in: a freeze never finds the file empty
+        // (truncated, not yet written), which once read as counter 0.
+        "sh -c 'i=0; while :; do i=$((i+1)); echo $i > /var/www/.counter; mv /var/www/.counter /var/www/counter; sleep 0.05; done'",
     )
     .await;
 }
