@@ -96,7 +96,7 @@ pub async fn migrate(
         target_node: mig.target.clone(),
         mode: mode as i32,
         migration_id: id.clone(),
-        generation: mig.generation + 1,
+        generation: v.generation + 1,
         verify: r.verify,
         controllers,
     };

@@ -346,7 +346,6 @@ mod tests {
             target: "b".into(),
             mode: "stop-copy".into(),
             phase: "rootfs".into(),
-            generation: 1,
             started_ms: 0,
         });
         assert!(plan(&moving, &seen(&[("v", 1, "stopped")])).is_empty());

@@ -22,8 +22,6 @@ pub struct Migration {
     pub target: String,
     pub mode: String,
     pub phase: String,
-    /// The VPS's generation when it began; the move makes it one more.
-    pub generation: u64,
     pub started_ms: i64,
 }
 
@@ -137,7 +135,6 @@ impl ClusterState {
                     target: node.clone(),
                     mode,
                     phase: "starting".into(),
-                    generation: old.generation,
                     started_ms: now_ms,
                 });
                 self.replace_vps(&old, new.clone());
@@ -183,14 +180,14 @@ impl ClusterState {
                 };
                 let mut new = old.clone();
                 new.migration = None;
-                // Fenced by generation: nothing else changed the VPS meanwhile
-                // (the commands that would are refused while it migrates).
-                let moved = commit && old.generation == m.generation;
+                // Nothing else changed the VPS meanwhile (the commands that
+                // would are refused while it migrates); the move's new
+                // generation fences off the source's copy.
                 new.last_migration = Some(Outcome {
                     id: id.clone(),
-                    moved,
+                    moved: commit,
                 });
-                let msg = if moved {
+                let msg = if commit {
                     new.generation += 1;
                     new.node = m.target.clone();
                     format!(
