@@ -99,6 +99,15 @@ pub enum DecideError {
     NoAnswer(String),
 }
 
+/// Checks a migration's controller addresses (as the request names them).
+pub fn check_controllers(controllers: &[String]) -> crate::error::Result<()> {
+    for a in controllers {
+        a.parse::<Addr>()
+            .map_err(|e| crate::error::AgentError::invalid("controllers", format!("{a:?}: {e}")))?;
+    }
+    Ok(())
+}
+
 /// The pause between rounds of asking every controller for a decision.
 const DECIDE_RETRY_PAUSE: Duration = Duration::from_millis(300);
 

@@ -379,8 +379,34 @@ async fn failures_before_the_decision_leave_the_vps_on_the_source() {
         let v0 = create_started(&mut ca, spec(&name, Some("10.77.5.10"))).await;
         start_counter(&mut ca, &name).await;
 
-        // Refused before anything is frozen: the name exists on the target.
+        // Bad input on either side: the field named, nothing made.
         let mut cb = b.client().await;
+        let e = cb
+            .migrate_prepare(pb::MigratePrepareRequest {
+                migration_id: "mbad".into(),
+                spec: Some(spec(&name, None)),
+                controllers: vec!["no such address".into()],
+                ..Default::default()
+            })
+            .await
+            .expect_err("bad controllers");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+        assert!(e.message().contains("controllers"), "{}", e.message());
+        assert!(!b.data_dir().join("vps").join(&name).exists());
+        let e = ca
+            .migrate_vps(pb::MigrateVpsRequest {
+                name: name.clone(),
+                target_addr: format!("unix:{}", b.sock().display()),
+                controllers: vec!["unix:/x".into()],
+                generation: 1,
+                ..Default::default()
+            })
+            .await
+            .expect_err("a cluster migration without its id");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+        assert!(e.message().contains("migration_id"), "{}", e.message());
+
+        // Refused before anything is frozen: the name exists on the target.
         create_started(&mut cb, spec(&name, None)).await;
         let ev = migrate(&mut ca, &name, &b, |_| {}).await;
         assert!(

@@ -41,6 +41,7 @@ impl Agent {
         req: pb::MigratePrepareRequest,
     ) -> Result<pb::MigratePrepareResponse> {
         crate::spec::validate_name("migration_id", &req.migration_id)?;
+        crate::cluster::check_controllers(&req.controllers)?;
         let spec = req
             .spec
             .ok_or_else(|| AgentError::invalid("spec", "missing"))?;

@@ -256,6 +256,7 @@ impl Agent {
                 req.name, rec.config.generation
             )));
         }
+        crate::cluster::check_controllers(&req.controllers)?;
         if !req.controllers.is_empty() {
             if req.migration_id.is_empty() {
                 return Err(AgentError::invalid(
