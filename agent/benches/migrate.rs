@@ -87,11 +87,10 @@ print('%d %d %d' % (gap*1000, ok, fail), flush=True)\n";
     }
 
     /// (longest gap ms, answers, failures)
-    fn stop(mut self) -> (u64, u64, u64) {
-        drop(self.child.stdin.take());
-        let out = std::mem::replace(&mut self.child, Command::new("true").spawn().expect("true"))
-            .wait_with_output()
-            .expect("poller output");
+    fn stop(self) -> (u64, u64, u64) {
+        let Poller { mut child } = self;
+        drop(child.stdin.take());
+        let out = child.wait_with_output().expect("poller output");
         let s = String::from_utf8_lossy(&out.stdout);
         let v: Vec<u64> = s
             .split_whitespace()
