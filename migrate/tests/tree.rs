@@ -106,3 +106,86 @@ fn hostile_paths_are_refused() {
     assert!(a.item(bad).is_err());
     assert!(!t.path().parent().unwrap().join("escape").exists());
 }
+
+/// The watched rescan must see exactly what a full walk sees, whatever the
+/// changes were (and send nothing when nothing changed).
+#[test]
+fn watched_rescan_matches_a_full_walk() {
+    use ferry_migrate::tree::watch::Watch;
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let s = src.display();
+    sh(&format!(
+        "cd {s} && mkdir -p a/b/c d/e keep/deep/er moved && echo 1 > a/b/c/f && echo 2 > d/e/g \
+         && echo 3 > keep/deep/er/h && echo 4 > a/linked && ln a/linked d/link2 \
+         && echo 5 > moved/inside && mkdir moved/sub && echo 6 > moved/sub/x"
+    ));
+    let mut w = Watch::new().unwrap();
+    let m1 = scan::scan_watched(&src, Some(&mut w)).unwrap();
+    assert!(w.watched() >= 11, "{} dirs watched", w.watched());
+
+    // Nothing happened: nothing to read again, nothing to send.
+    let ch = w.drain();
+    assert!(ch.dirs.is_empty() && !ch.everything, "{ch:?}");
+    let same = scan::rescan(&src, &m1, &ch.dirs, &mut w).unwrap();
+    assert!(plan::plan(Some(&m1), &same, |_| false).is_empty());
+
+    // Every kind of change, some deep, some through another hard link.
+    sh(&format!(
+        "cd {s} && echo more >> a/b/c/f && rm -r d/e && mkdir d/e && echo new > d/e/new \
+         && mv moved a/b/moved2 && echo via-other-link >> d/link2 && chmod 700 keep/deep \
+         && mkdir -p fresh/x/y && echo z > fresh/x/y/z && rm keep/deep/er/h \
+         && touch -d 2001-01-01 a/b/moved2/sub/x"
+    ));
+    let ch = w.drain();
+    assert!(!ch.everything);
+    let m2 = scan::rescan(&src, &m1, &ch.dirs, &mut w).unwrap();
+    let full = scan::scan(&src).unwrap();
+    assert_eq!(
+        m2.entries.keys().collect::<Vec<_>>(),
+        full.entries.keys().collect::<Vec<_>>()
+    );
+    for (p, m) in &full.entries {
+        assert!(m2.entries[p].unchanged(m), "{} differs", p.display());
+    }
+    // Both paths of the hard link travel, though only one saw the write.
+    let pl = plan::plan(Some(&m1), &m2, |_| false);
+    let sent: Vec<_> = pl
+        .sends
+        .iter()
+        .map(|(p, _)| p.display().to_string())
+        .collect();
+    assert!(sent.contains(&"a/linked".to_string()), "{sent:?}");
+    assert!(sent.contains(&"d/link2".to_string()), "{sent:?}");
+
+    // The moved subtree keeps being tracked under its new name.
+    sh(&format!("cd {s} && echo again >> a/b/moved2/sub/x"));
+    let ch = w.drain();
+    assert!(
+        ch.dirs.contains(std::path::Path::new("a/b/moved2/sub")),
+        "{ch:?}"
+    );
+    let m3 = scan::rescan(&src, &m2, &ch.dirs, &mut w).unwrap();
+    let full = scan::scan(&src).unwrap();
+    for (p, m) in &full.entries {
+        assert!(m3.entries[p].unchanged(m), "{} differs", p.display());
+    }
+    assert_eq!(m3.len(), full.len());
+}
+
+/// A file in `always` travels even when lstat sees no change (a write
+/// through a shared mapping need not touch the file's times).
+#[test]
+fn always_sends_mapped_files() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("mapped"), b"x").unwrap();
+    std::fs::write(src.join("other"), b"y").unwrap();
+    let m = scan::scan(&src).unwrap();
+    let always = [std::path::PathBuf::from("mapped")].into_iter().collect();
+    let pl = plan::plan_with(Some(&m), &m, |_| false, &always);
+    let sent: Vec<_> = pl.sends.iter().map(|(p, _)| p.clone()).collect();
+    assert_eq!(sent, vec![std::path::PathBuf::from("mapped")]);
+}

@@ -2,7 +2,9 @@
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
@@ -41,6 +43,74 @@ pub struct DumpRequest<'a> {
     /// Post-copy: leave anonymous memory out of the images and serve it
     /// from a page server on this address once the rest is dumped.
     pub lazy: Option<LazyDump>,
+    /// A migration reads the tree while CRIU holds it stopped.
+    pub probe: Option<SeizeProbe>,
+}
+
+/// What a migration reads of the tree while CRIU holds every task stopped.
+#[derive(Debug, Clone, Default)]
+pub struct Seized {
+    /// Just before CRIU stopped the tasks: the downtime starts here, not when
+    /// CRIU was asked (its start-up runs while the VPS still serves).
+    pub at: Option<Instant>,
+    /// Files the tasks have mapped shared and writable, relative to the VPS's
+    /// root: writes through such a mapping raise no change event and may
+    /// leave the file's times alone, so the rootfs's frozen pass sends them.
+    pub shared_writable: Vec<PathBuf>,
+}
+
+pub struct SeizeProbe {
+    /// `cgroup.procs` files listing the VPS's tasks (the first readable one counts).
+    pub procs_files: Vec<PathBuf>,
+    /// The VPS's root as the host sees it (its mappings may be named through it).
+    pub root: PathBuf,
+    pub out: Arc<Mutex<Seized>>,
+}
+
+/// Files mapped shared and writable by `pids`, relative to the VPS's root.
+/// /proc/PID/maps names a file by its path from the VPS's own root (the host
+/// cannot reach the VPS's mount namespace), or through `root` when it can.
+pub fn shared_writable_maps(pids: &[i32], root: &Path) -> Vec<PathBuf> {
+    let mut out = std::collections::BTreeSet::new();
+    for pid in pids {
+        let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+            continue;
+        };
+        for line in maps.lines() {
+            // start-end perms offset dev inode [path]
+            let mut f = line.splitn(6, ' ');
+            let perms = f.nth(1).unwrap_or("");
+            let path = f.nth(3).unwrap_or("").trim_start();
+            let p = perms.as_bytes();
+            if p.len() < 4 || p[1] != b'w' || p[3] != b's' || !path.starts_with('/') {
+                continue;
+            }
+            if path.ends_with(" (deleted)") {
+                continue;
+            }
+            let path = Path::new(path);
+            let rel = path
+                .strip_prefix(root)
+                .or_else(|_| path.strip_prefix("/"))
+                .map(Path::to_path_buf);
+            if let Ok(rel) = rel {
+                if !rel.as_os_str().is_empty() {
+                    out.insert(rel);
+                }
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+fn read_procs(files: &[PathBuf]) -> Vec<i32> {
+    files
+        .iter()
+        .find_map(|f| std::fs::read_to_string(f).ok())
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
 }
 
 /// A post-copy dump's page server and what it reports while it runs.
@@ -114,10 +184,12 @@ pub fn dump(criu: &Path, req: &DumpRequest<'_>) -> Result<DumpFacts, CriuError> 
             pid: None,
             fd: None,
         }),
-        notify_scripts: req.lazy.as_ref().map(|_| true),
+        // Notifications: the lazy dump's progress; the probe's freeze mark.
+        notify_scripts: (req.lazy.is_some() || req.probe.is_some()).then_some(true),
         ..Opts::default()
     };
     let mut w = Swrk::spawn(criu, &[])?;
+    let mut pre_dump = None;
     let resp = w.call(
         &Req {
             r#type: ReqType::Dump as i32,
@@ -125,6 +197,22 @@ pub fn dump(criu: &Path, req: &DumpRequest<'_>) -> Result<DumpFacts, CriuError> 
             ..Default::default()
         },
         |action| {
+            if let Some(probe) = &req.probe {
+                match action {
+                    // The last step before CRIU seizes the tasks.
+                    "pre-dump" => pre_dump = Some(Instant::now()),
+                    // Right after: every task is stopped, none can map more.
+                    "network-lock" => {
+                        let pids = read_procs(&probe.procs_files);
+                        let seized = Seized {
+                            at: pre_dump,
+                            shared_writable: shared_writable_maps(&pids, &probe.root),
+                        };
+                        *probe.out.lock().unwrap_or_else(|p| p.into_inner()) = seized;
+                    }
+                    _ => {}
+                }
+            }
             if let Some(l) = &req.lazy {
                 let ev = match action {
                     "post-dump" => Some(LazyEvent::Dumped),
@@ -152,4 +240,53 @@ pub fn dump(criu: &Path, req: &DumpRequest<'_>) -> Result<DumpFacts, CriuError> 
         });
     }
     Ok(DumpFacts { console_key })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A shared writable mapping of ours is found and named relative to the
+    /// root it lives under; a private or read-only one is not.
+    #[test]
+    fn finds_shared_writable_mappings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        std::fs::create_dir(root.join("var")).expect("mkdir");
+        let open = |name: &str| {
+            let p = root.join(name);
+            std::fs::write(&p, vec![0u8; 4096]).expect("write");
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(p)
+                .expect("open")
+        };
+        let (shared, private) = (open("var/shared.db"), open("private"));
+        let map = |f: &std::fs::File, flags: libc::c_int| {
+            // SAFETY: a fresh one-page mapping of a file we own, unmapped below;
+            // nothing else aliases it.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    flags,
+                    std::os::fd::AsRawFd::as_raw_fd(f),
+                    0,
+                )
+            };
+            assert_ne!(p, libc::MAP_FAILED);
+            p
+        };
+        let a = map(&shared, libc::MAP_SHARED);
+        let b = map(&private, libc::MAP_PRIVATE);
+        let found = shared_writable_maps(&[std::process::id() as i32], root);
+        // SAFETY: the two mappings made above, each one page.
+        unsafe {
+            libc::munmap(a, 4096);
+            libc::munmap(b, 4096);
+        }
+        assert_eq!(found, vec![PathBuf::from("var/shared.db")]);
+    }
 }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::start::{blocking, criu_log_level};
 use super::{Agent, Status};
-use crate::criu::dump::{DumpFacts, DumpRequest};
+use crate::criu::dump::{DumpFacts, DumpRequest, SeizeProbe};
 use crate::error::{AgentError, IoContext, Result};
 use crate::runtime::CHECKPOINT_MARKER;
 use crate::spec::VpsConfig;
@@ -35,6 +35,7 @@ impl Agent {
         name: &str,
         images: &Path,
         leave_running: bool,
+        probe: Option<SeizeProbe>,
     ) -> Result<DumpFacts> {
         let st = match self.status(name) {
             Status::Running(s) => s,
@@ -63,6 +64,7 @@ impl Agent {
                     leave_stopped: false,
                     log_level: criu_log_level(),
                     lazy: None,
+                    probe,
                 },
             )
             .map_err(|e| AgentError::FailedPrecondition(e.to_string()))
@@ -109,7 +111,7 @@ impl Agent {
         let dir = self.work_dir(&format!("ckpt-{name}"))?;
         let images = dir.join("images");
         let res = async {
-            let facts = self.dump_locked(name, &images, leave_running).await?;
+            let facts = self.dump_locked(name, &images, leave_running, None).await?;
             if !leave_running {
                 self.teardown(name).await?;
             }

@@ -4,7 +4,7 @@
 //! node stays usable during a long rootfs pass.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use ferry_migrate::phases::{self, Dumped, Job, Mode, Source};
 use ferry_proto::agent::v1 as pb;
@@ -15,6 +15,7 @@ use tracing::Instrument;
 use super::migrate_recover::Journal;
 use super::start::Resume;
 use super::{Agent, VpsRecord};
+use crate::criu::dump::{SeizeProbe, Seized};
 use crate::error::{AgentError, Result};
 
 struct AgentSource {
@@ -72,9 +73,10 @@ impl Source for AgentSource {
         }
         let name = &self.rec.config.name;
         let guard = self.before_freeze(false).await?;
+        let (probe, seized) = self.probe();
         let key = self
             .agent
-            .dump_locked(name, images, false)
+            .dump_locked(name, images, false, Some(probe))
             .await
             .map(|f| f.console_key)
             .map_err(|e| {
@@ -85,9 +87,12 @@ impl Source for AgentSource {
         // Keep the VPS's lock until the outcome: nothing (the exit watcher
         // included) touches the old run's kernel objects inside the frozen window.
         *self.frozen.lock().await = Some(guard);
+        let seized = take_seized(&seized);
         Ok(Dumped {
             console_key: key,
             page_server: None,
+            frozen_at: seized.at,
+            shared_writable: seized.shared_writable,
         })
     }
     async fn post_copy_done(&self) -> std::result::Result<(), String> {
@@ -211,7 +216,8 @@ impl AgentSource {
             .vps_run(name)
             .join(crate::runtime::CHECKPOINT_MARKER);
         let _ = std::fs::write(&marker, b"");
-        let (key, run) = match self.agent.dump_lazy_locked(name, images).await {
+        let (probe, seized) = self.probe();
+        let (key, run) = match self.agent.dump_lazy_locked(name, images, probe).await {
             Ok(x) => x,
             Err(e) => {
                 let _ = std::fs::remove_file(&marker);
@@ -223,10 +229,25 @@ impl AgentSource {
         let _ = self.journal_update(|j| j.page_server = page_server.clone());
         *self.lazy.lock().await = Some(run);
         *self.frozen.lock().await = Some(guard);
+        let seized = take_seized(&seized);
         Ok(Dumped {
             console_key: key,
             page_server: Some(page_server),
+            frozen_at: seized.at,
+            shared_writable: seized.shared_writable,
         })
+    }
+
+    /// What the dump reads of the tree while it holds it stopped.
+    fn probe(&self) -> (SeizeProbe, Arc<Mutex<Seized>>) {
+        let out = Arc::new(Mutex::new(Seized::default()));
+        let name = &self.rec.config.name;
+        let probe = SeizeProbe {
+            procs_files: self.agent.cgroup(name).procs_files(),
+            root: self.agent.paths.vps(name).join("rootfs"),
+            out: Arc::clone(&out),
+        };
+        (probe, out)
     }
 
     fn journal_update(&self, f: impl FnOnce(&mut Journal)) -> std::result::Result<(), String> {
@@ -234,6 +255,10 @@ impl AgentSource {
         f(&mut j);
         j.save(&self.scratch).map_err(|e| e.to_string())
     }
+}
+
+fn take_seized(s: &Mutex<Seized>) -> Seized {
+    std::mem::take(&mut *s.lock().unwrap_or_else(|p| p.into_inner()))
 }
 
 /// How long the source keeps asking the controllers for a decision they

@@ -14,7 +14,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::criu::dump::{DumpFacts, DumpRequest, LazyDump, LazyEvent};
+use crate::criu::dump::{DumpFacts, DumpRequest, LazyDump, LazyEvent, SeizeProbe};
 use crate::error::{AgentError, IoContext, Result};
 use crate::runtime::CHECKPOINT_MARKER;
 
@@ -39,6 +39,7 @@ impl Agent {
         &self,
         name: &str,
         images: &Path,
+        probe: SeizeProbe,
     ) -> Result<(String, LazyRun)> {
         let pid = match self.status(name) {
             Status::Running(s) => s.init_pid,
@@ -73,6 +74,7 @@ impl Agent {
                         port,
                         events: tx,
                     }),
+                    probe: Some(probe),
                 },
             )
             .map_err(|e| AgentError::FailedPrecondition(e.to_string()))

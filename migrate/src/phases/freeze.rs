@@ -24,6 +24,10 @@ pub async fn run(
     })?;
     st.console_key = d.console_key;
     st.page_server = d.page_server;
+    st.shared_writable = d.shared_writable;
+    if let Some(t) = d.frozen_at {
+        st.frozen_at = Some(t);
+    }
     let bytes = dir_size(images);
     p.done_phase("freeze", bytes);
     Ok(())

@@ -5,7 +5,7 @@ use std::path::Path;
 use ferry_proto::agent::v1::agent_service_client::AgentServiceClient;
 use tonic::transport::Channel;
 
-use super::rootfs::push_tree;
+use super::rootfs::{push_tree, Walk};
 use super::{Job, MigrateError, Progress};
 
 pub async fn push(
@@ -15,12 +15,12 @@ pub async fn push(
     p: &mut Progress,
 ) -> Result<(), MigrateError> {
     p.phase("images", "").await;
-    let (_, _, st) = push_tree(
+    let (_, _, st, _) = push_tree(
         target,
         &job.id,
         "images",
         images.to_path_buf(),
-        None,
+        Walk::default(),
         Default::default(),
         p,
         "images",

@@ -75,6 +75,13 @@ pub struct Dumped {
     pub console_key: String,
     /// Post-copy: where the source serves the memory (ADDR:PORT).
     pub page_server: Option<String>,
+    /// When the tasks were actually stopped (CRIU seizes them only after its
+    /// own start-up); None: the engine's mark before it asked for the dump.
+    pub frozen_at: Option<Instant>,
+    /// Files of the rootfs (relative) the frozen tasks had mapped shared and
+    /// writable: writes through such a mapping raise no change event and may
+    /// leave the file's times alone, so the final pass always sends them.
+    pub shared_writable: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -213,6 +220,7 @@ pub struct State {
     pub images: Option<PathBuf>,
     pub console_key: String,
     pub page_server: Option<String>,
+    pub shared_writable: Vec<PathBuf>,
     pub decided: Option<bool>,
     pub mode: Option<Mode>,
     pub downtime: Option<Duration>,
@@ -242,16 +250,21 @@ async fn steps(
         }
     }
     let mut sync = rootfs::RootfsSync::new(src.rootfs());
-    sync.pass(target, job, p, "rootfs").await?;
+    sync.pass(target, job, p, "rootfs", Default::default())
+        .await?;
     if mode != Mode::Cold {
         let images = src.scratch().join("images");
         st.images = Some(images.clone());
         freeze::run(src, &images, mode == Mode::PostCopy, p, st).await?;
         // The tree is frozen (dead on the source): the final delta is exact.
-        sync.pass(target, job, p, "final-rootfs").await?;
+        let mapped = std::mem::take(&mut st.shared_writable)
+            .into_iter()
+            .collect();
+        sync.pass(target, job, p, "final-rootfs", mapped).await?;
         images::push(target, job, &images, p).await?;
     } else {
-        sync.pass(target, job, p, "final-rootfs").await?;
+        sync.pass(target, job, p, "final-rootfs", Default::default())
+            .await?;
     }
     if job.verify {
         rootfs::verify(src, target, job, p).await?;

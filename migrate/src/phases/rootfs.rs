@@ -2,7 +2,8 @@
 //! pass, while it is frozen, sends only what changed since (big files by
 //! block). Also the generic tree push the images use, and verify mode.
 
-use std::path::PathBuf;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -14,6 +15,7 @@ use tonic::transport::Channel;
 use super::{status_msg, Job, MigrateError, Progress, Source};
 use crate::tree::scan::Manifest;
 use crate::tree::send::{BlockHashes, SendOpts, SendStats};
+use crate::tree::watch::Watch;
 use crate::tree::{plan, scan, send, TreeError};
 
 /// Items per gRPC message, and the data size that closes a message early.
@@ -24,31 +26,45 @@ pub struct RootfsSync {
     root: PathBuf,
     prev: Option<Manifest>,
     hashes: BlockHashes,
+    /// Tracks changes between passes, so a later pass reads only the
+    /// directories something happened in (None: every pass walks it all).
+    watch: Option<Watch>,
 }
 
 impl RootfsSync {
     pub fn new(root: PathBuf) -> Self {
+        let watch = Watch::new()
+            .map_err(|e| tracing::warn!(error = %e, "no change tracking: every rootfs pass walks the whole tree"))
+            .ok();
         RootfsSync {
             root,
             prev: None,
             hashes: BlockHashes::default(),
+            watch,
         }
     }
 
+    /// One pass: everything the first time, then what changed since the last
+    /// pass, plus the files in `always` (see [`plan::plan_with`]).
     pub async fn pass(
         &mut self,
         target: &mut AgentServiceClient<Channel>,
         job: &Job,
         p: &mut Progress,
         phase: &'static str,
+        always: BTreeSet<PathBuf>,
     ) -> Result<SendStats, MigrateError> {
         p.phase(phase, "").await;
-        let (m, h, st) = push_tree(
+        let (m, h, st, w) = push_tree(
             target,
             &job.id,
             "rootfs",
             self.root.clone(),
-            self.prev.take(),
+            Walk {
+                prev: self.prev.take(),
+                watch: self.watch.take(),
+                always,
+            },
             std::mem::take(&mut self.hashes),
             p,
             phase,
@@ -57,25 +73,64 @@ impl RootfsSync {
         .map_err(MigrateError::at(phase))?;
         self.prev = Some(m);
         self.hashes = h;
+        self.watch = w;
         p.bytes(phase, st.raw_bytes, st.raw_bytes).await;
         p.done_phase(phase, st.wire_bytes);
         Ok(st)
     }
 }
 
-/// Sends `root` (or what changed in it since `prev`) as `area` of migration
-/// `id`, reporting bytes sent (of the plan's file bytes) under `phase`.
+/// How a push finds what to send.
+#[derive(Default)]
+pub struct Walk {
+    /// The manifest the receiver already matches (None: it has nothing).
+    pub prev: Option<Manifest>,
+    /// Change tracking since `prev` was taken (None: walk the whole tree).
+    pub watch: Option<Watch>,
+    /// Files sent even when lstat sees no change.
+    pub always: BTreeSet<PathBuf>,
+}
+
+impl Walk {
+    /// The tree's manifest now: read whole, or only where `watch` saw changes.
+    fn manifest(&mut self, root: &Path) -> Result<Manifest, TreeError> {
+        let Some(w) = self.watch.as_mut() else {
+            return scan::scan(root);
+        };
+        let Some(prev) = &self.prev else {
+            return scan::scan_watched(root, Some(w));
+        };
+        let ch = w.drain();
+        if ch.everything {
+            return scan::scan(root);
+        }
+        let mut m = scan::rescan(root, prev, &ch.dirs, w)?;
+        // Mapped files may have changed without an event: look again.
+        for p in &self.always {
+            if let Ok(md) = std::fs::symlink_metadata(root.join(p)) {
+                if let Some(e) = m.entries.get_mut(p) {
+                    *e = scan::Meta::from_metadata(&md);
+                }
+            }
+        }
+        Ok(m)
+    }
+}
+
+/// Sends `root` (or what changed in it since `walk.prev`) as `area` of
+/// migration `id`, reporting bytes sent (of the plan's file bytes) under
+/// `phase`. Hands the change tracker back for the next pass.
 #[allow(clippy::too_many_arguments)]
 pub async fn push_tree(
     target: &mut AgentServiceClient<Channel>,
     id: &str,
     area: &str,
     root: PathBuf,
-    prev: Option<Manifest>,
+    mut walk: Walk,
     mut hashes: BlockHashes,
     p: &Progress,
     phase: &str,
-) -> Result<(Manifest, BlockHashes, SendStats), String> {
+) -> Result<(Manifest, BlockHashes, SendStats, Option<Watch>), String> {
     let (tx, rx) = mpsc::channel::<pb::MigrateChunk>(8);
     let (id2, area2) = (id.to_string(), area.to_string());
     // (bytes read so far, bytes the plan will read), shared with the sender thread.
@@ -108,8 +163,8 @@ pub async fn push_tree(
                 }
             }
         };
-        let m = scan::scan(&root)?;
-        let plan = plan::plan(prev.as_ref(), &m, |x| hashes.has(x));
+        let m = walk.manifest(&root)?;
+        let plan = plan::plan_with(walk.prev.as_ref(), &m, |x| hashes.has(x), &walk.always);
         let total: u64 = plan
             .sends
             .iter()
@@ -145,7 +200,7 @@ pub async fn push_tree(
         if !batch.is_empty() || !sent_any {
             put(chunk(batch))?;
         }
-        Ok::<_, TreeError>((m, hashes, st))
+        Ok::<_, TreeError>((m, hashes, st, walk.watch))
     });
     let push = target.migrate_push(tokio_stream::wrappers::ReceiverStream::new(rx));
     tokio::pin!(push);

@@ -11,6 +11,7 @@ pub mod digest;
 pub mod plan;
 pub mod scan;
 pub mod send;
+pub mod watch;
 
 use std::path::Path;
 

@@ -1,6 +1,7 @@
 //! What to send so the receiver's tree matches ours: everything (first pass),
 //! or only what changed since the manifest the receiver already matches.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use ferry_proto::agent::v1::tree_entry::Kind;
@@ -33,6 +34,18 @@ impl Plan {
 
 /// `prev`: the manifest the receiver matches (None: it has nothing).
 pub fn plan(prev: Option<&Manifest>, cur: &Manifest, has_hashes: impl Fn(&Path) -> bool) -> Plan {
+    plan_with(prev, cur, has_hashes, &BTreeSet::new())
+}
+
+/// [`plan`], also sending the files in `always` even if lstat sees no change:
+/// files written through a shared memory mapping may not show it in their
+/// times, so what the VPS has mapped that way travels in the frozen pass.
+pub fn plan_with(
+    prev: Option<&Manifest>,
+    cur: &Manifest,
+    has_hashes: impl Fn(&Path) -> bool,
+    always: &BTreeSet<PathBuf>,
+) -> Plan {
     let mut p = Plan::default();
     let Some(prev) = prev else {
         p.sends = cur
@@ -64,7 +77,11 @@ pub fn plan(prev: Option<&Manifest>, cur: &Manifest, has_hashes: impl Fn(&Path) 
         let how = match prev.entries.get(path) {
             None => Some(Send::Full),
             Some(old) if old.kind != new.kind => Some(Send::Full),
-            Some(old) if new.unchanged(old) => None,
+            Some(old)
+                if new.unchanged(old) && !(new.kind == Kind::File && always.contains(path)) =>
+            {
+                None
+            }
             Some(_) if new.kind == Kind::Dir => Some(Send::Meta),
             Some(old) if new.kind == Kind::File && old.ino == new.ino && has_hashes(path) => {
                 Some(Send::Blocks)

@@ -2,12 +2,14 @@
 //! Two manifests of the same tree taken at different times tell what changed
 //! (see [`super::plan`]): that is what keeps the frozen pass short.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::ops::Bound;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use ferry_proto::agent::v1::tree_entry::Kind;
 
+use super::watch::Watch;
 use super::TreeError;
 
 /// What lstat says about one entry.
@@ -90,6 +92,12 @@ impl Manifest {
 
 /// Walks `root` without following symlinks or crossing into other file systems.
 pub fn scan(root: &Path) -> Result<Manifest, TreeError> {
+    scan_watched(root, None)
+}
+
+/// [`scan`], watching every directory (before reading it) with `watch`, so
+/// that a later [`rescan`] can read only what changed.
+pub fn scan_watched(root: &Path, mut watch: Option<&mut Watch>) -> Result<Manifest, TreeError> {
     let mut out = Manifest::default();
     let top = std::fs::symlink_metadata(root).map_err(|e| TreeError::io(root, e))?;
     if !top.is_dir() {
@@ -101,10 +109,33 @@ pub fn scan(root: &Path) -> Result<Manifest, TreeError> {
     let dev = top.dev();
     out.entries
         .insert(PathBuf::new(), Meta::from_metadata(&top));
-    let mut stack = vec![PathBuf::new()];
+    walk(root, Path::new(""), dev, &mut out, &mut watch)?;
+    Ok(out)
+}
+
+/// Adds everything below directory `from` (relative) to `out`.
+fn walk(
+    root: &Path,
+    from: &Path,
+    dev: u64,
+    out: &mut Manifest,
+    watch: &mut Option<&mut Watch>,
+) -> Result<(), TreeError> {
+    let mut stack = vec![from.to_path_buf()];
     while let Some(rel) = stack.pop() {
+        if let Some(w) = watch.as_deref_mut() {
+            w.add(root, &rel);
+        }
         let dir = root.join(&rel);
-        let rd = std::fs::read_dir(&dir).map_err(|e| TreeError::io(&dir, e))?;
+        let rd = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            // Deleted since it was listed (the VPS runs): its parent's event
+            // (or the next full walk) accounts for it.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !rel.as_os_str().is_empty() => {
+                continue
+            }
+            Err(e) => return Err(TreeError::io(&dir, e)),
+        };
         for e in rd {
             let e = e.map_err(|e| TreeError::io(&dir, e))?;
             let child = rel.join(e.file_name());
@@ -123,5 +154,145 @@ pub fn scan(root: &Path) -> Result<Manifest, TreeError> {
             out.entries.insert(child, meta);
         }
     }
-    Ok(out)
+    Ok(())
+}
+
+/// The manifest `prev` brought up to date by reading again only `dirs` (what
+/// [`Watch::drain`] reported): each one's own entry and its listing; new
+/// directories found there are walked whole (and watched). Every path of a
+/// multiply-linked inode seen changing is looked at again too, since a change
+/// through one path is reported only in that path's directory.
+pub fn rescan(
+    root: &Path,
+    prev: &Manifest,
+    dirs: &BTreeSet<PathBuf>,
+    watch: &mut Watch,
+) -> Result<Manifest, TreeError> {
+    let mut cur = prev.clone();
+    let Some(dev) = prev.entries.get(Path::new("")).map(|m| m.dev) else {
+        return scan_watched(root, Some(watch));
+    };
+    // Subtrees walked whole in this rescan: nothing under them needs more.
+    let mut fresh: Vec<PathBuf> = Vec::new();
+    let mut linked: HashSet<(u64, u64)> = HashSet::new();
+    for d in dirs {
+        if fresh.iter().any(|f| d.starts_with(f)) {
+            continue;
+        }
+        let full = root.join(d);
+        let meta = match std::fs::symlink_metadata(&full) {
+            Ok(m) => Meta::from_metadata(&m),
+            // Deleted or moved away: the parent's listing accounts for it.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !d.as_os_str().is_empty() => {
+                continue
+            }
+            Err(e) => return Err(TreeError::io(&full, e)),
+        };
+        if meta.kind != Kind::Dir || meta.dev != dev {
+            continue;
+        }
+        let known = cur
+            .entries
+            .get(d)
+            .is_some_and(|o| o.kind == Kind::Dir && o.ino == meta.ino);
+        if !known {
+            // Not the directory we walked before under this name: walk it.
+            if d.as_os_str().is_empty() {
+                return scan_watched(root, Some(watch));
+            }
+            remove_under(&mut cur, d);
+            cur.entries.insert(d.clone(), meta);
+            walk(root, d, dev, &mut cur, &mut Some(&mut *watch))?;
+            fresh.push(d.clone());
+            continue;
+        }
+        cur.entries.insert(d.clone(), meta);
+        watch.add(root, d);
+        let rd = match std::fs::read_dir(&full) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(TreeError::io(&full, e)),
+        };
+        let mut seen: HashSet<std::ffi::OsString> = HashSet::new();
+        for e in rd {
+            let e = e.map_err(|e| TreeError::io(&full, e))?;
+            let name = e.file_name();
+            let child = d.join(&name);
+            let meta = match e.metadata() {
+                Ok(m) => Meta::from_metadata(&m),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(TreeError::io(&root.join(&child), e)),
+            };
+            seen.insert(name);
+            let old = cur.entries.get(&child);
+            if old.is_some_and(|o| o.nlink > 1 && o.kind != Kind::Dir) {
+                let o = old.map(|o| (o.dev, o.ino)).unwrap_or_default();
+                linked.insert(o);
+            }
+            if meta.nlink > 1 && meta.kind != Kind::Dir {
+                linked.insert((meta.dev, meta.ino));
+            }
+            let same_dir = old.is_some_and(|o| o.kind == Kind::Dir && o.ino == meta.ino);
+            let was_dir = old.is_some_and(|o| o.kind == Kind::Dir);
+            if meta.kind == Kind::Dir && meta.dev == dev && !same_dir {
+                remove_under(&mut cur, &child);
+                cur.entries.insert(child.clone(), meta);
+                walk(root, &child, dev, &mut cur, &mut Some(&mut *watch))?;
+                fresh.push(child);
+            } else {
+                if was_dir && !same_dir {
+                    remove_under(&mut cur, &child);
+                }
+                cur.entries.insert(child, meta);
+            }
+        }
+        // Entries listed before and gone now.
+        let depth = d.components().count() + 1;
+        let gone: Vec<PathBuf> = children(&cur, d)
+            .filter(|p| p.components().count() == depth)
+            .filter(|p| p.file_name().is_some_and(|n| !seen.contains(n)))
+            .cloned()
+            .collect();
+        for g in gone {
+            remove_under(&mut cur, &g);
+        }
+    }
+    if !linked.is_empty() {
+        let paths: Vec<PathBuf> = cur
+            .entries
+            .iter()
+            .filter(|(_, m)| m.kind != Kind::Dir && linked.contains(&(m.dev, m.ino)))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in paths {
+            match std::fs::symlink_metadata(root.join(&p)) {
+                Ok(m) => {
+                    cur.entries.insert(p, Meta::from_metadata(&m));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    cur.entries.remove(&p);
+                }
+                Err(e) => return Err(TreeError::io(&root.join(&p), e)),
+            }
+        }
+    }
+    Ok(cur)
+}
+
+/// Everything below `d` (not `d` itself), in tree order: paths compare by
+/// component, so a directory's descendants follow it without a gap.
+fn children<'a>(m: &'a Manifest, d: &'a Path) -> impl Iterator<Item = &'a PathBuf> + 'a {
+    m.entries
+        .range::<Path, _>((Bound::Excluded(d), Bound::Unbounded))
+        .map(|(p, _)| p)
+        .take_while(move |p| p.starts_with(d))
+}
+
+/// Removes `p` and everything below it.
+fn remove_under(m: &mut Manifest, p: &Path) {
+    let below: Vec<PathBuf> = children(m, p).cloned().collect();
+    for b in below {
+        m.entries.remove(&b);
+    }
+    m.entries.remove(p);
 }
