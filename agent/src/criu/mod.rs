@@ -3,6 +3,7 @@
 //! - [`rpc`]: our prost definitions of CRIU's published `rpc.proto`.
 //! - [`swrk`]: one worker process and its socketpair.
 //! - [`probe`](Criu::probe): version and kernel features, at agent start.
+//! - [`kdat`]: CRIU's kernel cache, primed at start where CRIU cannot keep it.
 //! - [`dump`] / [`restore`]: the options a Ferry VPS needs, each explained.
 //! - [`lazy`]: post-copy: the target's `criu lazy-pages` daemon and its helpers.
 //!
@@ -10,6 +11,7 @@
 //! `scripts/install-criu.sh` fills, then `criu` on PATH).
 
 pub mod dump;
+pub mod kdat;
 pub mod lazy;
 pub mod restore;
 pub mod rpc;
@@ -72,6 +74,20 @@ impl Criu {
     /// broken CRIU is remembered and named in every checkpoint call's error.
     pub fn probe(path: PathBuf) -> Criu {
         let info = probe(&path).map_err(|e| e.to_string());
+        if info.is_ok() {
+            match kdat::prime(&path) {
+                Ok(kdat::Primed::Written) => {
+                    tracing::info!(
+                        cache = kdat::CACHE,
+                        "/run is not a tmpfs: wrote CRIU's kernel cache for it"
+                    )
+                }
+                Ok(kdat::Primed::CriuKeepsIt) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "no CRIU kernel cache: every CRIU run probes the kernel (~30 ms)")
+                }
+            }
+        }
         Criu { path, info }
     }
 
