@@ -1,6 +1,7 @@
 //! What to send so the receiver's tree matches ours: everything (first pass),
 //! or only what changed since the manifest the receiver already matches.
 
+use std::cmp::Ordering;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -55,26 +56,39 @@ pub fn plan_with(
             .collect();
         return p;
     };
-    let mut deleted_dir: Option<PathBuf> = None;
-    for (path, old) in &prev.entries {
-        if let Some(d) = &deleted_dir {
-            if path.starts_with(d) {
-                continue;
-            }
-        }
-        let gone = match cur.entries.get(path) {
-            None => true,
-            Some(new) => new.kind != old.kind,
+    // One walk of both manifests side by side (both are in tree order): a
+    // lookup per entry compares paths component by component, which cost
+    // ~20 ms for a 7,500-entry tree; this costs one comparison per step.
+    let mut deleted_dir: Option<&Path> = None;
+    let mut olds = prev.entries.iter().peekable();
+    let mut news = cur.entries.iter().peekable();
+    loop {
+        let ord = match (olds.peek(), news.peek()) {
+            (None, None) => break,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some((a, _)), Some((b, _))) if a.as_os_str() == b.as_os_str() => Ordering::Equal,
+            (Some((a, _)), Some((b, _))) => a.as_path().cmp(b.as_path()),
         };
-        if gone {
-            p.deletes.push(path.clone());
-            if old.kind == Kind::Dir {
-                deleted_dir = Some(path.clone());
+        let (old, new) = match ord {
+            Ordering::Less => (olds.next(), None),
+            Ordering::Greater => (None, news.next()),
+            Ordering::Equal => (olds.next(), news.next()),
+        };
+        if let Some((path, old)) = old {
+            let gone = new.is_none_or(|(_, n)| n.kind != old.kind);
+            let under_deleted = deleted_dir.is_some_and(|d| path.starts_with(d));
+            if gone && !under_deleted {
+                p.deletes.push(path.clone());
+                if old.kind == Kind::Dir {
+                    deleted_dir = Some(path.as_path());
+                }
             }
         }
-    }
-    for (path, new) in &cur.entries {
-        let how = match prev.entries.get(path) {
+        let Some((path, new)) = new else {
+            continue;
+        };
+        let how = match old.map(|(_, o)| o) {
             None => Some(Send::Full),
             Some(old) if old.kind != new.kind => Some(Send::Full),
             Some(old)
