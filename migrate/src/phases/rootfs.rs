@@ -218,9 +218,14 @@ pub async fn push_tree(
     };
     ended.store(true, Ordering::Relaxed);
     let produced = producer.await.map_err(|e| format!("sender thread: {e}"))?;
-    // The target's answer first: its error explains a sender that stopped.
-    resp.map_err(status_msg)?;
-    produced.map_err(|e| e.to_string())
+    match (resp, produced) {
+        (Ok(_), Ok(done)) => Ok(done),
+        // The sender stopped because the target did: the target says why.
+        (Err(s), Err(TreeError::Closed(_))) => Err(status_msg(s)),
+        // Our side failed (the target saw only an ended stream).
+        (_, Err(e)) => Err(e.to_string()),
+        (Err(s), Ok(_)) => Err(status_msg(s)),
+    }
 }
 
 /// Verify mode: both trees' digests must match.
