@@ -7,8 +7,9 @@
 //!    measured by the source (freeze to running on the target) and by a client
 //!    on the LAN (the longest gap between HTTP answers, polling every ~5 ms with
 //!    a 50 ms connect timeout). Beside it, the peer: the CRIU CLI dumping and
-//!    restoring a plain process holding the same memory on this node (no
-//!    transfer, no network), the floor of any stop-and-copy.
+//!    restoring a plain process holding the same memory on this node, images
+//!    in RAM as a migration's are (no transfer, no network): the floor of any
+//!    stop-and-copy.
 //! 2. Rootfs sync of a Debian 12 minbase tree (debootstrap): a cold migration's
 //!    full pass and its no-op final pass, beside `rsync -aHAX` to a loopback
 //!    rsync daemon (full, then no-op), and bytes on the wire against `rsync -z`.
@@ -167,9 +168,23 @@ fn rss_bytes(pid: u32) -> u64 {
 }
 
 /// The CRIU CLI on a plain process holding `bytes`: (dump, restore) times.
+/// Its images go where a migration's do: to RAM (/dev/shm) when it is a
+/// tmpfs, else next to the test's files.
 fn criu_cli_peer(dir: &Path, bytes: u64) -> Option<(Duration, Duration)> {
-    let images = dir.join(format!("cli-{bytes}"));
+    let ram = nix::sys::statfs::statfs("/dev/shm")
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+    let images = if ram {
+        Path::new("/dev/shm").join(format!("ferry-bench-cli-{}-{bytes}", std::process::id()))
+    } else {
+        dir.join(format!("cli-{bytes}"))
+    };
     std::fs::create_dir_all(&images).ok()?;
+    let res = cli_dump_restore(dir, &images, bytes);
+    let _ = std::fs::remove_dir_all(&images);
+    res
+}
+
+fn cli_dump_restore(dir: &Path, images: &Path, bytes: u64) -> Option<(Duration, Duration)> {
     let child = Command::new("setsid")
         .args(["busybox", "awk", &memhog_awk(bytes)])
         .stdin(Stdio::null())
@@ -188,7 +203,7 @@ fn criu_cli_peer(dir: &Path, bytes: u64) -> Option<(Duration, Duration)> {
     let t = Instant::now();
     let dump = Command::new(criu_bin())
         .args(["dump", "-t", &pid.to_string(), "-D"])
-        .arg(&images)
+        .arg(images)
         .args(["-o", "dump.log"])
         .status()
         .ok()?;
@@ -203,7 +218,7 @@ fn criu_cli_peer(dir: &Path, bytes: u64) -> Option<(Duration, Duration)> {
     let pidfile = dir.join(format!("cli-{bytes}.pid"));
     let rst = Command::new(criu_bin())
         .args(["restore", "-d", "-D"])
-        .arg(&images)
+        .arg(images)
         .args(["-o", "restore.log", "--pidfile"])
         .arg(&pidfile)
         .status()
@@ -219,7 +234,6 @@ fn criu_cli_peer(dir: &Path, bytes: u64) -> Option<(Duration, Duration)> {
         );
     }
     let _ = std::fs::remove_file(&pidfile);
-    let _ = std::fs::remove_dir_all(&images);
     rst.success().then_some((dump_t, rst_t))
 }
 
@@ -291,7 +305,7 @@ async fn memory_bench(lan: &Lan, a: &Host, b: &Host) -> Vec<String> {
         let peer = criu_cli_peer(&a.dir, bytes);
         let peer_s = match peer {
             Some((d, r)) => format!(
-                "{:>4} MiB  peer: CRIU CLI dump {:.0} ms + restore {:.0} ms = {:.0} ms (one node, no transfer)",
+                "{:>4} MiB  peer: CRIU CLI dump {:.0} ms + restore {:.0} ms = {:.0} ms (one node, images in RAM, no transfer)",
                 mib,
                 ms(d),
                 ms(r),

@@ -39,6 +39,15 @@ async fn counter(
     r.stdout.trim().parse().unwrap_or(0)
 }
 
+/// How an agent names its RAM images dir after its data dir.
+fn hex_path(p: &std::path::Path) -> String {
+    p.as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 fn criu_ready(h: &Host) -> bool {
     h.agent_log().contains("criu ready")
 }
@@ -285,6 +294,26 @@ async fn live_migration_keeps_processes_files_ip_and_tcp() {
             .expect("downtime in ms");
         assert!(downtime > 0 && downtime < 5000, "{out}");
         eprintln!("{out}");
+
+        // The source dumped into RAM (this host has room), and nothing of
+        // the images is left there once the move is over.
+        if nix::sys::statfs::statfs("/dev/shm")
+            .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+        {
+            assert!(a.agent_log().contains("images in RAM"), "{}", a.agent_log());
+            for h in [&a, &b] {
+                let mine = std::path::Path::new("/dev/shm/ferry").join(hex_path(&h.data_dir()));
+                let mut left = true;
+                for _ in 0..50 {
+                    left = std::fs::read_dir(&mine).is_ok_and(|mut d| d.next().is_some());
+                    if !left {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                assert!(!left, "images left in {}", mine.display());
+            }
+        }
 
         // The target announced the address on the LAN.
         let seen = garp.wait_with_output().expect("ARP watcher");

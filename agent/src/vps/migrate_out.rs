@@ -72,6 +72,7 @@ impl Source for AgentSource {
             return self.dump_lazy(images).await;
         }
         let name = &self.rec.config.name;
+        self.agent.images_in_ram(&self.scratch, self.memory_bytes());
         let guard = self.before_freeze(false).await?;
         let (probe, seized) = self.probe();
         let key = self
@@ -209,6 +210,8 @@ impl AgentSource {
     /// Post-copy: dumps all but the memory and keeps serving it.
     async fn dump_lazy(&self, images: &Path) -> std::result::Result<Dumped, String> {
         let name = &self.rec.config.name;
+        // Only what is not memory: small, but the restore reads it in the window.
+        self.agent.images_in_ram(&self.scratch, 0);
         let guard = self.before_freeze(true).await?;
         let marker = self
             .agent
@@ -401,7 +404,7 @@ impl Agent {
                     error = %ev.error,
                     "migration ended"
                 );
-                let _ = std::fs::remove_dir_all(&scratch);
+                agent.remove_scratch(&scratch);
                 agent.end_migrating(&name);
             }
             .instrument(span),

@@ -85,7 +85,7 @@ impl Agent {
             .collect();
         for dir in dirs {
             let Some(j) = Journal::load(&dir) else {
-                forget(&dir);
+                self.forget(&dir);
                 continue;
             };
             let span = tracing::info_span!("recover", vps = %j.name, migration = %j.migration_id);
@@ -93,7 +93,7 @@ impl Agent {
                 if let Err(e) = self.recover_one(&dir, j).instrument(span).await {
                     tracing::error!(error = %e, "recovering an interrupted migration");
                 }
-                forget(&dir);
+                self.forget(&dir);
             } else {
                 // The cluster decides, which can take a while (no quorum):
                 // in the background, so the agent serves meanwhile.
@@ -101,7 +101,7 @@ impl Agent {
                 tokio::spawn(
                     async move {
                         match agent.recover_in_cluster(&dir, j).await {
-                            Ok(()) => forget(&dir),
+                            Ok(()) => agent.forget(&dir),
                             Err(e) => {
                                 tracing::error!(error = %e, "recovering an interrupted migration")
                             }
@@ -265,9 +265,12 @@ impl Agent {
     }
 }
 
-fn forget(dir: &Path) {
-    crate::criu::clear_leftover_mounts(&dir.join("images"));
-    let _ = std::fs::remove_dir_all(dir);
+impl Agent {
+    /// Drops a settled migration's scratch dir (and its images in RAM).
+    fn forget(&self, dir: &Path) {
+        crate::criu::clear_leftover_mounts(&dir.join("images"));
+        self.remove_scratch(dir);
+    }
 }
 
 /// Waits while some process (a CRIU dump the dead agent started) still has

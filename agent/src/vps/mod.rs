@@ -11,6 +11,7 @@ mod migrate_out;
 mod migrate_recover;
 mod postcopy;
 mod query;
+mod ram_images;
 mod restore;
 mod set;
 mod start;
@@ -144,6 +145,8 @@ impl Agent {
             create_lock: Default::default(),
         });
         agent.sweep_work();
+        ram_images::ensure_root();
+        agent.sweep_ram();
         agent.sweep_incoming().await;
         agent.adopt().await?;
         agent.recover_migrations().await;

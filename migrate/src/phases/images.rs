@@ -19,7 +19,8 @@ pub async fn push(
         target,
         &job.id,
         "images",
-        images.to_path_buf(),
+        // The images dir may be a link (to RAM): send what it points at.
+        std::fs::canonicalize(images).unwrap_or_else(|_| images.to_path_buf()),
         Walk::default(),
         Default::default(),
         p,
