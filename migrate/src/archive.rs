@@ -17,7 +17,7 @@ use ferry_proto::agent::v1::MigrateChunk;
 use prost::Message;
 use sha2::{Digest, Sha256};
 
-use crate::tree::{self, apply::Applier, send::SendOpts, TreeError};
+use crate::tree::{self, apply::Applier, send::Compress, send::SendOpts, TreeError};
 
 pub const MAGIC: &[u8; 8] = b"FERRYCKP";
 pub const VERSION: u32 = 1;
@@ -125,7 +125,9 @@ impl ArchiveWriter {
             &m,
             &plan,
             &mut hashes,
-            SendOpts { compress: true },
+            SendOpts {
+                compress: Compress::Always,
+            },
             &mut |it| {
                 batch.push(it);
                 if batch.len() >= BATCH {

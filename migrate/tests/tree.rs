@@ -21,7 +21,9 @@ fn sync(
         &m,
         &p,
         hashes,
-        send::SendOpts { compress: true },
+        send::SendOpts {
+            compress: send::Compress::Always,
+        },
         &mut |it| a.item(it),
     )
     .unwrap();

@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use ferry_proto::agent::v1::tree_entry::Kind;
 use ferry_proto::agent::v1::{tree_item, FileData, TreeEntry, TreeItem, Xattr};
@@ -27,11 +29,32 @@ impl BlockHashes {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SendOpts {
     /// zstd level 1 per chunk, kept only where it saves at least 1/8 (and
     /// given up for the rest of a file whose first chunk does not compress).
-    pub compress: bool,
+    pub compress: Compress,
+}
+
+/// When file data is compressed.
+#[derive(Debug, Clone)]
+pub enum Compress {
+    /// Always (a checkpoint file: its size matters more than the CPU).
+    Always,
+    /// While the flag is set, looked at for every chunk. A sender sets it
+    /// while its receiver falls behind (a slow link: fewer bytes win) and
+    /// clears it while the receiver keeps up (a fast link: compressing would
+    /// only make the CPU the bottleneck).
+    While(Arc<AtomicBool>),
+}
+
+impl Compress {
+    fn now(&self) -> bool {
+        match self {
+            Compress::Always => true,
+            Compress::While(f) => f.load(Ordering::Relaxed),
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -114,7 +137,8 @@ pub fn send(
                 out(entry_item(e))?;
                 let keep = size >= BLOCK_DELTA_MIN;
                 let mut new_hashes = Vec::new();
-                let mut compress = opts.compress;
+                // Cleared for the rest of the file once a chunk does not pay.
+                let mut worth = true;
                 let mut off = 0u64;
                 while off < size {
                     let n = read_full(&file, &mut buf, off).map_err(|e| TreeError::io(&full, e))?;
@@ -132,11 +156,11 @@ pub fn send(
                     // A zero block of a fresh file stays a hole on the receiver.
                     let skip = same || (old.is_none() && chunk.iter().all(|&b| b == 0));
                     if !skip {
-                        let (data, z) = if compress {
+                        let (data, z) = if worth && opts.compress.now() {
                             match zstd::bulk::compress(chunk, 1) {
                                 Ok(c) if c.len() < n - n / 8 => (c, true),
                                 _ => {
-                                    compress = false;
+                                    worth = false;
                                     (chunk.to_vec(), false)
                                 }
                             }
