@@ -159,7 +159,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(listen = %args.listen, "agent serving");
         let svc = AgentServiceServer::new(ferry_agent::service::Service { agent })
             .max_decoding_message_size(16 << 20);
-        let router = tonic::transport::Server::builder().add_service(svc);
+        // Migration pushes stream hundreds of MB: HTTP/2's default 64 KiB
+        // window would have the target grant more every few frames.
+        let router = tonic::transport::Server::builder()
+            .initial_stream_window_size(ferry_proto::addr::STREAM_WINDOW)
+            .initial_connection_window_size(ferry_proto::addr::CONNECTION_WINDOW)
+            .add_service(svc);
         ferry_proto::addr::serve(router, &args.listen)
             .await
             .map_err(anyhow::Error::msg)?;

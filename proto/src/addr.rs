@@ -44,10 +44,17 @@ impl std::fmt::Display for Addr {
 }
 
 /// Connects a gRPC channel to `addr`.
+/// HTTP/2 flow-control windows for bulk streams (a migration's rootfs and
+/// images): the default 64 KiB has the receiver grant more every few frames.
+pub const STREAM_WINDOW: u32 = 8 << 20;
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+
 pub async fn connect(addr: &Addr) -> Result<Channel, tonic::transport::Error> {
     match addr {
         Addr::Tcp(h) => {
             Endpoint::from_shared(format!("http://{h}"))?
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
                 .connect()
                 .await
         }
@@ -55,6 +62,8 @@ pub async fn connect(addr: &Addr) -> Result<Channel, tonic::transport::Error> {
             let p = p.clone();
             // The URI is a placeholder: the connector below decides where to go.
             Endpoint::from_static("http://localhost")
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
                 .connect_with_connector(tower::service_fn(move |_| {
                     let p = p.clone();
                     async move {
