@@ -15,7 +15,8 @@
 //!    rsync daemon (full, then no-op), and bytes on the wire against `rsync -z`.
 //!
 //! `cargo bench -p ferry-agent --bench migrate`. FERRY_BENCH_SIZES_MIB picks the
-//! sizes (default "64,256,1024"); FERRY_BENCH_SKIP_ROOTFS=1 skips part 2.
+//! sizes (default "64,256,1024"); FERRY_BENCH_SKIP_ROOTFS=1 skips part 2;
+//! FERRY_BENCH_PHASES=1 prints every migration's phase times.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -129,6 +130,14 @@ async fn migrate(
 ) -> pb::MigrationEvent {
     let ev = migrate_vps(c, name, to, mode, false, |_| {}).await;
     assert!(ev.error.is_empty(), "migration failed: {}", ev.error);
+    if std::env::var_os("FERRY_BENCH_PHASES").is_some() {
+        let table: Vec<String> = ev
+            .phases
+            .iter()
+            .map(|p| format!("{} {} ms", p.phase, p.millis))
+            .collect();
+        println!("    {name} {}: {}", ev.mode, table.join(", "));
+    }
     ev
 }
 

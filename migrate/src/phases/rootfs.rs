@@ -14,7 +14,7 @@ use tonic::transport::Channel;
 
 use super::{status_msg, Job, MigrateError, Progress, Source};
 use crate::tree::scan::Manifest;
-use crate::tree::send::{BlockHashes, Compress, SendOpts, SendStats};
+use crate::tree::send::{Adaptive, BlockHashes, Compress, SendOpts, SendStats};
 use crate::tree::watch::Watch;
 use crate::tree::{plan, scan, send, TreeError};
 
@@ -191,8 +191,8 @@ pub async fn push_tree(
             area: area2.clone(),
             items,
         };
-        // Compression follows the link: on while the target falls behind.
-        let z = Arc::new(AtomicBool::new(false));
+        // Compression follows the link and the data (see Adaptive).
+        let z = Arc::new(Adaptive::default());
         let mut pace = Pace::default();
         let mut put = |mut c: pb::MigrateChunk| -> Result<(), TreeError> {
             let mut first = true;
@@ -208,7 +208,7 @@ pub async fn push_tree(
                 let res = tx.try_send(c);
                 if first {
                     let full = matches!(res, Err(mpsc::error::TrySendError::Full(_)));
-                    pace.note(full, bytes, &z);
+                    pace.note(full, bytes, &z.slow);
                     first = false;
                 }
                 match res {
@@ -245,7 +245,7 @@ pub async fn push_tree(
             &plan,
             &mut hashes,
             SendOpts {
-                compress: Compress::While(Arc::clone(&z)),
+                compress: Compress::Adaptive(Arc::clone(&z)),
             },
             &mut |it| {
                 if let Some(pb::tree_item::Item::Data(d)) = &it.item {

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use ferry_proto::agent::v1::tree_entry::Kind;
@@ -41,18 +41,62 @@ pub struct SendOpts {
 pub enum Compress {
     /// Always (a checkpoint file: its size matters more than the CPU).
     Always,
-    /// While the flag is set, looked at for every chunk. A sender sets it
-    /// while its receiver falls behind (a slow link: fewer bytes win) and
-    /// clears it while the receiver keeps up (a fast link: compressing would
-    /// only make the CPU the bottleneck).
-    While(Arc<AtomicBool>),
+    /// When it pays, as [`Adaptive`] judges.
+    Adaptive(Arc<Adaptive>),
+}
+
+/// Compression that follows the link and the data. A sender sets `slow`
+/// while its receiver falls behind (a slow link: fewer bytes win) and clears
+/// it while the receiver keeps up. Whatever the link, data that shrinks to a
+/// quarter or less is compressed: zstd then runs faster than the bytes it
+/// saves could be copied. Every [`Adaptive::PROBE`]th chunk is compressed to
+/// keep that judgement current.
+#[derive(Debug)]
+pub struct Adaptive {
+    pub slow: AtomicBool,
+    chunks: AtomicU32,
+    /// Compressed size per 1,000 bytes of the last probe.
+    permille: AtomicU32,
+}
+
+impl Default for Adaptive {
+    fn default() -> Self {
+        Adaptive {
+            slow: AtomicBool::new(false),
+            chunks: AtomicU32::new(0),
+            // Nothing seen yet: as if incompressible (the first chunk probes).
+            permille: AtomicU32::new(1000),
+        }
+    }
+}
+
+impl Adaptive {
+    const PROBE: u32 = 16;
+
+    fn compress_next(&self) -> bool {
+        let n = self.chunks.fetch_add(1, Ordering::Relaxed);
+        self.slow.load(Ordering::Relaxed)
+            || n.is_multiple_of(Self::PROBE)
+            || self.permille.load(Ordering::Relaxed) <= 250
+    }
+
+    fn saw(&self, raw: usize, packed: usize) {
+        let p = (packed as u64 * 1000 / raw.max(1) as u64).min(1000) as u32;
+        self.permille.store(p, Ordering::Relaxed);
+    }
 }
 
 impl Compress {
-    fn now(&self) -> bool {
+    fn next_chunk(&self) -> bool {
         match self {
             Compress::Always => true,
-            Compress::While(f) => f.load(Ordering::Relaxed),
+            Compress::Adaptive(a) => a.compress_next(),
+        }
+    }
+
+    fn saw(&self, raw: usize, packed: usize) {
+        if let Compress::Adaptive(a) = self {
+            a.saw(raw, packed);
         }
     }
 }
@@ -156,8 +200,12 @@ pub fn send(
                     // A zero block of a fresh file stays a hole on the receiver.
                     let skip = same || (old.is_none() && chunk.iter().all(|&b| b == 0));
                     if !skip {
-                        let (data, z) = if worth && opts.compress.now() {
-                            match zstd::bulk::compress(chunk, 1) {
+                        let (data, z) = if worth && opts.compress.next_chunk() {
+                            let c = zstd::bulk::compress(chunk, 1);
+                            if let Ok(c) = &c {
+                                opts.compress.saw(n, c.len());
+                            }
+                            match c {
                                 Ok(c) if c.len() < n - n / 8 => (c, true),
                                 _ => {
                                     worth = false;
@@ -250,4 +298,28 @@ pub fn read_xattrs(full: &Path) -> Result<Vec<Xattr>, TreeError> {
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adaptive_compresses_what_shrinks_a_lot_or_a_slow_link() {
+        let a = Adaptive::default();
+        // The first chunk probes; incompressible data then goes as it is.
+        assert!(a.compress_next());
+        a.saw(1000, 990);
+        let picked = (0..Adaptive::PROBE * 2)
+            .filter(|_| a.compress_next())
+            .count();
+        assert_eq!(picked, 2, "only the probes");
+        // Data that shrinks to a fifth: every chunk.
+        a.saw(1000, 200);
+        assert!((0..40).all(|_| a.compress_next()));
+        // A slow link: every chunk, whatever the data.
+        a.saw(1000, 990);
+        a.slow.store(true, Ordering::Relaxed);
+        assert!((0..40).all(|_| a.compress_next()));
+    }
 }
