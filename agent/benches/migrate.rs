@@ -129,7 +129,18 @@ async fn migrate(
     mode: pb::MigrationMode,
 ) -> pb::MigrationEvent {
     let ev = migrate_vps(c, name, to, mode, false, |_| {}).await;
-    assert!(ev.error.is_empty(), "migration failed: {}", ev.error);
+    if !ev.error.is_empty() {
+        // The monitor's log says what the restore did; the test dir goes
+        // with the panic.
+        let log = ev
+            .error
+            .split("see ")
+            .nth(1)
+            .and_then(|r| r.split(';').next())
+            .and_then(|p| std::fs::read_to_string(p.trim()).ok())
+            .unwrap_or_default();
+        panic!("migration failed: {}\n{log}", ev.error);
+    }
     if std::env::var_os("FERRY_BENCH_PHASES").is_some() {
         let table: Vec<String> = ev
             .phases
