@@ -98,12 +98,24 @@ pub struct Cluster {
     _dir: tempfile::TempDir,
 }
 
+/// A port nothing listens on, and that no other test of this binary got:
+/// the port is released before the replica binds it, so two tests running
+/// side by side could otherwise be handed the same one (a test then talked to
+/// another test's replica and saw no leader).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 impl Cluster {
@@ -121,7 +133,12 @@ impl Cluster {
             _dir: dir,
         };
         let mut first = c.replicas[0].client().await;
-        wait_leader(&mut first).await;
+        assert!(
+            has_leader(&mut first).await,
+            "the bootstrapping replica {} elected no leader; its log:\n{}",
+            c.replicas[0].addr,
+            c.replicas[0].log()
+        );
         for r in &c.replicas[1..] {
             let _ = r.client().await;
             first
@@ -165,14 +182,21 @@ impl Cluster {
 }
 
 pub async fn wait_leader(c: &mut ControllerServiceClient<Channel>) {
+    assert!(has_leader(c).await, "no leader");
+}
+
+/// Whether the replica behind `c` knows a leader within 10 s.
+async fn has_leader(c: &mut ControllerServiceClient<Channel>) -> bool {
     let end = Instant::now() + Duration::from_secs(10);
     loop {
         if let Ok(s) = c.cluster_status(cpb::ClusterStatusRequest {}).await {
             if s.get_ref().leader_id != 0 {
-                return;
+                return true;
             }
         }
-        assert!(Instant::now() < end, "no leader");
+        if Instant::now() >= end {
+            return false;
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
