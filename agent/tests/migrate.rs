@@ -315,6 +315,23 @@ async fn live_migration_keeps_processes_files_ip_and_tcp() {
             }
         }
 
+        // The restore ran under a raised memory limit (CRIU needs room beyond
+        // the VPS's own memory); once it runs, the VPS is under its own.
+        let dirs = b.cgroup_dirs(&name);
+        let limit = dirs
+            .iter()
+            .flat_map(|d| [d.join("memory.limit_in_bytes"), d.join("memory.max")])
+            .find(|p| p.exists())
+            .map(|p| std::fs::read_to_string(p).expect("memory limit"));
+        if let Some(l) = limit {
+            assert_eq!(l.trim(), (128u64 << 20).to_string(), "the restore's limit stayed");
+        }
+        assert!(
+            !b.agent_log().contains("keeps the memory limit raised"),
+            "{}",
+            b.agent_log()
+        );
+
         // The target announced the address on the LAN.
         let seen = garp.wait_with_output().expect("ARP watcher");
         assert_eq!(

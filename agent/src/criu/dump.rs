@@ -188,7 +188,7 @@ pub fn dump(criu: &Path, req: &DumpRequest<'_>) -> Result<DumpFacts, CriuError> 
         notify_scripts: (req.lazy.is_some() || req.probe.is_some()).then_some(true),
         ..Opts::default()
     };
-    let mut w = Swrk::spawn(criu, &[])?;
+    let mut w = Swrk::spawn(criu, &[], false)?;
     let mut pre_dump = None;
     let resp = w.call(
         &Req {

@@ -100,7 +100,7 @@ impl Criu {
 }
 
 fn probe(path: &Path) -> Result<CriuInfo, CriuError> {
-    let mut w = swrk::Swrk::spawn(path, &[]).map_err(|e| {
+    let mut w = swrk::Swrk::spawn(path, &[], true).map_err(|e| {
         CriuError::Unavailable(format!("{} cannot be started ({e})", path.display()))
     })?;
     w.send(&Req {

@@ -89,7 +89,7 @@ pub fn restore(
         lazy_pages: req.lazy.then_some(true),
         ..Opts::default()
     };
-    let mut w = Swrk::spawn(criu, &[console, netns.as_fd()])?;
+    let mut w = Swrk::spawn(criu, &[console, netns.as_fd()], true)?;
     let resp = w.call(
         &Req {
             r#type: ReqType::Restore as i32,

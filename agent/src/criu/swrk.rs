@@ -27,7 +27,11 @@ pub struct Swrk {
 impl Swrk {
     /// Starts `criu swrk 3`. `pass` are descriptors of ours that the worker gets
     /// as 4, 5, ... in order (for `inherit_fd`).
-    pub fn spawn(criu: &Path, pass: &[BorrowedFd<'_>]) -> Result<Swrk, CriuError> {
+    /// Starts a worker. `tied`: it is killed if the spawning process dies
+    /// (a restore: a monitor that is gone must not leave CRIU waiting for
+    /// ever on a tree that cannot finish). A dump is not tied: a post-copy's
+    /// CRIU must keep serving pages if the agent dies.
+    pub fn spawn(criu: &Path, pass: &[BorrowedFd<'_>], tied: bool) -> Result<Swrk, CriuError> {
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -44,7 +48,7 @@ impl Swrk {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         // SAFETY: between fork and exec only async-signal-safe calls (dup, dup2,
-        // fcntl) run, on descriptors this process owns.
+        // fcntl, prctl) run, on descriptors this process owns.
         unsafe {
             cmd.pre_exec(move || {
                 // Move everything out of the way first: a source may sit on a
@@ -61,6 +65,10 @@ impl Swrk {
                     if libc::dup2(*fd, SWRK_FD + i as RawFd) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
+                }
+                if tied && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });

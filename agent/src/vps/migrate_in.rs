@@ -349,6 +349,7 @@ impl Agent {
         if req.commit {
             if let Some(h) = i.held.take() {
                 h.go().await?;
+                self.settle_limits(&name, &i.rec.config.limits).await;
             }
             if let Some(d) = i.lazy.take() {
                 // The post-copy window: the VPS runs here while its memory

@@ -74,7 +74,10 @@ impl Agent {
             )));
         }
         let cg = self.cgroup(&c.name);
-        let limits = c.limits.clone();
+        let limits = match resume {
+            Some(r) => restore_limits(&c.limits, &r.images),
+            None => c.limits.clone(),
+        };
         let cg2 = cg.clone();
         blocking(move || cg2.create(&limits)).await?;
 
@@ -141,9 +144,25 @@ impl Agent {
             let json =
                 serde_json::to_vec_pretty(&cfg).map_err(|e| AgentError::Internal(e.to_string()))?;
             write_atomic(&run.join(RESTORE_FILE), &json).at("writing", run.join(RESTORE_FILE))?;
-            return self.spawn_monitor(&run, r.hold).await;
+            let held = self.spawn_monitor(&run, r.hold).await?;
+            if held.is_none() {
+                self.settle_limits(&c.name, &c.limits).await;
+            }
+            return Ok(held);
         }
         self.spawn_monitor(&run, false).await
+    }
+
+    /// Once a restored VPS runs: its own limits, in place of the restore's
+    /// (see [`restore_limits`]). Lowering the memory limit makes the kernel
+    /// drop the images' page cache; if it cannot get under (the VPS's own
+    /// memory alone is above it), the VPS keeps the raised limit, logged.
+    pub(crate) async fn settle_limits(&self, name: &str, limits: &crate::spec::LimitsConfig) {
+        let cg = self.cgroup(name);
+        let l = limits.clone();
+        if let Err(e) = blocking(move || cg.apply(&l)).await {
+            tracing::warn!(vps = %name, error = %e, "the restored VPS keeps the memory limit raised for its restore");
+        }
     }
 
     async fn spawn_monitor(&self, run: &std::path::Path, hold: bool) -> Result<Option<Held>> {
@@ -188,6 +207,34 @@ impl Agent {
         drop(child);
         monitor_report(read, &line, run).map(|_| None)
     }
+}
+
+/// The limits a restore runs under. CRIU restores the VPS's memory inside the
+/// VPS's memory cgroup and briefly needs more than the VPS itself (its
+/// premapped copy, the images' page cache): a 1.7 GiB VPS peaked at 2.07 GiB
+/// under a 2.125 GiB limit. At the limit the kernel's OOM killer hits a
+/// half-restored tree, and CRIU then waits for the killed task for ever. So
+/// the memory limit is raised by the images' size (plus 64 MiB) until the
+/// VPS runs ([`Agent::settle_limits`]).
+fn restore_limits(
+    l: &crate::spec::LimitsConfig,
+    images: &std::path::Path,
+) -> crate::spec::LimitsConfig {
+    let images_bytes: u64 = std::fs::read_dir(images)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    let mut r = l.clone();
+    if r.memory_bytes > 0 {
+        r.memory_bytes = r
+            .memory_bytes
+            .saturating_add(images_bytes)
+            .saturating_add(64 << 20);
+    }
+    r
 }
 
 /// The monitor's first line after a launch or restore: `ok PID` or `err MESSAGE`.
