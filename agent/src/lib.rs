@@ -3,14 +3,16 @@
 //! # Layout
 //! - [`service`]: the gRPC `ferry.agent.v1.AgentService`, a thin layer over [`vps::Agent`].
 //! - [`vps`]: the VPS lifecycle, one file per step (create, start, stop, destroy,
-//!   set, exec, console, query) and start-up adoption of running VPSes.
+//!   set, exec, console, query), start-up adoption of running VPSes, and both
+//!   ends of a migration (out, in, recovery, post-copy, images in RAM).
 //! - [`runtime`]: the per-VPS monitor process, the clone of init into its
 //!   namespaces, the in-VPS filesystem (pivot_root, /dev, masks), capabilities
 //!   and seccomp, and entering a VPS for exec.
 //! - [`cgroup`]: per-VPS cgroups on v1 and v2 behind one interface.
 //! - [`net`]: bridge, persistent netns and veth through rtnetlink.
 //! - [`template`]: safe archive import and the built-in busybox template.
-//! - [`criu`]: checkpoint/restore through CRIU's RPC (`criu swrk`), probe at start.
+//! - [`criu`]: checkpoint/restore through CRIU's RPC (`criu swrk`), probe and
+//!   kernel cache at start, the lazy-pages daemon.
 //! - [`cluster`]: joining a controller and heartbeating to it (`--controller`).
 //! - [`spec`]: validation of wire specs into stored configs.
 //! - [`paths`], [`error`].

@@ -1,10 +1,12 @@
 //! Byte-exact tree sync: a manifest of the tree ([`scan`]), what differs from
 //! what the receiver has ([`plan`]), the stream of entries and file data
-//! ([`send`]), writing it on the receiver ([`apply`]), and a digest of a whole
-//! tree for verify mode ([`digest`]).
+//! ([`send`]), writing it on the receiver ([`apply`]), a digest of a whole
+//! tree for verify mode ([`digest`]), and change tracking between passes
+//! ([`watch`]) so a later pass reads only the directories that changed.
 //!
 //! The wire items are `ferry.agent.v1.TreeItem`s: an entry, then its data in
-//! chunks (holes are skipped, chunks are zstd-compressed when that pays).
+//! chunks (holes are skipped, chunks are zstd-compressed when that pays:
+//! see [`send::Compress`]).
 
 pub mod apply;
 pub mod digest;
