@@ -49,7 +49,7 @@ pub enum Compress {
 /// while its receiver falls behind (a slow link: fewer bytes win) and clears
 /// it while the receiver keeps up. Whatever the link, data that shrinks to a
 /// quarter or less is compressed: zstd then runs faster than the bytes it
-/// saves could be copied. Every [`Adaptive::PROBE`]th chunk is compressed to
+/// saves could be copied. Every 16th chunk is compressed to
 /// keep that judgement current.
 #[derive(Debug)]
 pub struct Adaptive {
