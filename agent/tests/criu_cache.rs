@@ -41,4 +41,9 @@ fn criu_finds_its_kernel_cache_after_the_agent_primes_it() {
     }
     // A CRIU run must not have removed it.
     assert!(Path::new(kdat::CACHE).exists());
+    // Written since this boot: the next agent keeps it.
+    assert_eq!(
+        kdat::prime(&criu).expect("priming again"),
+        kdat::Primed::Current
+    );
 }

@@ -11,7 +11,7 @@ use nix::sys::stat::Mode;
 
 use super::rpc::{CgMode, NetworkLock, Opts, Req, ReqType};
 use super::swrk::Swrk;
-use super::{log_tail, CriuError};
+use super::CriuError;
 
 /// The key under which the VPS's network namespace is declared external. The
 /// namespace itself is not dumped: the agent keeps (or, on another node,
@@ -60,8 +60,8 @@ pub struct Seized {
 }
 
 pub struct SeizeProbe {
-    /// `cgroup.procs` files listing the VPS's tasks (the first readable one counts).
-    pub procs_files: Vec<PathBuf>,
+    /// The VPS's cgroup: it lists the tasks.
+    pub cgroup: crate::cgroup::VpsCgroup,
     /// The VPS's root as the host sees it (its mappings may be named through it).
     pub root: PathBuf,
     pub out: Arc<Mutex<Seized>>,
@@ -101,16 +101,6 @@ pub fn shared_writable_maps(pids: &[i32], root: &Path) -> Vec<PathBuf> {
         }
     }
     out.into_iter().collect()
-}
-
-fn read_procs(files: &[PathBuf]) -> Vec<i32> {
-    files
-        .iter()
-        .find_map(|f| std::fs::read_to_string(f).ok())
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
 }
 
 /// A post-copy dump's page server and what it reports while it runs.
@@ -203,7 +193,7 @@ pub fn dump(criu: &Path, req: &DumpRequest<'_>) -> Result<DumpFacts, CriuError> 
                     "pre-dump" => pre_dump = Some(Instant::now()),
                     // Right after: every task is stopped, none can map more.
                     "network-lock" => {
-                        let pids = read_procs(&probe.procs_files);
+                        let pids = probe.cgroup.pids();
                         let seized = Seized {
                             at: pre_dump,
                             shared_writable: shared_writable_maps(&pids, &probe.root),
@@ -229,14 +219,7 @@ pub fn dump(criu: &Path, req: &DumpRequest<'_>) -> Result<DumpFacts, CriuError> 
     if !resp.success {
         return Err(CriuError::Failed {
             op: "dump",
-            msg: format!(
-                "{}{}",
-                resp.cr_errmsg
-                    .filter(|m| !m.contains("RLIMIT_NOFILE"))
-                    .map(|m| format!("{m}: "))
-                    .unwrap_or_default(),
-                log_tail(&req.images.join(DUMP_LOG))
-            ),
+            msg: super::failure(resp.cr_errmsg, &req.images.join(DUMP_LOG)),
         });
     }
     Ok(DumpFacts { console_key })

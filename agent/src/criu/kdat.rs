@@ -5,12 +5,14 @@
 //! clears it. On a host whose /run is a plain directory (this one), every
 //! restore and every `criu lazy-pages` paid the probe inside a migration's
 //! frozen window. The agent runs `criu check` once at start with a private
-//! tmpfs on /run and installs the file CRIU wrote there. It is written again at
-//! every agent start, so it cannot outlive the kernel it describes.
+//! tmpfs on /run and installs the file CRIU wrote there. A file written since
+//! this boot is kept (every agent on the host would otherwise redo it); an
+//! older one may describe another kernel and is written again.
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::sys::statfs::{statfs, TMPFS_MAGIC};
 
@@ -21,14 +23,34 @@ pub const CACHE: &str = "/run/criu.kdat";
 pub enum Primed {
     /// /run is a tmpfs: CRIU keeps the cache itself.
     CriuKeepsIt,
-    /// Written by the agent.
+    /// Written since this boot already.
+    Current,
+    /// Written by the agent now.
     Written,
+}
+
+/// When this boot began (`btime` of /proc/stat).
+fn boot_time() -> Option<SystemTime> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let secs: u64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(UNIX_EPOCH + Duration::from_secs(secs))
 }
 
 /// Makes sure CRIU finds its kernel cache (see the module doc).
 pub fn prime(criu: &Path) -> Result<Primed, String> {
     if statfs("/run").is_ok_and(|s| s.filesystem_type() == TMPFS_MAGIC) {
         return Ok(Primed::CriuKeepsIt);
+    }
+    let written = std::fs::metadata(CACHE).and_then(|m| m.modified()).ok();
+    if let (Some(w), Some(boot)) = (written, boot_time()) {
+        if w > boot {
+            return Ok(Primed::Current);
+        }
     }
     let mut cmd = Command::new("sh");
     cmd.arg("-c")

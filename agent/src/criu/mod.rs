@@ -82,7 +82,7 @@ impl Criu {
                         "/run is not a tmpfs: wrote CRIU's kernel cache for it"
                     )
                 }
-                Ok(kdat::Primed::CriuKeepsIt) => {}
+                Ok(kdat::Primed::CriuKeepsIt | kdat::Primed::Current) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "no CRIU kernel cache: every CRIU run probes the kernel (~30 ms)")
                 }
@@ -146,6 +146,19 @@ fn probe(path: &Path) -> Result<CriuInfo, CriuError> {
         lazy_pages: feats.lazy_pages.unwrap_or(false),
         mem_track: feats.mem_track.unwrap_or(false),
     })
+}
+
+/// Why a CRIU request failed: its own message (unless it is the harmless
+/// RLIMIT line this root always gets), then the last errors of its log.
+pub fn failure(errmsg: Option<String>, log: &Path) -> String {
+    format!(
+        "{}{}",
+        errmsg
+            .filter(|m| !m.contains("RLIMIT_NOFILE"))
+            .map(|m| format!("{m}: "))
+            .unwrap_or_default(),
+        log_tail(log)
+    )
 }
 
 /// The last error lines of a CRIU log, for an operator-facing message.

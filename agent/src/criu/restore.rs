@@ -11,7 +11,7 @@ use nix::sys::stat::Mode;
 use super::dump::NETNS_KEY;
 use super::rpc::{CgMode, CgroupRoot, InheritFd, NetworkLock, Opts, Req, ReqType};
 use super::swrk::{Swrk, FIRST_PASSED_FD};
-use super::{log_tail, CriuError};
+use super::CriuError;
 
 pub const RESTORE_LOG: &str = "restore.log";
 
@@ -99,13 +99,9 @@ pub fn restore(
         on_notify,
     )?;
     if !resp.success {
-        return Err(fail(format!(
-            "{}{}",
-            resp.cr_errmsg
-                .filter(|m| !m.contains("RLIMIT_NOFILE"))
-                .map(|m| format!("{m}: "))
-                .unwrap_or_default(),
-            log_tail(&req.images.join(RESTORE_LOG))
+        return Err(fail(super::failure(
+            resp.cr_errmsg,
+            &req.images.join(RESTORE_LOG),
         )));
     }
     resp.restore

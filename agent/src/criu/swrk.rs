@@ -26,8 +26,8 @@ pub struct Swrk {
 
 impl Swrk {
     /// Starts `criu swrk 3`. `pass` are descriptors of ours that the worker gets
-    /// as 4, 5, ... in order (for `inherit_fd`).
-    /// Starts a worker. `tied`: it is killed if the spawning process dies
+    /// as 4, 5, ... in order (for `inherit_fd`). `tied`: it is killed if the
+    /// spawning process dies
     /// (a restore: a monitor that is gone must not leave CRIU waiting for
     /// ever on a tree that cannot finish). A dump is not tied: a post-copy's
     /// CRIU must keep serving pages if the agent dies.

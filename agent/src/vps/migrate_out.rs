@@ -246,7 +246,7 @@ impl AgentSource {
         let out = Arc::new(Mutex::new(Seized::default()));
         let name = &self.rec.config.name;
         let probe = SeizeProbe {
-            procs_files: self.agent.cgroup(name).procs_files(),
+            cgroup: self.agent.cgroup(name),
             root: self.agent.paths.vps(name).join("rootfs"),
             out: Arc::clone(&out),
         };
