@@ -220,13 +220,7 @@ fn restore_limits(
     l: &crate::spec::LimitsConfig,
     images: &std::path::Path,
 ) -> crate::spec::LimitsConfig {
-    let images_bytes: u64 = std::fs::read_dir(images)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.metadata().ok())
-        .map(|m| m.len())
-        .sum();
+    let images_bytes = ferry_migrate::tree::files_bytes(images);
     let mut r = l.clone();
     if r.memory_bytes > 0 {
         r.memory_bytes = r

@@ -3,7 +3,8 @@
 //! the memory, which it then serves, the tree frozen meanwhile). From here
 //! until the decision, the VPS runs nowhere: this is the downtime.
 
-use std::path::Path;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::{MigrateError, Progress, Source, State};
@@ -14,7 +15,7 @@ pub async fn run(
     lazy: bool,
     p: &mut Progress,
     st: &mut State,
-) -> Result<(), MigrateError> {
+) -> Result<BTreeSet<PathBuf>, MigrateError> {
     p.phase("freeze", "freezing and dumping").await;
     st.frozen_at = Some(Instant::now());
     let d = src.dump(images, lazy).await.map_err(|e| {
@@ -24,21 +25,10 @@ pub async fn run(
     })?;
     st.console_key = d.console_key;
     st.page_server = d.page_server;
-    st.shared_writable = d.shared_writable;
     if let Some(t) = d.frozen_at {
         st.frozen_at = Some(t);
     }
-    let bytes = dir_size(images);
-    p.done_phase("freeze", bytes);
-    Ok(())
-}
-
-fn dir_size(d: &Path) -> u64 {
-    std::fs::read_dir(d)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.metadata().ok())
-        .map(|m| m.len())
-        .sum()
+    p.done_phase("freeze", crate::tree::files_bytes(images));
+    // What the final rootfs pass must send whatever lstat says.
+    Ok(d.shared_writable.into_iter().collect())
 }

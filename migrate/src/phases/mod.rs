@@ -220,7 +220,6 @@ pub struct State {
     pub images: Option<PathBuf>,
     pub console_key: String,
     pub page_server: Option<String>,
-    pub shared_writable: Vec<PathBuf>,
     pub decided: Option<bool>,
     pub mode: Option<Mode>,
     pub downtime: Option<Duration>,
@@ -255,11 +254,8 @@ async fn steps(
     if mode != Mode::Cold {
         let images = src.scratch().join("images");
         st.images = Some(images.clone());
-        freeze::run(src, &images, mode == Mode::PostCopy, p, st).await?;
+        let mapped = freeze::run(src, &images, mode == Mode::PostCopy, p, st).await?;
         // The tree is frozen (dead on the source): the final delta is exact.
-        let mapped = std::mem::take(&mut st.shared_writable)
-            .into_iter()
-            .collect();
         sync.pass(target, job, p, "final-rootfs", mapped).await?;
         images::push(target, job, &images, p).await?;
     } else {

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use ferry_proto::agent::v1 as pb;
@@ -80,51 +80,6 @@ impl RootfsSync {
     }
 }
 
-/// Decides compression from how fast the target takes the data. Every
-/// [`Pace::WINDOW`] messages: if the channel to the target was full at least
-/// twice, the target is what limits the push, and compression goes on when
-/// it took less than [`Pace::SLOW`] bytes/s (a link slower than ~1.6 Gbit/s,
-/// where zstd at level 1 easily keeps ahead); if the channel was never full,
-/// the sender limits the push and compressing would only slow it: off.
-struct Pace {
-    full: u32,
-    seen: u32,
-    bytes: u64,
-    since: std::time::Instant,
-}
-
-impl Default for Pace {
-    fn default() -> Self {
-        Pace {
-            full: 0,
-            seen: 0,
-            bytes: 0,
-            since: std::time::Instant::now(),
-        }
-    }
-}
-
-impl Pace {
-    const WINDOW: u32 = 8;
-    const SLOW: f64 = 200e6;
-
-    /// One message of `bytes` (on the wire) went out; `full`: it had to wait.
-    fn note(&mut self, full: bool, bytes: usize, z: &AtomicBool) {
-        self.seen += 1;
-        self.full += u32::from(full);
-        self.bytes += bytes as u64;
-        if self.seen == Self::WINDOW {
-            if self.full >= 2 {
-                let rate = self.bytes as f64 / self.since.elapsed().as_secs_f64().max(1e-6);
-                z.store(rate < Self::SLOW, Ordering::Relaxed);
-            } else if self.full == 0 {
-                z.store(false, Ordering::Relaxed);
-            }
-            *self = Pace::default();
-        }
-    }
-}
-
 /// How a push finds what to send.
 #[derive(Default)]
 pub struct Walk {
@@ -193,22 +148,16 @@ pub async fn push_tree(
         };
         // Compression follows the link and the data (see Adaptive).
         let z = Arc::new(Adaptive::default());
-        let mut pace = Pace::default();
-        let mut put = |mut c: pb::MigrateChunk| -> Result<(), TreeError> {
+        // `bytes`: the message's file data on the wire.
+        let put = |mut c: pb::MigrateChunk, bytes: usize| -> Result<(), TreeError> {
             let mut first = true;
-            let bytes: usize = c
-                .items
-                .iter()
-                .map(|it| match &it.item {
-                    Some(pb::tree_item::Item::Data(d)) => d.data.len(),
-                    _ => 0,
-                })
-                .sum();
             loop {
                 let res = tx.try_send(c);
                 if first {
-                    let full = matches!(res, Err(mpsc::error::TrySendError::Full(_)));
-                    pace.note(full, bytes, &z.slow);
+                    z.sent(
+                        matches!(res, Err(mpsc::error::TrySendError::Full(_))),
+                        bytes,
+                    );
                     first = false;
                 }
                 match res {
@@ -254,7 +203,7 @@ pub async fn push_tree(
                 }
                 batch.push(it);
                 if batch.len() >= BATCH_ITEMS || bytes >= BATCH_BYTES {
-                    put(chunk(std::mem::take(&mut batch)))?;
+                    put(chunk(std::mem::take(&mut batch)), bytes)?;
                     bytes = 0;
                     sent_any = true;
                 }
@@ -263,7 +212,7 @@ pub async fn push_tree(
         )?;
         // At least one message, so the target learns the migration and area.
         if !batch.is_empty() || !sent_any {
-            put(chunk(batch))?;
+            put(chunk(batch), bytes)?;
         }
         Ok::<_, TreeError>((m, hashes, st, walk.watch))
     });
@@ -321,31 +270,4 @@ pub async fn verify(
     }
     p.done_phase("verify", 0);
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn compression_follows_the_target() {
-        let z = AtomicBool::new(false);
-        let mut p = Pace::default();
-        // A target that keeps the channel full and takes little: a slow link.
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        for _ in 0..Pace::WINDOW {
-            p.note(true, 100_000, &z);
-        }
-        assert!(z.load(Ordering::Relaxed), "slow link: compress");
-        // Never full: the sender is the bottleneck, compressing slows it.
-        for _ in 0..Pace::WINDOW {
-            p.note(false, 2 << 20, &z);
-        }
-        assert!(!z.load(Ordering::Relaxed), "sender-bound: do not compress");
-        // Full, but taking gigabytes a second: a fast link, no compression.
-        for _ in 0..Pace::WINDOW {
-            p.note(true, 1 << 30, &z);
-        }
-        assert!(!z.load(Ordering::Relaxed), "fast link: do not compress");
-    }
 }

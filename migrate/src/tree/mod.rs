@@ -40,6 +40,17 @@ impl TreeError {
     }
 }
 
+/// Total size of the files directly in `dir` (0 if it cannot be read).
+pub fn files_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
 /// Raw bytes of a relative path (the wire form).
 pub fn path_bytes(p: &Path) -> Vec<u8> {
     use std::os::unix::ffi::OsStrExt;

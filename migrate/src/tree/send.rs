@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use ferry_proto::agent::v1::tree_entry::Kind;
 use ferry_proto::agent::v1::{tree_item, FileData, TreeEntry, TreeItem, Xattr};
@@ -45,24 +46,50 @@ pub enum Compress {
     Adaptive(Arc<Adaptive>),
 }
 
-/// Compression that follows the link and the data. A sender sets `slow`
-/// while its receiver falls behind (a slow link: fewer bytes win) and clears
-/// it while the receiver keeps up. Whatever the link, data that shrinks to a
-/// quarter or less is compressed: zstd then runs faster than the bytes it
-/// saves could be copied. Every 16th chunk is compressed to
-/// keep that judgement current.
+/// Compression that follows the link and the data.
+/// - The link: the sender reports every message it hands on
+///   ([`Adaptive::sent`]). Every 8 messages, if it had to wait for room at
+///   least twice, the receiver is what limits the push, and compression goes
+///   on when it took less than 200 MB/s (a link slower than ~1.6 Gbit/s,
+///   where zstd at level 1 easily keeps ahead); if it never waited, the
+///   sender is the limit and compressing would only slow it: off.
+/// - The data: whatever the link, data that shrinks to a quarter or less is
+///   compressed (zstd then runs faster than the bytes it saves could be
+///   copied). Every 16th chunk is compressed to keep that judgement current.
 #[derive(Debug)]
 pub struct Adaptive {
-    pub slow: AtomicBool,
+    slow: AtomicBool,
+    pace: Mutex<Pace>,
     chunks: AtomicU32,
     /// Compressed size per 1,000 bytes of the last probe.
     permille: AtomicU32,
+}
+
+/// The messages of the current window.
+#[derive(Debug)]
+struct Pace {
+    waited: u32,
+    seen: u32,
+    bytes: u64,
+    since: Instant,
+}
+
+impl Pace {
+    fn new() -> Pace {
+        Pace {
+            waited: 0,
+            seen: 0,
+            bytes: 0,
+            since: Instant::now(),
+        }
+    }
 }
 
 impl Default for Adaptive {
     fn default() -> Self {
         Adaptive {
             slow: AtomicBool::new(false),
+            pace: Mutex::new(Pace::new()),
             chunks: AtomicU32::new(0),
             // Nothing seen yet: as if incompressible (the first chunk probes).
             permille: AtomicU32::new(1000),
@@ -72,6 +99,27 @@ impl Default for Adaptive {
 
 impl Adaptive {
     const PROBE: u32 = 16;
+    const WINDOW: u32 = 8;
+    const SLOW: f64 = 200e6;
+
+    /// A message with `bytes` of file data went to the receiver; `waited`:
+    /// there was no room for it at first.
+    pub fn sent(&self, waited: bool, bytes: usize) {
+        let mut p = self.pace.lock().unwrap_or_else(|e| e.into_inner());
+        p.seen += 1;
+        p.waited += u32::from(waited);
+        p.bytes += bytes as u64;
+        if p.seen < Self::WINDOW {
+            return;
+        }
+        if p.waited >= 2 {
+            let rate = p.bytes as f64 / p.since.elapsed().as_secs_f64().max(1e-6);
+            self.slow.store(rate < Self::SLOW, Ordering::Relaxed);
+        } else if p.waited == 0 {
+            self.slow.store(false, Ordering::Relaxed);
+        }
+        *p = Pace::new();
+    }
 
     fn compress_next(&self) -> bool {
         let n = self.chunks.fetch_add(1, Ordering::Relaxed);
@@ -303,6 +351,28 @@ pub fn read_xattrs(full: &Path) -> Result<Vec<Xattr>, TreeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compression_follows_the_link() {
+        let a = Adaptive::default();
+        let slow = |a: &Adaptive| a.slow.load(Ordering::Relaxed);
+        // A receiver that keeps the sender waiting and takes little: a slow link.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        for _ in 0..Adaptive::WINDOW {
+            a.sent(true, 100_000);
+        }
+        assert!(slow(&a), "slow link: compress");
+        // Never waiting: the sender is the bottleneck, compressing slows it.
+        for _ in 0..Adaptive::WINDOW {
+            a.sent(false, 2 << 20);
+        }
+        assert!(!slow(&a), "sender-bound: do not compress");
+        // Waiting, but taking gigabytes a second: a fast link, no compression.
+        for _ in 0..Adaptive::WINDOW {
+            a.sent(true, 1 << 30);
+        }
+        assert!(!slow(&a), "fast link: do not compress");
+    }
 
     #[test]
     fn adaptive_compresses_what_shrinks_a_lot_or_a_slow_link() {
