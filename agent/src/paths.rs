@@ -10,6 +10,9 @@
 
 use std::path::{Path, PathBuf};
 
+/// Where agents keep migration images in RAM (a tmpfs on every systemd host).
+pub const RAM_ROOT: &str = "/dev/shm/ferry";
+
 #[derive(Debug, Clone)]
 pub struct Paths {
     pub data_dir: PathBuf,
@@ -34,6 +37,12 @@ impl Paths {
     pub fn instance_id(run_dir: &Path) -> String {
         use sha2::Digest;
         hex::encode(&sha2::Sha256::digest(run_dir.as_os_str().as_encoded_bytes())[..6])
+    }
+
+    /// Where the agent with data dir `data_dir` keeps migration images in
+    /// RAM: named after the data dir, so any agent can tell whose it is.
+    pub fn ram_images_of(data_dir: &Path) -> PathBuf {
+        Path::new(RAM_ROOT).join(hex::encode(data_dir.as_os_str().as_encoded_bytes()))
     }
 
     pub fn templates(&self) -> PathBuf {

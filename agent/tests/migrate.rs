@@ -39,15 +39,6 @@ async fn counter(
     r.stdout.trim().parse().unwrap_or(0)
 }
 
-/// How an agent names its RAM images dir after its data dir.
-fn hex_path(p: &std::path::Path) -> String {
-    p.as_os_str()
-        .as_encoded_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 fn criu_ready(h: &Host) -> bool {
     h.agent_log().contains("criu ready")
 }
@@ -302,7 +293,7 @@ async fn live_migration_keeps_processes_files_ip_and_tcp() {
         {
             assert!(a.agent_log().contains("images in RAM"), "{}", a.agent_log());
             for h in [&a, &b] {
-                let mine = std::path::Path::new("/dev/shm/ferry").join(hex_path(&h.data_dir()));
+                let mine = ferry_agent::paths::Paths::ram_images_of(&h.data_dir());
                 let mut left = true;
                 for _ in 0..50 {
                     left = std::fs::read_dir(&mine).is_ok_and(|mut d| d.next().is_some());
@@ -451,6 +442,36 @@ async fn failures_before_the_decision_leave_the_vps_on_the_source() {
             .expect_err("a cluster migration without its id");
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
         assert!(e.message().contains("migration_id"), "{}", e.message());
+        // A post-copy restore whose page server is not ADDR:PORT: refused
+        // before any daemon or kernel object; the arrival is then dropped.
+        cb.migrate_prepare(pb::MigratePrepareRequest {
+            migration_id: "mbadps".into(),
+            spec: Some(spec(&name, None)),
+            live: true,
+            ..Default::default()
+        })
+        .await
+        .expect("prepare");
+        let e = cb
+            .migrate_restore(pb::MigrateRestoreRequest {
+                migration_id: "mbadps".into(),
+                live: true,
+                page_server: "nowhere".into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("bad page server");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+        assert!(e.message().contains("page_server"), "{}", e.message());
+        assert!(b.cgroup_dirs(&name).iter().all(|d| !d.exists()));
+        cb.migrate_finish(pb::MigrateFinishRequest {
+            migration_id: "mbadps".into(),
+            commit: false,
+            generation: 0,
+        })
+        .await
+        .expect("abort");
+        assert!(!b.data_dir().join("vps").join(&name).exists());
 
         // Refused before anything is frozen: the name exists on the target.
         create_started(&mut cb, spec(&name, None)).await;

@@ -180,6 +180,12 @@ pub fn log_tail(log: &Path) -> String {
     format!("{} (log: {})", pick.join(" | "), log.display())
 }
 
+/// Removes a CRIU work dir, unmounting what a killed CRIU left in it first.
+pub fn remove_work_dir(dir: &Path) {
+    clear_leftover_mounts(dir);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// Unmounts what a killed CRIU restore leaves in its work dir (`.criu.cgyard.*`
 /// cgroupfs mounts): a recursive delete would walk into /sys/fs/cgroup otherwise.
 pub fn clear_leftover_mounts(dir: &Path) {

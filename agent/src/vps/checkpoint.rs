@@ -163,8 +163,7 @@ impl Agent {
         };
         for e in rd.flatten() {
             if !e.file_name().to_string_lossy().starts_with("migrate-") {
-                crate::criu::clear_leftover_mounts(&e.path());
-                let _ = std::fs::remove_dir_all(e.path());
+                crate::criu::remove_work_dir(&e.path());
             }
         }
     }

@@ -287,18 +287,17 @@ impl Agent {
         let lock = self.lock_for(&i.name);
         let _g = lock.lock().await;
         if !page_server.is_empty() {
-            let (addr, port) = page_server
-                .rsplit_once(':')
-                .and_then(|(a, p)| Some((a.to_string(), p.parse::<u16>().ok()?)))
-                .ok_or_else(|| AgentError::invalid("page_server", "use ADDR:PORT"))?;
+            let at: std::net::SocketAddr = page_server.parse().map_err(|_| {
+                AgentError::invalid("page_server", format!("{page_server:?}: use ADDR:PORT"))
+            })?;
             let criu = self.criu_path()?;
             crate::criu::lazy::ensure_pipe_max_size()
                 .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?;
             let d = crate::criu::lazy::start_daemon(
                 &criu,
                 &i.images,
-                &addr,
-                port,
+                &at.ip().to_string(),
+                at.port(),
                 super::start::criu_log_level(),
             )
             .await
@@ -366,8 +365,7 @@ impl Agent {
                     } else {
                         tracing::error!(vps = %vps, status = ?st, log = %crate::criu::log_tail(&images.join(crate::criu::lazy::LAZY_LOG)), "post-copy: the page transfer failed; the VPS may miss memory");
                     }
-                    crate::criu::clear_leftover_mounts(&images);
-                    let _ = std::fs::remove_dir_all(&images);
+                    crate::criu::remove_work_dir(&images);
                 });
                 i.images = PathBuf::new();
             }
@@ -378,8 +376,7 @@ impl Agent {
             self.watch(&name);
             self.announce(&rec);
             if !i.images.as_os_str().is_empty() {
-                crate::criu::clear_leftover_mounts(&i.images);
-                let _ = std::fs::remove_dir_all(&i.images);
+                crate::criu::remove_work_dir(&i.images);
             }
             drop(_g);
             tracing::info!(vps = %name, "migration arrived");
@@ -399,8 +396,7 @@ impl Agent {
     /// a held tree), files and images. Its files stay if its kernel objects
     /// could not be released: they may still be in use.
     async fn discard_incoming(&self, name: &str, images: &std::path::Path) {
-        crate::criu::clear_leftover_mounts(images);
-        let _ = std::fs::remove_dir_all(images);
+        crate::criu::remove_work_dir(images);
         if let Err(e) = self.teardown(name).await {
             tracing::error!(vps = %name, error = %e, "cannot release an arriving VPS; its files stay");
             return;

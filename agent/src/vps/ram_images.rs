@@ -24,9 +24,8 @@ use std::path::{Path, PathBuf};
 use nix::sys::statfs::{statfs, TMPFS_MAGIC};
 
 use super::Agent;
+use crate::paths::{Paths, RAM_ROOT};
 
-/// Where agents keep images in RAM (a tmpfs on every systemd host).
-pub const RAM_ROOT: &str = "/dev/shm/ferry";
 /// RAM kept free beyond the images and the VPS itself.
 const MARGIN: u64 = 512 << 20;
 
@@ -56,11 +55,7 @@ impl Agent {
     fn ram_root(&self) -> Option<PathBuf> {
         let m = std::fs::symlink_metadata(RAM_ROOT).ok()?;
         let safe = m.is_dir() && m.uid() == 0 && m.mode() & 0o077 == 0 && tmpfs(RAM_ROOT);
-        safe.then(|| {
-            Path::new(RAM_ROOT).join(hex::encode(
-                self.paths.data_dir.as_os_str().as_encoded_bytes(),
-            ))
-        })
+        safe.then(|| Paths::ram_images_of(&self.paths.data_dir))
     }
 
     /// Makes `<scratch>/images` a link to a RAM dir if there is room for
@@ -74,14 +69,12 @@ impl Agent {
             return;
         }
         let ram = root.join(name);
-        let res =
-            std::fs::create_dir_all(&ram).and_then(|()| std::os::unix::fs::symlink(&ram, &link));
-        if res.is_ok() {
-            tracing::info!(dir = %ram.display(), "images in RAM");
-        }
-        if let Err(e) = res {
-            tracing::warn!(dir = %ram.display(), error = %e, "images go to disk");
-            let _ = std::fs::remove_dir_all(&ram);
+        match std::fs::create_dir_all(&ram).and_then(|()| std::os::unix::fs::symlink(&ram, &link)) {
+            Ok(()) => tracing::info!(dir = %ram.display(), "images in RAM"),
+            Err(e) => {
+                tracing::warn!(dir = %ram.display(), error = %e, "images go to disk");
+                let _ = std::fs::remove_dir_all(&ram);
+            }
         }
     }
 
