@@ -200,9 +200,7 @@ pub fn rescan(
             if d.as_os_str().is_empty() {
                 return scan_watched(root, Some(watch));
             }
-            remove_under(&mut cur, d);
-            cur.entries.insert(d.clone(), meta);
-            walk(root, d, dev, &mut cur, &mut Some(&mut *watch))?;
+            rewalk(root, d, meta, dev, &mut cur, watch)?;
             fresh.push(d.clone());
             continue;
         }
@@ -225,19 +223,15 @@ pub fn rescan(
             };
             seen.insert(name);
             let old = cur.entries.get(&child);
-            if old.is_some_and(|o| o.nlink > 1 && o.kind != Kind::Dir) {
-                let o = old.map(|o| (o.dev, o.ino)).unwrap_or_default();
-                linked.insert(o);
-            }
-            if meta.nlink > 1 && meta.kind != Kind::Dir {
-                linked.insert((meta.dev, meta.ino));
+            for m in old.into_iter().chain([&meta]) {
+                if m.nlink > 1 && m.kind != Kind::Dir {
+                    linked.insert((m.dev, m.ino));
+                }
             }
             let same_dir = old.is_some_and(|o| o.kind == Kind::Dir && o.ino == meta.ino);
             let was_dir = old.is_some_and(|o| o.kind == Kind::Dir);
             if meta.kind == Kind::Dir && meta.dev == dev && !same_dir {
-                remove_under(&mut cur, &child);
-                cur.entries.insert(child.clone(), meta);
-                walk(root, &child, dev, &mut cur, &mut Some(&mut *watch))?;
+                rewalk(root, &child, meta, dev, &mut cur, watch)?;
                 fresh.push(child);
             } else {
                 if was_dir && !same_dir {
@@ -277,6 +271,21 @@ pub fn rescan(
         }
     }
     Ok(cur)
+}
+
+/// Replaces whatever `m` had at `p` and below with a fresh walk of the
+/// directory now there (watched).
+fn rewalk(
+    root: &Path,
+    p: &Path,
+    meta: Meta,
+    dev: u64,
+    m: &mut Manifest,
+    watch: &mut Watch,
+) -> Result<(), TreeError> {
+    remove_under(m, p);
+    m.entries.insert(p.to_path_buf(), meta);
+    walk(root, p, dev, m, &mut Some(watch))
 }
 
 /// Everything below `d` (not `d` itself), in tree order: paths compare by
