@@ -152,20 +152,16 @@ async fn migrate(
     ev
 }
 
-fn phase_ms(ev: &pb::MigrationEvent, phase: &str) -> u64 {
+/// A phase's (milliseconds, bytes), summed over its runs.
+fn phase(ev: &pb::MigrationEvent, phase: &str) -> (u64, u64) {
     ev.phases
         .iter()
         .filter(|p| p.phase == phase)
-        .map(|p| p.millis)
-        .sum()
+        .fold((0, 0), |(ms, b), p| (ms + p.millis, b + p.bytes))
 }
 
-fn phase_bytes(ev: &pb::MigrationEvent, phase: &str) -> u64 {
-    ev.phases
-        .iter()
-        .filter(|p| p.phase == phase)
-        .map(|p| p.bytes)
-        .sum()
+fn phase_ms(ev: &pb::MigrationEvent, name: &str) -> u64 {
+    phase(ev, name).0
 }
 
 fn criu_bin() -> String {
@@ -508,8 +504,7 @@ async fn rootfs_bench(a: &Host, b: &Host) -> Vec<String> {
     warm();
 
     let ev = migrate(&mut ca, &name, b, pb::MigrationMode::Cold).await;
-    let full = phase_ms(&ev, "rootfs");
-    let full_bytes = phase_bytes(&ev, "rootfs");
+    let (full, full_bytes) = phase(&ev, "rootfs");
     let noop = phase_ms(&ev, "final-rootfs");
 
     let mb = tree_bytes as f64 / 1e6;
