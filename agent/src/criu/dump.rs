@@ -45,6 +45,9 @@ pub struct DumpRequest<'a> {
     pub lazy: Option<LazyDump>,
     /// A migration reads the tree while CRIU holds it stopped.
     pub probe: Option<SeizeProbe>,
+    /// Every cgroup hierarchy, mounted (see [`super::yard`]); None: CRIU
+    /// mounts them itself.
+    pub cgroup_yard: Option<PathBuf>,
 }
 
 /// What a migration reads of the tree while CRIU holds every task stopped.
@@ -164,6 +167,10 @@ pub fn dump(criu: &Path, req: &DumpRequest<'_>) -> Result<DumpFacts, CriuError> 
         // Record each task's cgroup; "soft": never fight the agent over limits.
         manage_cgroups: Some(true),
         manage_cgroups_mode: Some(CgMode::Soft as i32),
+        cgroup_yard: req
+            .cgroup_yard
+            .as_ref()
+            .map(|y| y.to_string_lossy().into_owned()),
         // iptables is not installed on Ferry nodes; nftables is.
         network_lock: Some(NetworkLock::Nftables as i32),
         external: vec![format!("net[{netns}]:{NETNS_KEY}")],

@@ -5,6 +5,7 @@
 //! - [`probe`](Criu::probe): version and kernel features, at agent start.
 //! - [`kdat`]: CRIU's kernel cache, primed at start where CRIU cannot keep it.
 //! - [`dump`] / [`restore`]: the options a Ferry VPS needs, each explained.
+//! - [`yard`]: every cgroup hierarchy mounted once for CRIU, not per run.
 //! - [`lazy`]: post-copy: the target's `criu lazy-pages` daemon and its helpers.
 //!
 //! The CRIU binary comes from `--criu` (default: the project prefix that
@@ -16,6 +17,7 @@ pub mod lazy;
 pub mod restore;
 pub mod rpc;
 pub mod swrk;
+pub mod yard;
 
 use std::path::{Path, PathBuf};
 

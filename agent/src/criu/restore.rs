@@ -31,6 +31,10 @@ pub struct RestoreRequest {
     /// running on the images dir, not from the images.
     #[serde(default)]
     pub lazy: bool,
+    /// Every cgroup hierarchy, mounted (see [`super::yard`]); None: CRIU
+    /// mounts them itself.
+    #[serde(default)]
+    pub cgroup_yard: Option<PathBuf>,
 }
 
 /// Runs the restore. The restored init becomes a child of the caller
@@ -84,6 +88,11 @@ pub fn restore(
             })
             .collect(),
         inherit_fd: inherit,
+        cgroup_yard: req
+            .cgroup_yard
+            .as_ref()
+            .map(|y| y.to_string_lossy().into_owned()),
+        // The dump's method; CRIU takes it from the images in any case.
         network_lock: Some(NetworkLock::Nftables as i32),
         notify_scripts: Some(true),
         lazy_pages: req.lazy.then_some(true),

@@ -116,6 +116,10 @@ pub struct Opts {
     pub lazy_pages: Option<bool>,
     #[prost(int32, optional, tag = "49")]
     pub status_fd: Option<i32>,
+    /// A dir holding every cgroup hierarchy, mounted: CRIU uses it instead
+    /// of mounting its own yard.
+    #[prost(string, optional, tag = "60")]
+    pub cgroup_yard: Option<String>,
     #[prost(enumeration = "NetworkLock", optional, tag = "64")]
     pub network_lock: Option<i32>,
     #[prost(bool, optional, tag = "69")]

@@ -54,6 +54,7 @@ impl Agent {
         std::fs::create_dir_all(images).at("creating", images)?;
         let images_owned = images.to_path_buf();
         let pid = st.init_pid;
+        let cgroup_yard = self.criu_yard();
         let res = blocking(move || {
             crate::criu::dump::dump(
                 &criu,
@@ -65,6 +66,7 @@ impl Agent {
                     log_level: criu_log_level(),
                     lazy: None,
                     probe,
+                    cgroup_yard,
                 },
             )
             .map_err(|e| AgentError::FailedPrecondition(e.to_string()))
@@ -89,6 +91,12 @@ impl Agent {
     }
 
     /// The CRIU binary, if it is usable on this node.
+    /// The agent's cgroup yard for a CRIU run, if it still holds every
+    /// hierarchy.
+    pub(super) fn criu_yard(&self) -> Option<PathBuf> {
+        self.cgyard.clone().filter(|y| crate::criu::yard::ready(y))
+    }
+
     pub(super) fn criu_path(&self) -> Result<PathBuf> {
         self.criu
             .usable()

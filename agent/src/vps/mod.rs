@@ -68,6 +68,9 @@ pub struct Agent {
     pub capacity: Capacity,
     /// The CRIU binary and what it can do on this kernel.
     pub criu: crate::criu::Criu,
+    /// The cgroup yard kept for CRIU (see [`crate::criu::yard`]); None: CRIU
+    /// mounts its own on every run.
+    cgyard: Option<PathBuf>,
     locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// VPSes leaving this node: name -> migration id.
     migrating: std::sync::Mutex<HashMap<String, String>>,
@@ -132,8 +135,20 @@ impl Agent {
                 crate::criu::INSTALL_HINT
             ),
         }
+        let cgyard = match criu.info {
+            Ok(_) => match tokio::task::spawn_blocking(crate::criu::yard::prepare).await {
+                Ok(Ok(y)) => Some(y),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "no cgroup yard for CRIU: each dump and restore mounts its own");
+                    None
+                }
+                Err(e) => return Err(AgentError::Internal(format!("cgroup yard: {e}"))),
+            },
+            Err(_) => None,
+        };
         let agent = Arc::new(Agent {
             criu,
+            cgyard,
             cfg,
             paths,
             instance,

@@ -60,6 +60,7 @@ impl Agent {
         let (tx, rx) = std::sync::mpsc::channel();
         let images_owned = images.to_path_buf();
         let address = addr.to_string();
+        let cgroup_yard = self.criu_yard();
         let mut done = tokio::spawn(blocking(move || {
             crate::criu::dump::dump(
                 &criu,
@@ -75,6 +76,7 @@ impl Agent {
                         events: tx,
                     }),
                     probe: Some(probe),
+                    cgroup_yard,
                 },
             )
             .map_err(|e| AgentError::FailedPrecondition(e.to_string()))

@@ -138,6 +138,7 @@ impl Agent {
                     cg_roots: cg.criu_roots(),
                     log_level: criu_log_level(),
                     lazy: r.lazy,
+                    cgroup_yard: self.criu_yard(),
                 },
                 hold: r.hold,
             };
