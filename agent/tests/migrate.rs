@@ -945,11 +945,16 @@ async fn post_copy_moves_memory_on_demand_and_a_rollback_thaws_the_source() {
         assert_eq!(tcp.echo("before"), "before");
 
         // Rollback first: the target agent dies during the restore.
-        let init = get(&mut ca, &name).await.init_pid;
+        let v = get(&mut ca, &name).await;
+        let (init, veth) = (v.init_pid, v.host_veth.clone());
+        assert!(link_up(&a, &veth), "{veth} is down before the move");
         let before = counter(&mut ca, &name).await;
         let b_pid = b.agent_pid();
+        let mut locked = None;
         let ev = migrate_vps(&mut ca, &name, &b, pb::MigrationMode::PostCopy, false, |ev| {
             if ev.phase == "restore" {
+                // Frozen: the network lock is the VPS's link, down.
+                locked = Some(!link_up(&a, &veth));
                 if let Some(p) = b_pid {
                     let _ = nix::sys::signal::kill(
                         nix::unistd::Pid::from_raw(p),
@@ -960,6 +965,8 @@ async fn post_copy_moves_memory_on_demand_and_a_rollback_thaws_the_source() {
         })
         .await;
         assert!(!ev.error.is_empty(), "{ev:?}");
+        assert_eq!(locked, Some(true), "the link stayed up while frozen");
+        assert!(link_up(&a, &veth), "the rollback left {veth} down");
         let v = get(&mut ca, &name).await;
         assert!(
             running(&v) && v.init_pid == init,
@@ -1062,4 +1069,17 @@ async fn post_copy_moves_memory_on_demand_and_a_rollback_thaws_the_source() {
         assert_eq!(e.code(), tonic::Code::NotFound);
     })
     .await;
+}
+
+/// Whether link `name` in host `h`'s netns is administratively up.
+fn link_up(h: &Host, name: &str) -> bool {
+    let out = std::process::Command::new("ip")
+        .args(["-n", &h.id, "-o", "link", "show", name])
+        .output()
+        .expect("running ip");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && !text.is_empty(), "no link {name}");
+    text.split_once('<')
+        .and_then(|(_, r)| r.split_once('>'))
+        .is_some_and(|(flags, _)| flags.split(',').any(|f| f == "UP"))
 }

@@ -48,6 +48,10 @@ pub struct DumpRequest<'a> {
     /// Every cgroup hierarchy, mounted (see [`super::yard`]); None: CRIU
     /// mounts them itself.
     pub cgroup_yard: Option<PathBuf>,
+    /// The host end of the VPS's veth: down while CRIU holds the tasks (the
+    /// network lock, see [`crate::net::lock`]). None: the VPS has no link
+    /// outside itself.
+    pub lock_link: Option<String>,
 }
 
 /// What a migration reads of the tree while CRIU holds every task stopped.
@@ -171,8 +175,10 @@ pub fn dump(criu: &Path, req: &DumpRequest<'_>) -> Result<DumpFacts, CriuError> 
             .cgroup_yard
             .as_ref()
             .map(|y| y.to_string_lossy().into_owned()),
-        // iptables is not installed on Ferry nodes; nftables is.
-        network_lock: Some(NetworkLock::Nftables as i32),
+        // The agent locks the network itself (the veth down, at CRIU's
+        // `network-lock` notification): CRIU's nftables lock would make
+        // every restore fail to delete it, at ~20 ms (crate::net::lock).
+        network_lock: Some(NetworkLock::Skip as i32),
         external: vec![format!("net[{netns}]:{NETNS_KEY}")],
         lazy_pages: req.lazy.as_ref().map(|_| true),
         ps: req.lazy.as_ref().map(|l| super::rpc::PageServerInfo {
@@ -181,8 +187,9 @@ pub fn dump(criu: &Path, req: &DumpRequest<'_>) -> Result<DumpFacts, CriuError> 
             pid: None,
             fd: None,
         }),
-        // Notifications: the lazy dump's progress; the probe's freeze mark.
-        notify_scripts: (req.lazy.is_some() || req.probe.is_some()).then_some(true),
+        // Notifications: the network lock, the lazy dump's progress, the
+        // probe's freeze mark.
+        notify_scripts: Some(true),
         ..Opts::default()
     };
     let mut w = Swrk::spawn(criu, &[], false)?;
@@ -194,6 +201,21 @@ pub fn dump(criu: &Path, req: &DumpRequest<'_>) -> Result<DumpFacts, CriuError> 
             ..Default::default()
         },
         |action| {
+            let lock = match action {
+                "network-lock" => Some(false),
+                // Only when CRIU lets the tasks run again here.
+                "network-unlock" => Some(true),
+                _ => None,
+            };
+            if let (Some(up), Some(link)) = (lock, &req.lock_link) {
+                if let Err(e) = crate::net::lock::set_link(link, up) {
+                    tracing::error!(link = %link, up, error = %e, "network lock");
+                    // Refused: CRIU gives up the dump and resumes the tasks.
+                    if !up {
+                        return false;
+                    }
+                }
+            }
             if let Some(probe) = &req.probe {
                 match action {
                     // The last step before CRIU seizes the tasks.
@@ -222,14 +244,34 @@ pub fn dump(criu: &Path, req: &DumpRequest<'_>) -> Result<DumpFacts, CriuError> 
             }
             true
         },
-    )?;
+    );
+    let resp = match resp {
+        Ok(r) => r,
+        Err(e) => {
+            unlock_after_failure(req);
+            return Err(e);
+        }
+    };
     if !resp.success {
+        unlock_after_failure(req);
         return Err(CriuError::Failed {
             op: "dump",
             msg: super::failure(resp.cr_errmsg, &req.images.join(DUMP_LOG)),
         });
     }
     Ok(DumpFacts { console_key })
+}
+
+/// A failed dump: CRIU let the tasks run again, so their link comes back up
+/// (in case CRIU could not say so). Not for a post-copy, whose failure can
+/// come after the decision, with the VPS running on the target: its tasks
+/// stay stopped and locked until a rollback thaws them.
+fn unlock_after_failure(req: &DumpRequest<'_>) {
+    if let (Some(link), None) = (&req.lock_link, &req.lazy) {
+        if let Err(e) = crate::net::lock::set_link(link, true) {
+            tracing::error!(link = %link, error = %e, "unlocking the network after a failed dump");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 
 mod announce;
 mod bridge;
+pub mod lock;
 mod netns;
 mod veth;
 

@@ -55,6 +55,7 @@ impl Agent {
         let images_owned = images.to_path_buf();
         let pid = st.init_pid;
         let cgroup_yard = self.criu_yard();
+        let lock_link = self.host_veth(name);
         let res = blocking(move || {
             crate::criu::dump::dump(
                 &criu,
@@ -67,6 +68,7 @@ impl Agent {
                     lazy: None,
                     probe,
                     cgroup_yard,
+                    lock_link,
                 },
             )
             .map_err(|e| AgentError::FailedPrecondition(e.to_string()))
@@ -95,6 +97,15 @@ impl Agent {
     /// hierarchy.
     pub(super) fn criu_yard(&self) -> Option<PathBuf> {
         self.cgyard.clone().filter(|y| crate::criu::yard::ready(y))
+    }
+
+    /// The host end of the veth of VPS `name` as its current run made it
+    /// (the name changes with every start), if it has one.
+    pub(super) fn host_veth(&self, name: &str) -> Option<String> {
+        std::fs::read(self.paths.vps_run(name).join(crate::runtime::LAUNCH_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<crate::runtime::LaunchConfig>(&b).ok())
+            .and_then(|l| l.host_veth)
     }
 
     pub(super) fn criu_path(&self) -> Result<PathBuf> {

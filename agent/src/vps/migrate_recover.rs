@@ -158,7 +158,9 @@ impl Agent {
         }
         self.tell_target(&j, false).await;
         if !j.frozen || self.status(&j.name).is_running() {
-            return Ok(());
+            // CRIU resumed it, but could not tell the dead agent to lift the
+            // network lock.
+            return self.unlock_link(&j.name);
         }
         let rec = self.record(&j.name)?;
         self.resume_here(dir, &j, &rec).await
@@ -177,7 +179,9 @@ impl Agent {
         wait_for_criu(&images).await;
         let rec = self.record(&j.name)?;
         if !j.frozen || self.status(&j.name).is_running() {
-            return Ok(());
+            // CRIU resumed it, but could not tell the dead agent to lift the
+            // network lock.
+            return self.unlock_link(&j.name);
         }
         if j.decision == Some(true) {
             tracing::warn!(

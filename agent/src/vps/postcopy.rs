@@ -61,6 +61,7 @@ impl Agent {
         let images_owned = images.to_path_buf();
         let address = addr.to_string();
         let cgroup_yard = self.criu_yard();
+        let lock_link = self.host_veth(name);
         let mut done = tokio::spawn(blocking(move || {
             crate::criu::dump::dump(
                 &criu,
@@ -77,6 +78,7 @@ impl Agent {
                     }),
                     probe: Some(probe),
                     cgroup_yard,
+                    lock_link,
                 },
             )
             .map_err(|e| AgentError::FailedPrecondition(e.to_string()))
@@ -136,6 +138,8 @@ impl Agent {
     /// Lets a VPS whose tasks a post-copy dump left stopped run again: its
     /// network lock removed, its TCP sockets out of repair mode.
     pub(super) async fn thaw_stopped(&self, name: &str) -> Result<()> {
+        self.unlock_link(name)?;
+        // An nftables lock, from a dump by an agent before the link lock.
         unlock_network(&self.paths.vps_run(name).join("netns"))?;
         let pids = self.cgroup(name).pids();
         let n = blocking({
@@ -156,6 +160,15 @@ impl Agent {
 }
 
 impl Agent {
+    /// Brings the link a dump took down (its network lock) back up.
+    pub(super) fn unlock_link(&self, name: &str) -> Result<()> {
+        match self.host_veth(name) {
+            Some(link) => crate::net::lock::set_link(&link, true)
+                .map_err(|e| AgentError::io(format!("bringing {link} up again"), e)),
+            None => Ok(()),
+        }
+    }
+
     /// The target dropped its daemon already; a page server still waiting for
     /// it gives up on a connection that closes at once.
     pub(super) fn cut_transfer(&self, page_server: &str) {

@@ -4,7 +4,7 @@ use ferry_proto::agent::v1 as pb;
 
 use super::{Agent, Status, VpsRecord};
 use crate::error::Result;
-use crate::runtime::{LaunchConfig, RuntimeState, LAUNCH_FILE};
+use crate::runtime::RuntimeState;
 
 impl Agent {
     pub async fn get(&self, name: &str) -> Result<pb::Vps> {
@@ -48,11 +48,7 @@ impl Agent {
         }
         let st = state.unwrap_or_else(RuntimeState::default);
         let running = status.is_running();
-        let host_veth = std::fs::read(self.paths.vps_run(&name).join(LAUNCH_FILE))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<LaunchConfig>(&b).ok())
-            .and_then(|l| l.host_veth)
-            .unwrap_or_default();
+        let host_veth = self.host_veth(&name).unwrap_or_default();
         pb::Vps {
             mac: rec
                 .config

@@ -269,14 +269,9 @@ impl Agent {
             )));
         }
         let run = self.paths.vps_run(name);
-        if let Some(launch) = std::fs::read(run.join(LAUNCH_FILE))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<LaunchConfig>(&b).ok())
-        {
-            if let Some(v) = launch.host_veth {
-                let host = crate::net::Netlink::host()?;
-                crate::net::remove_veth(&host, &v).await?;
-            }
+        if let Some(v) = self.host_veth(name) {
+            let host = crate::net::Netlink::host()?;
+            crate::net::remove_veth(&host, &v).await?;
         }
         crate::net::remove_netns(&run.join("netns"))?;
         let rootfs: PathBuf = self.paths.vps(name).join("rootfs");
