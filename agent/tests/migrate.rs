@@ -350,6 +350,15 @@ async fn live_migration_keeps_processes_files_ip_and_tcp() {
             r.stdout.starts_with(&sum),
             "file written before the freeze is byte-exact"
         );
+        // The masks came along read-only and empty.
+        let r = exec(
+            &mut cb,
+            &name,
+            &["sh", "-c", "find /proc/acpi /sys/firmware -mindepth 1 | wc -l; touch /proc/acpi/x"],
+        )
+        .await;
+        assert_ne!(r.code, 0, "a masked dir is writable after the move");
+        assert_eq!(r.stdout.trim(), "0", "masked dirs not empty: {}", r.stdout);
         stop(&mut cb, &name, 0, true).await;
     })
     .await;
