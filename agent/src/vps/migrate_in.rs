@@ -286,36 +286,53 @@ impl Agent {
     ) -> Result<()> {
         let lock = self.lock_for(&i.name);
         let _g = lock.lock().await;
-        if !page_server.is_empty() {
+        // Post-copy: the lazy-pages daemon starts (~10 ms: a CRIU of its own)
+        // while the VPS's kernel objects are made; the monitor's restore
+        // waits for it.
+        let daemon = if page_server.is_empty() {
+            None
+        } else {
             let at: std::net::SocketAddr = page_server.parse().map_err(|_| {
                 AgentError::invalid("page_server", format!("{page_server:?}: use ADDR:PORT"))
             })?;
             let criu = self.criu_path()?;
             crate::criu::lazy::ensure_pipe_max_size()
                 .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?;
-            let d = crate::criu::lazy::start_daemon(
-                &criu,
-                &i.images,
-                &at.ip().to_string(),
-                at.port(),
-                super::start::criu_log_level(),
-            )
-            .await
-            .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?;
-            i.lazy = Some(d);
-        }
+            let images = i.images.clone();
+            Some(tokio::spawn(async move {
+                crate::criu::lazy::start_daemon(
+                    &criu,
+                    &images,
+                    &at.ip().to_string(),
+                    at.port(),
+                    super::start::criu_log_level(),
+                )
+                .await
+                .map_err(|e| AgentError::FailedPrecondition(e.to_string()))
+            }))
+        };
         let r = Resume {
             images: i.images.clone(),
             console_key: console_key.to_string(),
             hold: true,
-            lazy: i.lazy.is_some(),
+            lazy: daemon.is_some(),
         };
-        match self.bring_up(&i.rec, Some(&r)).await {
-            Ok(Some(h)) => {
+        let gate = async {
+            match daemon {
+                Some(h) => h
+                    .await
+                    .map_err(|e| AgentError::Internal(format!("lazy-pages start: {e}")))?
+                    .map(Some),
+                None => Ok(None),
+            }
+        };
+        match self.bring_up_gated(&i.rec, Some(&r), gate).await {
+            Ok((Some(h), lazy)) => {
                 i.held = Some(h);
+                i.lazy = lazy;
                 Ok(())
             }
-            Ok(None) => {
+            Ok((None, _)) => {
                 // Cannot happen (the monitor was asked to hold); never let it run.
                 let _ = self
                     .stop_locked(&i.name, std::time::Duration::ZERO, true)

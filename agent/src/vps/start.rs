@@ -55,6 +55,20 @@ impl Agent {
         rec: &VpsRecord,
         resume: Option<&Resume>,
     ) -> Result<Option<Held>> {
+        self.bring_up_gated(rec, resume, std::future::ready(Ok(())))
+            .await
+            .map(|(held, ())| held)
+    }
+
+    /// [`Agent::bring_up`], which awaits `gate` (running meanwhile) after the
+    /// kernel objects are made and before the monitor starts, and returns its
+    /// output: a post-copy's lazy-pages daemon starts beside them so.
+    pub(crate) async fn bring_up_gated<T>(
+        &self,
+        rec: &VpsRecord,
+        resume: Option<&Resume>,
+        gate: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<(Option<Held>, T)> {
         let c = &rec.config;
         // Before any kernel object is made: a restore needs a working CRIU.
         let criu = match resume {
@@ -145,13 +159,15 @@ impl Agent {
             let json =
                 serde_json::to_vec_pretty(&cfg).map_err(|e| AgentError::Internal(e.to_string()))?;
             write_atomic(&run.join(RESTORE_FILE), &json).at("writing", run.join(RESTORE_FILE))?;
+            let gated = gate.await?;
             let held = self.spawn_monitor(&run, r.hold).await?;
             if held.is_none() {
                 self.settle_limits(&c.name, &c.limits).await;
             }
-            return Ok(held);
+            return Ok((held, gated));
         }
-        self.spawn_monitor(&run, false).await
+        let gated = gate.await?;
+        Ok((self.spawn_monitor(&run, false).await?, gated))
     }
 
     /// Once a restored VPS runs: its own limits, in place of the restore's
