@@ -307,15 +307,27 @@ async fn live_migration_keeps_processes_files_ip_and_tcp() {
         }
 
         // The restore ran under a raised memory limit (CRIU needs room beyond
-        // the VPS's own memory); once it runs, the VPS is under its own.
+        // the VPS's own memory); once it runs, the VPS is under its own (set
+        // right after the move, outside the source's wait).
         let dirs = b.cgroup_dirs(&name);
-        let limit = dirs
+        let limit_file = dirs
             .iter()
             .flat_map(|d| [d.join("memory.limit_in_bytes"), d.join("memory.max")])
-            .find(|p| p.exists())
-            .map(|p| std::fs::read_to_string(p).expect("memory limit"));
-        if let Some(l) = limit {
-            assert_eq!(l.trim(), (128u64 << 20).to_string(), "the restore's limit stayed");
+            .find(|p| p.exists());
+        if let Some(f) = limit_file {
+            let want = (128u64 << 20).to_string();
+            let end = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let l = std::fs::read_to_string(&f).expect("memory limit");
+                if l.trim() == want {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < end,
+                    "the restore's limit stayed: {l}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
         assert!(
             !b.agent_log().contains("keeps the memory limit raised"),
