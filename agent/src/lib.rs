@@ -14,6 +14,7 @@
 //! - [`criu`]: checkpoint/restore through CRIU's RPC (`criu swrk`), probe and
 //!   kernel cache at start, the lazy-pages daemon.
 //! - [`cluster`]: joining a controller and heartbeating to it (`--controller`).
+//! - [`rcu`]: expedited RCU grace periods while a VPS is frozen.
 //! - [`spec`]: validation of wire specs into stored configs.
 //! - [`paths`], [`error`].
 
@@ -23,6 +24,7 @@ pub mod criu;
 pub mod error;
 pub mod net;
 pub mod paths;
+pub mod rcu;
 pub mod runtime;
 pub mod service;
 pub mod spec;

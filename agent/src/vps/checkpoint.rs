@@ -56,6 +56,7 @@ impl Agent {
         let pid = st.init_pid;
         let cgroup_yard = self.criu_yard();
         let lock_link = self.host_veth(name);
+        let window = self.freeze_window();
         let res = blocking(move || {
             crate::criu::dump::dump(
                 &criu,
@@ -74,6 +75,7 @@ impl Agent {
             .map_err(|e| AgentError::FailedPrecondition(e.to_string()))
         })
         .await;
+        drop(window);
         let facts = match res {
             Ok(f) => f,
             Err(e) => {

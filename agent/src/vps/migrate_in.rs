@@ -366,6 +366,7 @@ impl Agent {
             let mut rec = i.rec.clone();
             rec.config.generation = rec.config.generation.max(req.generation);
             if let Some(h) = i.held.take() {
+                let _window = self.freeze_window();
                 h.go().await?;
             }
             // It runs: the LAN learns where first.

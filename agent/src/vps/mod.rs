@@ -50,6 +50,9 @@ pub struct AgentConfig {
     pub import_limits: ImportLimits,
     /// CRIU binary (probed at start).
     pub criu: PathBuf,
+    /// Expedite the kernel's RCU grace periods while a VPS is frozen (see
+    /// [`crate::rcu`]).
+    pub expedite_rcu: bool,
 }
 
 /// The persistent record of a VPS (`vps/<name>/config.json`).
@@ -159,6 +162,7 @@ impl Agent {
             incoming: Default::default(),
             create_lock: Default::default(),
         });
+        crate::rcu::recover(&agent.paths.run_dir);
         agent.sweep_work();
         ram_images::ensure_root();
         agent.sweep_ram();
@@ -176,6 +180,14 @@ impl Agent {
     pub fn migrating_id(&self, name: &str) -> Option<String> {
         let m = self.migrating.lock().unwrap_or_else(|p| p.into_inner());
         m.get(name).cloned()
+    }
+
+    /// Held while a VPS is frozen: the kernel's RCU grace periods are
+    /// expedited meanwhile, unless the operator turned that off.
+    pub(crate) fn freeze_window(&self) -> Option<crate::rcu::Guard> {
+        self.cfg
+            .expedite_rcu
+            .then(|| crate::rcu::expedite(&self.paths.run_dir))
     }
 
     pub fn cgroup(&self, name: &str) -> VpsCgroup {

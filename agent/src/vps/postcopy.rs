@@ -62,6 +62,9 @@ impl Agent {
         let address = addr.to_string();
         let cgroup_yard = self.criu_yard();
         let lock_link = self.host_veth(name);
+        // Expedited until the page server runs (the window of the freeze
+        // that is this node's; the target's restore has its own).
+        let _window = self.freeze_window();
         let mut done = tokio::spawn(blocking(move || {
             crate::criu::dump::dump(
                 &criu,

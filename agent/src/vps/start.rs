@@ -70,6 +70,8 @@ impl Agent {
         gate: impl std::future::Future<Output = Result<T>>,
     ) -> Result<(Option<Held>, T)> {
         let c = &rec.config;
+        // A restore: the VPS is frozen until it runs (or is held).
+        let _window = resume.and_then(|_| self.freeze_window());
         // Before any kernel object is made: a restore needs a working CRIU.
         let criu = match resume {
             Some(_) => Some(self.criu_path()?),
