@@ -125,9 +125,7 @@ impl ArchiveWriter {
             &m,
             &plan,
             &mut hashes,
-            SendOpts {
-                compress: Compress::Always,
-            },
+            SendOpts::new(Compress::Always),
             &mut |it| {
                 batch.push(it);
                 if batch.len() >= BATCH {

@@ -21,9 +21,7 @@ fn sync(
         &m,
         &p,
         hashes,
-        send::SendOpts {
-            compress: send::Compress::Always,
-        },
+        send::SendOpts::new(send::Compress::Always),
         &mut |it| a.item(it),
     )
     .unwrap();
@@ -190,4 +188,75 @@ fn always_sends_mapped_files() {
     let pl = plan::plan_with(Some(&m), &m, |_| false, &always);
     let sent: Vec<_> = pl.sends.iter().map(|(p, _)| p.clone()).collect();
     assert_eq!(sent, vec![std::path::PathBuf::from("mapped")]);
+}
+
+/// A file sent while it grows (CRIU writing a dump's pages), then the whole
+/// tree with the part already sent left out: byte-exact, and the first part
+/// travels once. A file made anew under the same name goes whole.
+#[test]
+fn growing_files_resume_where_they_were_sent() {
+    use std::io::Write;
+    use std::os::unix::fs::MetadataExt;
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+    std::fs::create_dir(&src).unwrap();
+    let mut a = Applier::new(&dst).unwrap();
+    let z = send::Compress::Always;
+    let rand = |n: usize| {
+        let mut v = vec![0u8; n];
+        let mut x = 0x9e3779b97f4a7c15u64;
+        for b in v.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        v
+    };
+    let mut f = std::fs::File::create(src.join("pages-1.img")).unwrap();
+    let mut at = 0;
+    for part in [3 << 20, 1 << 19, (2 << 20) + 77] {
+        f.write_all(&rand(part)).unwrap();
+        at = send::send_growth(&src, Path::new("pages-1.img"), at, &z, &mut |it| a.item(it))
+            .unwrap();
+    }
+    assert_eq!(at, (3 << 20) + (1 << 19) + (2 << 20) + 77);
+    // Nothing new: nothing sent.
+    let mut n = 0;
+    let same = send::send_growth(&src, Path::new("pages-1.img"), at, &z, &mut |_| {
+        n += 1;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!((same, n), (at, 0));
+    std::fs::write(src.join("pages-2.img"), rand(1 << 20)).unwrap();
+    send::send_growth(&src, Path::new("pages-2.img"), 0, &z, &mut |it| a.item(it)).unwrap();
+    a.finish().unwrap();
+    // The dump goes on: pages-1 grows, pages-2 is made anew, others appear.
+    f.write_all(&rand(12345)).unwrap();
+    let ino = |p: &str| std::fs::metadata(src.join(p)).unwrap().ino();
+    let resume = [
+        ("pages-1.img".into(), (ino("pages-1.img"), at)),
+        ("pages-2.img".into(), (ino("pages-2.img"), 1 << 20)),
+    ];
+    std::fs::remove_file(src.join("pages-2.img")).unwrap();
+    std::fs::write(src.join("pages-2.img"), rand(3000)).unwrap();
+    std::fs::write(src.join("core-1.img"), b"core").unwrap();
+    let m = scan::scan(&src).unwrap();
+    let p = plan::plan(None, &m, |_| false);
+    let mut opts = send::SendOpts::new(send::Compress::Always);
+    opts.resume = resume.into_iter().collect();
+    let mut a = Applier::new(&dst).unwrap();
+    let st = send::send(
+        &src,
+        &m,
+        &p,
+        &mut send::BlockHashes::default(),
+        opts,
+        &mut |it| a.item(it),
+    )
+    .unwrap();
+    a.finish().unwrap();
+    assert_eq!(digest(&src).unwrap(), digest(&dst).unwrap());
+    assert_eq!(st.raw_bytes, 12345 + 3000 + 4, "only the new bytes travel");
 }

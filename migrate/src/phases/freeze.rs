@@ -1,24 +1,45 @@
-//! Freeze and final dump: CRIU freezes the whole tree, locks its network
-//! (nftables), dumps it, and ends the source copy (post-copy: dumps all but
-//! the memory, which it then serves, the tree frozen meanwhile). From here
-//! until the decision, the VPS runs nowhere: this is the downtime.
+//! Freeze and final dump: CRIU freezes the whole tree, locks its network,
+//! dumps it, and ends the source copy (post-copy: dumps all but the memory,
+//! which it then serves, the tree frozen meanwhile). From here until the
+//! decision, the VPS runs nowhere: this is the downtime. In a stop-copy the
+//! memory pages go to the target while CRIU writes them ([`images::follow`]).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::{MigrateError, Progress, Source, State};
+use ferry_proto::agent::v1::agent_service_client::AgentServiceClient;
+use tonic::transport::Channel;
+
+use super::images::{self, Streamed};
+use super::{Job, MigrateError, Progress, Source, State};
+
+/// What the rest of the migration needs from the dump.
+pub struct Frozen {
+    /// Files the final rootfs pass must send whatever lstat says.
+    pub mapped: BTreeSet<PathBuf>,
+    /// What of the images the target has already.
+    pub streamed: Streamed,
+}
 
 pub async fn run(
     src: &dyn Source,
+    target: &AgentServiceClient<Channel>,
+    job: &Job,
     images: &Path,
     lazy: bool,
     p: &mut Progress,
     st: &mut State,
-) -> Result<BTreeSet<PathBuf>, MigrateError> {
+) -> Result<Frozen, MigrateError> {
     p.phase("freeze", "freezing and dumping").await;
     st.frozen_at = Some(Instant::now());
-    let d = src.dump(images, lazy).await.map_err(|e| {
+    let follower = (!lazy).then(|| images::follow(target, job, images.to_path_buf()));
+    let dumped = src.dump(images, lazy).await;
+    let streamed = match follower {
+        Some(f) => f.finish().await,
+        None => Streamed::default(),
+    };
+    let d = dumped.map_err(|e| {
         // CRIU resumed the tree: the VPS never stopped running on the source.
         st.frozen_at = None;
         MigrateError::at("freeze")(e)
@@ -29,6 +50,8 @@ pub async fn run(
         st.frozen_at = Some(t);
     }
     p.done_phase("freeze", crate::tree::files_bytes(images));
-    // What the final rootfs pass must send whatever lstat says.
-    Ok(d.shared_writable.into_iter().collect())
+    Ok(Frozen {
+        mapped: d.shared_writable.into_iter().collect(),
+        streamed,
+    })
 }

@@ -254,10 +254,11 @@ async fn steps(
     if mode != Mode::Cold {
         let images = src.scratch().join("images");
         st.images = Some(images.clone());
-        let mapped = freeze::run(src, &images, mode == Mode::PostCopy, p, st).await?;
+        let frozen = freeze::run(src, target, job, &images, mode == Mode::PostCopy, p, st).await?;
         // The tree is frozen (dead on the source): the final delta is exact.
-        sync.pass(target, job, p, "final-rootfs", mapped).await?;
-        images::push(target, job, &images, p).await?;
+        sync.pass(target, job, p, "final-rootfs", frozen.mapped)
+            .await?;
+        images::push(target, job, &images, frozen.streamed, p).await?;
     } else {
         sync.pass(target, job, p, "final-rootfs", Default::default())
             .await?;

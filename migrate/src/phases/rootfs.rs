@@ -64,6 +64,7 @@ impl RootfsSync {
                 prev: self.prev.take(),
                 watch: self.watch.take(),
                 always,
+                resume: Default::default(),
             },
             std::mem::take(&mut self.hashes),
             p,
@@ -89,6 +90,8 @@ pub struct Walk {
     pub watch: Option<Watch>,
     /// Files sent even when lstat sees no change.
     pub always: BTreeSet<PathBuf>,
+    /// Files the receiver has a first part of (see [`SendOpts::resume`]).
+    pub resume: std::collections::HashMap<PathBuf, (u64, u64)>,
 }
 
 impl Walk {
@@ -195,6 +198,7 @@ pub async fn push_tree(
             &mut hashes,
             SendOpts {
                 compress: Compress::Adaptive(Arc::clone(&z)),
+                resume: std::mem::take(&mut walk.resume),
             },
             &mut |it| {
                 if let Some(pb::tree_item::Item::Data(d)) = &it.item {

@@ -35,6 +35,19 @@ pub struct SendOpts {
     /// zstd level 1 per chunk, kept only where it saves at least 1/8 (and
     /// given up for the rest of a file whose first chunk does not compress).
     pub compress: Compress,
+    /// Files the receiver holds a first part of already, sent while they
+    /// grew ([`send_growth`]): path -> (inode, bytes). Only the rest is sent
+    /// (all of it if the inode is another one now).
+    pub resume: HashMap<PathBuf, (u64, u64)>,
+}
+
+impl SendOpts {
+    pub fn new(compress: Compress) -> SendOpts {
+        SendOpts {
+            compress,
+            resume: HashMap::new(),
+        }
+    }
 }
 
 /// When file data is compressed.
@@ -226,12 +239,20 @@ pub fn send(
                 } else {
                     None
                 };
+                // The part the receiver got while the file grew.
+                let from = match opts.resume.get(path) {
+                    Some(&(ino, n)) if ino == meta.ino && n <= size && old.is_none() => n,
+                    _ => 0,
+                };
+                if from > 0 {
+                    e.partial = true;
+                }
                 out(entry_item(e))?;
-                let keep = size >= BLOCK_DELTA_MIN;
+                let keep = size >= BLOCK_DELTA_MIN && from == 0;
                 let mut new_hashes = Vec::new();
                 // Cleared for the rest of the file once a chunk does not pay.
                 let mut worth = true;
-                let mut off = 0u64;
+                let mut off = from;
                 while off < size {
                     let n = read_full(&file, &mut buf, off).map_err(|e| TreeError::io(&full, e))?;
                     if n == 0 {
@@ -248,21 +269,7 @@ pub fn send(
                     // A zero block of a fresh file stays a hole on the receiver.
                     let skip = same || (old.is_none() && chunk.iter().all(|&b| b == 0));
                     if !skip {
-                        let (data, z) = if worth && opts.compress.next_chunk() {
-                            let c = zstd::bulk::compress(chunk, 1);
-                            if let Ok(c) = &c {
-                                opts.compress.saw(n, c.len());
-                            }
-                            match c {
-                                Ok(c) if c.len() < n - n / 8 => (c, true),
-                                _ => {
-                                    worth = false;
-                                    (chunk.to_vec(), false)
-                                }
-                            }
-                        } else {
-                            (chunk.to_vec(), false)
-                        };
+                        let (data, z) = pack(chunk, &mut worth, &opts.compress);
                         st.raw_bytes += n as u64;
                         st.wire_bytes += data.len() as u64;
                         out(TreeItem {
@@ -291,6 +298,73 @@ pub fn send(
         }
     }
     Ok(st)
+}
+
+/// One chunk as it goes on the wire: compressed (true) when that is tried
+/// and pays; `worth` goes false for the rest of the file once it does not.
+fn pack(chunk: &[u8], worth: &mut bool, compress: &Compress) -> (Vec<u8>, bool) {
+    if !*worth || !compress.next_chunk() {
+        return (chunk.to_vec(), false);
+    }
+    let n = chunk.len();
+    match zstd::bulk::compress(chunk, 1) {
+        Ok(c) => {
+            compress.saw(n, c.len());
+            if c.len() < n - n / 8 {
+                return (c, true);
+            }
+            *worth = false;
+            (chunk.to_vec(), false)
+        }
+        Err(_) => {
+            *worth = false;
+            (chunk.to_vec(), false)
+        }
+    }
+}
+
+/// Sends what file `path` (under `root`) got since its first `from` bytes
+/// went: its entry (partial after the first time) and the new data. For
+/// files that only grow while they are sent (CRIU writing a dump's pages).
+/// Returns how many bytes the receiver has now.
+pub fn send_growth(
+    root: &Path,
+    path: &Path,
+    from: u64,
+    compress: &Compress,
+    out: &mut dyn FnMut(TreeItem) -> Result<(), TreeError>,
+) -> Result<u64, TreeError> {
+    let full = root.join(path);
+    let file = std::fs::File::open(&full).map_err(|e| TreeError::io(&full, e))?;
+    let md = file.metadata().map_err(|e| TreeError::io(&full, e))?;
+    let size = md.len();
+    if size <= from {
+        return Ok(from);
+    }
+    let mut e = base_entry(path, &Meta::from_metadata(&md), &full)?;
+    e.partial = from > 0;
+    out(entry_item(e))?;
+    let mut buf = vec![0u8; BLOCK];
+    let mut worth = true;
+    let mut off = from;
+    while off < size {
+        let want = ((size - off) as usize).min(BLOCK);
+        let n = read_full(&file, &mut buf[..want], off).map_err(|e| TreeError::io(&full, e))?;
+        if n == 0 {
+            break;
+        }
+        let (data, z) = pack(&buf[..n], &mut worth, compress);
+        out(TreeItem {
+            item: Some(tree_item::Item::Data(FileData {
+                offset: off,
+                data,
+                zstd: z,
+                raw_len: n as u32,
+            })),
+        })?;
+        off += n as u64;
+    }
+    Ok(off)
 }
 
 fn read_full(f: &std::fs::File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
