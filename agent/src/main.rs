@@ -170,6 +170,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let router = tonic::transport::Server::builder()
             .initial_stream_window_size(ferry_proto::addr::STREAM_WINDOW)
             .initial_connection_window_size(ferry_proto::addr::CONNECTION_WINDOW)
+            .max_frame_size(ferry_proto::addr::MAX_FRAME)
             .add_service(svc);
         ferry_proto::addr::serve(router, &args.listen)
             .await

@@ -48,6 +48,9 @@ impl std::fmt::Display for Addr {
 /// images): the default 64 KiB has the receiver grant more every few frames.
 pub const STREAM_WINDOW: u32 = 8 << 20;
 pub const CONNECTION_WINDOW: u32 = 16 << 20;
+/// The largest HTTP/2 frame a server takes: a pushed MiB of file data goes
+/// in one frame instead of 64 of the default 16 KiB.
+pub const MAX_FRAME: u32 = 1 << 20;
 
 pub async fn connect(addr: &Addr) -> Result<Channel, tonic::transport::Error> {
     match addr {
