@@ -23,7 +23,8 @@ pub struct ApplyStats {
 
 pub struct Applier {
     root: PathBuf,
-    open: Option<(std::fs::File, PathBuf, TreeEntry)>,
+    /// The file being written; `true`: made new by this entry.
+    open: Option<(std::fs::File, PathBuf, TreeEntry, bool)>,
     dirs: Vec<(PathBuf, TreeEntry)>,
     /// Directories we change by adding or removing a child, with their mtime
     /// before: put back at the end unless the sender sends the directory too.
@@ -95,6 +96,25 @@ impl Applier {
         if kind == Kind::Delete {
             return remove_any(&full);
         }
+        if kind == Kind::File && !e.partial {
+            // Most files of a first pass are new: one open, no lookup first.
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&full)
+            {
+                Ok(f) => {
+                    if e.size > 0 {
+                        f.set_len(e.size).map_err(|er| TreeError::io(&full, er))?;
+                    }
+                    self.open = Some((f, full, e, true));
+                    return Ok(());
+                }
+                Err(er) if er.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(er) => return Err(TreeError::io(&full, er)),
+            }
+        }
         let existing = std::fs::symlink_metadata(&full).ok();
         let same_kind = existing.as_ref().map(|m| {
             let ft = m.file_type();
@@ -133,7 +153,7 @@ impl Applier {
                         .map_err(|er| TreeError::io(&full, er))?
                 };
                 f.set_len(e.size).map_err(|er| TreeError::io(&full, er))?;
-                self.open = Some((f, full, e));
+                self.open = Some((f, full, e, false));
             }
             Kind::Symlink => {
                 use std::os::unix::ffi::OsStrExt;
@@ -162,7 +182,7 @@ impl Applier {
     }
 
     fn data(&mut self, d: FileData) -> Result<(), TreeError> {
-        let Some((f, full, _)) = &self.open else {
+        let Some((f, full, _, _)) = &self.open else {
             return Err(TreeError::Invalid("file data without a file entry".into()));
         };
         let raw;
@@ -181,7 +201,10 @@ impl Applier {
     }
 
     fn close_file(&mut self) -> Result<(), TreeError> {
-        if let Some((f, full, e)) = self.open.take() {
+        if let Some((f, full, e, fresh)) = self.open.take() {
+            if fresh {
+                return set_new_file_meta(&full, &e, &f);
+            }
             // A partial update may have shrunk the file.
             f.set_len(e.size).map_err(|er| TreeError::io(&full, er))?;
             set_meta(&full, &e, Some(&f))?;
@@ -240,6 +263,25 @@ fn set_meta(full: &Path, e: &TreeEntry, file: Option<&std::fs::File>) -> Result<
         nix::sys::stat::UtimensatFlags::NoFollowSymlink,
     )
     .map_err(io)?;
+    Ok(())
+}
+
+/// [`set_meta`] for a file this applier just made, through its descriptor
+/// (no path lookups): root made it, so it is root's already, and it has no
+/// extended attributes to remove.
+fn set_new_file_meta(full: &Path, e: &TreeEntry, f: &std::fs::File) -> Result<(), TreeError> {
+    use xattr::FileExt;
+    let io = |er: nix::Error| TreeError::io(full, er.into());
+    if e.uid != 0 || e.gid != 0 || !nix::unistd::geteuid().is_root() {
+        nix::unistd::fchown(f.as_fd(), Some(e.uid.into()), Some(e.gid.into())).map_err(io)?;
+    }
+    nix::sys::stat::fchmod(f.as_fd(), Mode::from_bits_truncate(e.mode)).map_err(io)?;
+    for x in &e.xattrs {
+        f.set_xattr(&x.name, &x.value)
+            .map_err(|er| TreeError::io(full, er))?;
+    }
+    let t = TimeSpec::new(e.mtime_sec, e.mtime_nsec as i64);
+    nix::sys::stat::futimens(f.as_fd(), &t, &t).map_err(io)?;
     Ok(())
 }
 

@@ -222,79 +222,83 @@ pub fn send(
                 }
             }
         }
+        if meta.kind == Kind::File && *how != Send::Meta {
+            let file = match std::fs::File::open(&full) {
+                Ok(f) => f,
+                // Deleted since the scan (the VPS runs during pass 1); the
+                // frozen pass will see it gone.
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(err) => return Err(TreeError::io(&full, err)),
+            };
+            // Its attributes through the descriptor: no second path lookup.
+            let mut e = entry_of(path, meta, xattrs_of(&file, &full)?);
+
+            let size = file.metadata().map_err(|e| TreeError::io(&full, e))?.len();
+            e.size = size;
+            let old = if *how == Send::Blocks {
+                e.partial = true;
+                hashes.0.remove(path)
+            } else {
+                None
+            };
+            // The part the receiver got while the file grew.
+            let from = match opts.resume.get(path) {
+                Some(&(ino, n)) if ino == meta.ino && n <= size && old.is_none() => n,
+                _ => 0,
+            };
+            if from > 0 {
+                e.partial = true;
+            }
+            out(entry_item(e))?;
+            let keep = size >= BLOCK_DELTA_MIN && from == 0;
+            let mut new_hashes = Vec::new();
+            // Cleared for the rest of the file once a chunk does not pay.
+            let mut worth = true;
+            let mut off = from;
+            while off < size {
+                let n = read_full(&file, &mut buf, off).map_err(|e| TreeError::io(&full, e))?;
+                if n == 0 {
+                    break;
+                }
+                let chunk = &buf[..n];
+                let idx = (off / BLOCK as u64) as usize;
+                let h = if keep || old.is_some() {
+                    xxhash_rust::xxh3::xxh3_64(chunk)
+                } else {
+                    0
+                };
+                let same = old.as_ref().and_then(|o| o.get(idx)) == Some(&h);
+                // A zero block of a fresh file stays a hole on the receiver.
+                let skip = same || (old.is_none() && chunk.iter().all(|&b| b == 0));
+                if !skip {
+                    let (data, z) = pack(chunk, &mut worth, &opts.compress);
+                    st.raw_bytes += n as u64;
+                    st.wire_bytes += data.len() as u64;
+                    out(TreeItem {
+                        item: Some(tree_item::Item::Data(FileData {
+                            offset: off,
+                            data,
+                            zstd: z,
+                            raw_len: n as u32,
+                        })),
+                    })?;
+                }
+                if keep {
+                    new_hashes.push(h);
+                }
+                off += n as u64;
+            }
+            if keep {
+                hashes.0.insert(path.clone(), new_hashes);
+            }
+            continue;
+        }
         let mut e = base_entry(path, meta, &full)?;
         match meta.kind {
             Kind::Symlink => {
                 let t = std::fs::read_link(&full).map_err(|e| TreeError::io(&full, e))?;
                 e.target = path_bytes(&t);
                 out(entry_item(e))?;
-            }
-            Kind::File if *how != Send::Meta => {
-                let file = match std::fs::File::open(&full) {
-                    Ok(f) => f,
-                    // Deleted since the scan (the VPS runs during pass 1); the
-                    // frozen pass will see it gone.
-                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(err) => return Err(TreeError::io(&full, err)),
-                };
-                let size = file.metadata().map_err(|e| TreeError::io(&full, e))?.len();
-                e.size = size;
-                let old = if *how == Send::Blocks {
-                    e.partial = true;
-                    hashes.0.remove(path)
-                } else {
-                    None
-                };
-                // The part the receiver got while the file grew.
-                let from = match opts.resume.get(path) {
-                    Some(&(ino, n)) if ino == meta.ino && n <= size && old.is_none() => n,
-                    _ => 0,
-                };
-                if from > 0 {
-                    e.partial = true;
-                }
-                out(entry_item(e))?;
-                let keep = size >= BLOCK_DELTA_MIN && from == 0;
-                let mut new_hashes = Vec::new();
-                // Cleared for the rest of the file once a chunk does not pay.
-                let mut worth = true;
-                let mut off = from;
-                while off < size {
-                    let n = read_full(&file, &mut buf, off).map_err(|e| TreeError::io(&full, e))?;
-                    if n == 0 {
-                        break;
-                    }
-                    let chunk = &buf[..n];
-                    let idx = (off / BLOCK as u64) as usize;
-                    let h = if keep || old.is_some() {
-                        xxhash_rust::xxh3::xxh3_64(chunk)
-                    } else {
-                        0
-                    };
-                    let same = old.as_ref().and_then(|o| o.get(idx)) == Some(&h);
-                    // A zero block of a fresh file stays a hole on the receiver.
-                    let skip = same || (old.is_none() && chunk.iter().all(|&b| b == 0));
-                    if !skip {
-                        let (data, z) = pack(chunk, &mut worth, &opts.compress);
-                        st.raw_bytes += n as u64;
-                        st.wire_bytes += data.len() as u64;
-                        out(TreeItem {
-                            item: Some(tree_item::Item::Data(FileData {
-                                offset: off,
-                                data,
-                                zstd: z,
-                                raw_len: n as u32,
-                            })),
-                        })?;
-                    }
-                    if keep {
-                        new_hashes.push(h);
-                    }
-                    off += n as u64;
-                }
-                if keep {
-                    hashes.0.insert(path.clone(), new_hashes);
-                }
             }
             Kind::Char | Kind::Block => {
                 e.rdev = meta.rdev;
@@ -393,7 +397,11 @@ fn entry_item(e: TreeEntry) -> TreeItem {
 }
 
 fn base_entry(path: &Path, m: &Meta, full: &Path) -> Result<TreeEntry, TreeError> {
-    Ok(TreeEntry {
+    Ok(entry_of(path, m, read_xattrs(full)?))
+}
+
+fn entry_of(path: &Path, m: &Meta, xattrs: Vec<Xattr>) -> TreeEntry {
+    TreeEntry {
         path: path_bytes(path),
         kind: m.kind as i32,
         mode: m.mode,
@@ -402,9 +410,30 @@ fn base_entry(path: &Path, m: &Meta, full: &Path) -> Result<TreeEntry, TreeError
         size: m.size,
         mtime_sec: m.mtime.0,
         mtime_nsec: m.mtime.1,
-        xattrs: read_xattrs(full)?,
+        xattrs,
         ..Default::default()
-    })
+    }
+}
+
+/// [`read_xattrs`] of an open file.
+fn xattrs_of(f: &std::fs::File, full: &Path) -> Result<Vec<Xattr>, TreeError> {
+    use xattr::FileExt;
+    let names = match f.list_xattr() {
+        Ok(n) => n,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Vec::new()),
+        Err(e) => return Err(TreeError::io(full, e)),
+    };
+    let mut out: Vec<Xattr> = names
+        .filter_map(|n| {
+            let v = f.get_xattr(&n).ok()??;
+            Some(Xattr {
+                name: n.to_string_lossy().into_owned(),
+                value: v,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
 }
 
 /// All extended attributes of a path (not following a symlink), sorted by name.
