@@ -139,7 +139,13 @@ async fn migrate(
             .and_then(|r| r.split(';').next())
             .and_then(|p| std::fs::read_to_string(p.trim()).ok())
             .unwrap_or_default();
-        panic!("migration failed: {}\n{log}", ev.error);
+        let target_log = to.agent_log();
+        let tail: Vec<&str> = target_log.lines().rev().take(15).collect();
+        panic!(
+            "migration failed: {}\n{log}\ntarget agent log (last lines):\n{}",
+            ev.error,
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
     }
     if std::env::var_os("FERRY_BENCH_PHASES").is_some() {
         let table: Vec<String> = ev

@@ -340,6 +340,17 @@ impl Agent {
                 Err(AgentError::Internal("the restored VPS was not held".into()))
             }
             Err(e) => {
+                // What CRIU and the monitor said, before the rollback removes
+                // their logs with the arrival.
+                let tail = crate::criu::log_tail;
+                tracing::error!(
+                    vps = %i.name,
+                    error = %e,
+                    restore = %tail(&i.images.join(crate::criu::restore::RESTORE_LOG)),
+                    lazy_pages = %tail(&i.images.join(crate::criu::lazy::LAZY_LOG)),
+                    monitor = %tail(&self.paths.vps_run(&i.name).join("monitor.log")),
+                    "the restore failed"
+                );
                 i.lazy = None;
                 crate::criu::clear_leftover_mounts(&i.images);
                 let _ = self.teardown(&i.name).await;
