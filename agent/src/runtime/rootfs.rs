@@ -22,6 +22,17 @@ fn m(
         .map_err(|e| format!("mount {} on {}: {e}", src.unwrap_or("-"), target.display()))
 }
 
+/// Sets `p`'s mode exactly (creation honours the umask).
+fn chmod(p: &Path, mode: u32) -> R<()> {
+    nix::sys::stat::fchmodat(
+        nix::fcntl::AT_FDCWD,
+        p,
+        Mode::from_bits_truncate(mode),
+        nix::sys::stat::FchmodatFlags::FollowSymlink,
+    )
+    .map_err(|e| format!("chmod {}: {e}", p.display()))
+}
+
 fn ensure_dir(p: &Path) -> R<()> {
     if !p.is_dir() {
         std::fs::create_dir_all(p).map_err(|e| format!("mkdir {}: {e}", p.display()))?;
@@ -125,13 +136,7 @@ fn setup_dev(root: &Path) -> R<()> {
         )
         .map_err(|e| format!("mknod {}: {e}", p.display()))?;
         // mknod honours the umask; make the mode exact.
-        nix::sys::stat::fchmodat(
-            nix::fcntl::AT_FDCWD,
-            &p,
-            Mode::from_bits_truncate(0o666),
-            nix::sys::stat::FchmodatFlags::FollowSymlink,
-        )
-        .map_err(|e| format!("chmod {}: {e}", p.display()))?;
+        chmod(&p, 0o666)?;
     }
     let pts = dev.join("pts");
     ensure_dir(&pts)?;
@@ -200,13 +205,7 @@ fn mask(root: &Path) -> R<()> {
     if !masked.is_empty() {
         let empty = root.join("dev").join(MASK_DIR);
         std::fs::create_dir(&empty).map_err(|e| format!("mkdir {}: {e}", empty.display()))?;
-        nix::sys::stat::fchmodat(
-            nix::fcntl::AT_FDCWD,
-            &empty,
-            Mode::from_bits_truncate(0o555),
-            nix::sys::stat::FchmodatFlags::FollowSymlink,
-        )
-        .map_err(|e| format!("chmod {}: {e}", empty.display()))?;
+        chmod(&empty, 0o555)?;
         for p in masked {
             m(Some(path_str(&empty)?), &p, None, MsFlags::MS_BIND, None)?;
             m(

@@ -274,14 +274,7 @@ pub fn send(
                     let (data, z) = pack(chunk, &mut worth, &opts.compress);
                     st.raw_bytes += n as u64;
                     st.wire_bytes += data.len() as u64;
-                    out(TreeItem {
-                        item: Some(tree_item::Item::Data(FileData {
-                            offset: off,
-                            data,
-                            zstd: z,
-                            raw_len: n as u32,
-                        })),
-                    })?;
+                    out(data_item(off, data, z, n))?;
                 }
                 if keep {
                     new_hashes.push(h);
@@ -364,17 +357,22 @@ pub fn send_growth(
             break;
         }
         let (data, z) = pack(&buf[..n], &mut worth, compress);
-        out(TreeItem {
-            item: Some(tree_item::Item::Data(FileData {
-                offset: off,
-                data,
-                zstd: z,
-                raw_len: n as u32,
-            })),
-        })?;
+        out(data_item(off, data, z, n))?;
         off += n as u64;
     }
     Ok(off)
+}
+
+/// `raw_len` bytes of a file at `offset`, as packed (`zstd`: compressed).
+fn data_item(offset: u64, data: Vec<u8>, zstd: bool, raw_len: usize) -> TreeItem {
+    TreeItem {
+        item: Some(tree_item::Item::Data(FileData {
+            offset,
+            data,
+            zstd,
+            raw_len: raw_len as u32,
+        })),
+    }
 }
 
 fn read_full(f: &std::fs::File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
