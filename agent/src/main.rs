@@ -71,6 +71,10 @@ struct ServeArgs {
     /// downtime here. The old value is put back after each freeze.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     expedite_rcu: bool,
+    /// The largest checkpoint archive `vps restore --from` may upload, in
+    /// bytes (an upload must also leave 1 GiB free on the data dir).
+    #[arg(long, default_value_t = 64 << 30)]
+    max_upload_bytes: u64,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -140,6 +144,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .clone()
                 .unwrap_or_else(ferry_agent::criu::Criu::default_path),
             expedite_rcu: args.expedite_rcu,
+            max_upload_bytes: args.max_upload_bytes,
         };
         let agent = Agent::open(cfg).await.context("starting the agent")?;
         agent.spawn_reaper();

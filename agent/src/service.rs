@@ -252,16 +252,30 @@ impl AgentService for Service {
         self.agent.record(&name)?;
         let dir = self.agent.work_dir("upload")?;
         let path = dir.join("upload.ferryckpt");
+        let room = self.agent.upload_room();
         let res = async {
             let mut f = tokio::fs::File::create(&path)
                 .await
                 .map_err(|e| AgentError::io("creating the upload file", e))?;
             use tokio::io::AsyncWriteExt;
+            let mut got = 0u64;
+            let mut take = |n: usize| -> Result<(), Status> {
+                got += n as u64;
+                if got > room.0 {
+                    return Err(Status::resource_exhausted(format!(
+                        "data: the archive is larger than this node takes ({} bytes: {})",
+                        room.0, room.1
+                    )));
+                }
+                Ok(())
+            };
+            take(first.data.len())?;
             f.write_all(&first.data)
                 .await
                 .map_err(|e| AgentError::io("writing the upload", e))?;
             while let Some(c) = stream.next().await {
                 let c = c?;
+                take(c.data.len())?;
                 f.write_all(&c.data)
                     .await
                     .map_err(|e| AgentError::io("writing the upload", e))?;

@@ -311,3 +311,54 @@ async fn templates_import_list_delete_and_hostile_archives() {
     })
     .await;
 }
+
+/// A checkpoint upload larger than the node takes is cut off with
+/// ResourceExhausted naming `data`, and leaves neither a file nor a change.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_checkpoint_upload_is_refused_and_leaves_nothing() {
+    bounded(60, async {
+        let h = Host::with_args(vec!["--max-upload-bytes".into(), "65536".into()]).await;
+        let mut c = h.client().await;
+        let name = format!("up{}", std::process::id());
+        c.create_vps(pb::CreateVpsRequest {
+            spec: Some(spec(&name, None)),
+            start: false,
+        })
+        .await
+        .expect("create");
+        let before = get(&mut c, &name).await;
+        let file = h.dir.join("big.ferryckpt");
+        std::fs::write(&file, vec![7u8; 300_000]).expect("write the archive");
+        let (code, _, err) = ferryctl(
+            &h,
+            &[
+                "vps",
+                "restore",
+                &name,
+                "--from",
+                file.to_str().expect("path"),
+            ],
+        );
+        assert_ne!(code, 0, "an oversized upload was taken");
+        assert!(
+            err.contains("data:") && err.contains("65536") && err.contains("ResourceExhausted"),
+            "{err}"
+        );
+        let work = h.data_dir().join("work");
+        let uploads = std::fs::read_dir(&work)
+            .map(|r| {
+                r.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("upload"))
+                    .count()
+            })
+            .unwrap_or(0);
+        assert_eq!(uploads, 0, "an upload dir was left in {}", work.display());
+        let after = get(&mut c, &name).await;
+        assert_eq!(
+            (after.status, after.spec.clone()),
+            (before.status, before.spec.clone()),
+            "the VPS changed"
+        );
+    })
+    .await;
+}

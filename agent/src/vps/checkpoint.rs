@@ -190,6 +190,21 @@ impl Agent {
     }
 
     /// A fresh scratch directory under `<data>/work`.
+    /// How much a restore may upload, and what sets that: the configured
+    /// most, or the data dir's free space less 1 GiB.
+    pub fn upload_room(&self) -> (u64, &'static str) {
+        const RESERVE: u64 = 1 << 30;
+        let free = nix::sys::statvfs::statvfs(&self.paths.data_dir)
+            .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
+            .unwrap_or(u64::MAX);
+        let fits = free.saturating_sub(RESERVE);
+        if fits < self.cfg.max_upload_bytes {
+            (fits, "the data dir's free space less 1 GiB")
+        } else {
+            (self.cfg.max_upload_bytes, "--max-upload-bytes")
+        }
+    }
+
     pub(crate) fn work_dir(&self, prefix: &str) -> Result<PathBuf> {
         let d = self
             .paths

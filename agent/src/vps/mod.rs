@@ -53,6 +53,8 @@ pub struct AgentConfig {
     /// Expedite the kernel's RCU grace periods while a VPS is frozen (see
     /// [`crate::rcu`]).
     pub expedite_rcu: bool,
+    /// The largest checkpoint archive a restore may upload.
+    pub max_upload_bytes: u64,
 }
 
 /// The persistent record of a VPS (`vps/<name>/config.json`).
