@@ -221,6 +221,16 @@ async fn live_migration_keeps_processes_files_ip_and_tcp() {
         create_started(&mut ca, spec(&name, Some(ip))).await;
         start_counter(&mut ca, &name).await;
         spawn_in(&mut ca, &name, "nc -ll -p 7000 -e cat").await;
+        // 16 MiB of memory that must arrive intact (the target fills it in
+        // from its images after the VPS runs): awk scans its string for any
+        // byte that is not an x and writes what it found, every 200 ms.
+        spawn_in(
+            &mut ca,
+            &name,
+            "awk 'BEGIN { s = \"x\"; while (length(s) < 16777216) s = s s; \
+             while (1) { print length(s), match(s, /[^x]/) > \"/var/www/mem\"; close(\"/var/www/mem\"); system(\"sleep 0.2\") } }'",
+        )
+        .await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let mut tcp = TcpClient::connect(&lan, ip, 7000);
         assert_eq!(tcp.echo("before"), "before");
@@ -362,6 +372,24 @@ async fn live_migration_keeps_processes_files_ip_and_tcp() {
             r.stdout.starts_with(&sum),
             "file written before the freeze is byte-exact"
         );
+        // The memory arrived intact: a scan made after the move finds only x.
+        let _ = exec(&mut cb, &name, &["rm", "-f", "/var/www/mem"]).await;
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = exec(&mut cb, &name, &["cat", "/var/www/mem"]).await;
+            if r.code == 0 && !r.stdout.trim().is_empty() {
+                assert_eq!(r.stdout.trim(), "16777216 0", "the 16 MiB string changed");
+                break;
+            }
+            assert!(std::time::Instant::now() < end, "the memory scan never ran after the move");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // It came in lazily, from the images on B, after the VPS ran there.
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while !b.agent_log().contains("lazy pages: every page is in") {
+            assert!(std::time::Instant::now() < end, "no lazy restore on B:\n{}", b.agent_log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         // The masks came along read-only and empty.
         let r = exec(
             &mut cb,

@@ -77,23 +77,25 @@ pub struct LazyDaemon {
 }
 
 /// Starts `criu lazy-pages` for the images in `dir`, fetching from the page
-/// server at `addr:port`, and waits until it is ready for the restore.
+/// server at `server` (ADDR, PORT), or from the pages in `dir` itself when
+/// there is none, and waits until it is ready for the restore.
 pub async fn start_daemon(
     criu: &Path,
     dir: &Path,
-    addr: &str,
-    port: u16,
+    server: Option<(&str, u16)>,
     log_level: i32,
 ) -> Result<LazyDaemon, CriuError> {
     let (rd, wr) =
         nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| CriuError::Spawn(format!("pipe: {e}")))?;
     let wr_raw = wr.as_raw_fd();
     let mut cmd = tokio::process::Command::new(criu);
-    cmd.arg("lazy-pages")
-        .arg("--page-server")
-        .args(["--address", addr])
-        .args(["--port", &port.to_string()])
-        .arg("-D")
+    cmd.arg("lazy-pages");
+    if let Some((addr, port)) = server {
+        cmd.arg("--page-server")
+            .args(["--address", addr])
+            .args(["--port", &port.to_string()]);
+    }
+    cmd.arg("-D")
         .arg(dir)
         .arg("-W")
         .arg(dir)

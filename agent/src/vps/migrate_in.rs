@@ -286,25 +286,36 @@ impl Agent {
     ) -> Result<()> {
         let lock = self.lock_for(&i.name);
         let _g = lock.lock().await;
-        // Post-copy: the lazy-pages daemon starts (~10 ms: a CRIU of its own)
-        // while the VPS's kernel objects are made; the monitor's restore
-        // waits for it.
-        let daemon = if page_server.is_empty() {
+        // The memory comes through a lazy-pages daemon: from the source's
+        // page server (post-copy), or, in a stop-copy whose images are all
+        // here, from them, so the VPS runs before CRIU has copied its memory
+        // in (a restore of 256 MiB spent ~170 ms copying). Either way the
+        // daemon starts (~10 ms: a CRIU of its own) while the VPS's kernel
+        // objects are made; the monitor's restore waits for it.
+        let server = if page_server.is_empty() {
             None
         } else {
             let at: std::net::SocketAddr = page_server.parse().map_err(|_| {
                 AgentError::invalid("page_server", format!("{page_server:?}: use ADDR:PORT"))
             })?;
+            Some(at)
+        };
+        let local = server.is_none()
+            && self.criu.usable().is_ok_and(|c| c.lazy_pages)
+            && crate::criu::lazy::ensure_pipe_max_size().is_ok();
+        let daemon = if server.is_none() && !local {
+            None
+        } else {
             let criu = self.criu_path()?;
             crate::criu::lazy::ensure_pipe_max_size()
                 .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?;
             let images = i.images.clone();
             Some(tokio::spawn(async move {
+                let at = server.map(|a| (a.ip().to_string(), a.port()));
                 crate::criu::lazy::start_daemon(
                     &criu,
                     &images,
-                    &at.ip().to_string(),
-                    at.port(),
+                    at.as_ref().map(|(ip, port)| (ip.as_str(), *port)),
                     super::start::criu_log_level(),
                 )
                 .await
@@ -383,8 +394,9 @@ impl Agent {
             // It runs: the LAN learns where first.
             self.announce(&rec);
             if let Some(d) = i.lazy.take() {
-                // The post-copy window: the VPS runs here while its memory
-                // still comes from the source. Its images stay until then.
+                // The VPS runs here while its memory still comes in: from the
+                // source (post-copy: the window in which it needs that node)
+                // or from its images here (stop-copy). They stay until then.
                 let images = std::mem::take(&mut i.images);
                 let vps = name.clone();
                 tokio::spawn(async move {
@@ -393,9 +405,9 @@ impl Agent {
                     let st = child.wait().await;
                     let ok = st.as_ref().is_ok_and(|s| s.success());
                     if ok {
-                        tracing::info!(vps = %vps, ms = t.elapsed().as_millis() as u64, "post-copy: every page arrived");
+                        tracing::info!(vps = %vps, ms = t.elapsed().as_millis() as u64, "lazy pages: every page is in");
                     } else {
-                        tracing::error!(vps = %vps, status = ?st, log = %crate::criu::log_tail(&images.join(crate::criu::lazy::LAZY_LOG)), "post-copy: the page transfer failed; the VPS may miss memory");
+                        tracing::error!(vps = %vps, status = ?st, log = %crate::criu::log_tail(&images.join(crate::criu::lazy::LAZY_LOG)), "lazy pages: the transfer failed; the VPS may miss memory");
                     }
                     crate::criu::remove_work_dir(&images);
                 });
