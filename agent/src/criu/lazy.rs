@@ -71,9 +71,27 @@ pub fn listening(port: u16) -> bool {
         })
 }
 
-/// The target's `criu lazy-pages` daemon.
+/// The target's `criu lazy-pages` daemon. Dropped, it is killed (a restore
+/// given up on); once the VPS runs on its pages, [`LazyDaemon::keep`] hands
+/// the process over, and it then finishes even if the agent stops first: the
+/// VPS would die on a page it never got.
 pub struct LazyDaemon {
-    pub child: tokio::process::Child,
+    child: Option<tokio::process::Child>,
+}
+
+impl LazyDaemon {
+    /// The VPS runs on this daemon's pages: no longer killed when dropped.
+    pub fn keep(mut self) -> Option<tokio::process::Child> {
+        self.child.take()
+    }
+}
+
+impl Drop for LazyDaemon {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.start_kill();
+        }
+    }
 }
 
 /// Starts `criu lazy-pages` for the images in `dir`, fetching from the page
@@ -104,8 +122,7 @@ pub async fn start_daemon(
         .args(["--status-fd", &STATUS_FD.to_string()])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true);
+        .stderr(std::process::Stdio::null());
     // SAFETY: between fork and exec only dup2 runs, on a descriptor we own.
     unsafe {
         cmd.pre_exec(move || {
@@ -118,6 +135,8 @@ pub async fn start_daemon(
     let child = cmd
         .spawn()
         .map_err(|e| CriuError::Spawn(format!("{} lazy-pages: {e}", criu.display())))?;
+    // Killed on every way out below but the last.
+    let daemon = LazyDaemon { child: Some(child) };
     drop(wr);
     let ready = tokio::task::spawn_blocking(move || wait_ready(rd, Duration::from_secs(20)))
         .await
@@ -128,7 +147,7 @@ pub async fn start_daemon(
             msg: format!("{e}; {}", super::log_tail(&dir.join(LAZY_LOG))),
         });
     }
-    Ok(LazyDaemon { child })
+    Ok(daemon)
 }
 
 /// Waits for CRIU's status byte (or EOF: it died first).

@@ -399,9 +399,13 @@ impl Agent {
                 // or from its images here (stop-copy). They stay until then.
                 let images = std::mem::take(&mut i.images);
                 let vps = name.clone();
+                // From here the daemon finishes even if this agent stops.
+                let kept = d.keep();
                 tokio::spawn(async move {
                     let t = std::time::Instant::now();
-                    let mut child = d.child;
+                    let Some(mut child) = kept else {
+                        return;
+                    };
                     let st = child.wait().await;
                     let ok = st.as_ref().is_ok_and(|s| s.success());
                     if ok {
