@@ -95,12 +95,12 @@ impl Drop for LazyDaemon {
 }
 
 /// Starts `criu lazy-pages` for the images in `dir`, fetching from the page
-/// server at `server` (ADDR, PORT), or from the pages in `dir` itself when
+/// server at `server`, or from the pages in `dir` itself when
 /// there is none, and waits until it is ready for the restore.
 pub async fn start_daemon(
     criu: &Path,
     dir: &Path,
-    server: Option<(&str, u16)>,
+    server: Option<std::net::SocketAddr>,
     log_level: i32,
 ) -> Result<LazyDaemon, CriuError> {
     let (rd, wr) =
@@ -108,10 +108,10 @@ pub async fn start_daemon(
     let wr_raw = wr.as_raw_fd();
     let mut cmd = tokio::process::Command::new(criu);
     cmd.arg("lazy-pages");
-    if let Some((addr, port)) = server {
+    if let Some(at) = server {
         cmd.arg("--page-server")
-            .args(["--address", addr])
-            .args(["--port", &port.to_string()]);
+            .args(["--address", &at.ip().to_string()])
+            .args(["--port", &at.port().to_string()]);
     }
     cmd.arg("-D")
         .arg(dir)

@@ -300,27 +300,32 @@ impl Agent {
             })?;
             Some(at)
         };
-        let local = server.is_none()
-            && self.criu.usable().is_ok_and(|c| c.lazy_pages)
-            && crate::criu::lazy::ensure_pipe_max_size().is_ok();
-        let daemon = if server.is_none() && !local {
-            None
-        } else {
-            let criu = self.criu_path()?;
-            crate::criu::lazy::ensure_pipe_max_size()
-                .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?;
-            let images = i.images.clone();
-            Some(tokio::spawn(async move {
-                let at = server.map(|a| (a.ip().to_string(), a.port()));
-                crate::criu::lazy::start_daemon(
-                    &criu,
-                    &images,
-                    at.as_ref().map(|(ip, port)| (ip.as_str(), *port)),
-                    super::start::criu_log_level(),
-                )
-                .await
-                .map_err(|e| AgentError::FailedPrecondition(e.to_string()))
-            }))
+        // Post-copy needs lazy pages; a stop-copy uses them where this node
+        // has them, else CRIU copies the memory in.
+        let lazy = server.is_some() || self.criu.usable().is_ok_and(|c| c.lazy_pages);
+        let daemon = match lazy.then(crate::criu::lazy::ensure_pipe_max_size) {
+            None => None,
+            Some(Err(e)) if server.is_some() => {
+                return Err(AgentError::FailedPrecondition(e.to_string()))
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "the restore copies the memory in");
+                None
+            }
+            Some(Ok(())) => {
+                let criu = self.criu_path()?;
+                let images = i.images.clone();
+                Some(tokio::spawn(async move {
+                    crate::criu::lazy::start_daemon(
+                        &criu,
+                        &images,
+                        server,
+                        super::start::criu_log_level(),
+                    )
+                    .await
+                    .map_err(|e| AgentError::FailedPrecondition(e.to_string()))
+                }))
+            }
         };
         let r = Resume {
             images: i.images.clone(),
