@@ -7,10 +7,9 @@
 #   curl            HTTP checks from the host side
 #   debootstrap     building the Debian template
 #   runc, rsync     the peers the benchmarks measure against
-#   nftables        `nft`: a post-copy rollback removes the network lock CRIU left
 #   python3         test and bench clients (a TCP connection held across a move)
 set -euo pipefail
-pkgs=(busybox-static iproute2 util-linux curl debootstrap runc rsync ca-certificates zstd nftables python3)
+pkgs=(busybox-static iproute2 util-linux curl debootstrap runc rsync ca-certificates zstd python3)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

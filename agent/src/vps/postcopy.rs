@@ -142,8 +142,6 @@ impl Agent {
     /// network lock removed, its TCP sockets out of repair mode.
     pub(super) async fn thaw_stopped(&self, name: &str) -> Result<()> {
         self.unlock_link(name)?;
-        // An nftables lock, from a dump by an agent before the link lock.
-        unlock_network(&self.paths.vps_run(name).join("netns"))?;
         let pids = self.cgroup(name).pids();
         let n = blocking({
             let pids = pids.clone();
@@ -298,38 +296,4 @@ fn tcp_repair_off(pids: &[i32]) -> usize {
         }
     }
     n
-}
-
-/// Deletes the nftables tables CRIU's network lock left (`inet CRIU-*`) in
-/// the netns at `netns`.
-fn unlock_network(netns: &Path) -> Result<()> {
-    let nft = |args: &[&str]| {
-        std::process::Command::new("nsenter")
-            .arg(format!("--net={}", netns.display()))
-            .arg("--")
-            .arg("nft")
-            .args(args)
-            .output()
-    };
-    let out = nft(&["list", "tables"]).map_err(|e| {
-        AgentError::io(
-            "running nft (install the nftables package: scripts/install-deps.sh)",
-            e,
-        )
-    })?;
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() == 3 && f[0] == "table" && f[2].starts_with("CRIU-") {
-            let o = nft(&["delete", "table", f[1], f[2]])
-                .map_err(|e| AgentError::io("running nft", e))?;
-            if !o.status.success() {
-                return Err(AgentError::Internal(format!(
-                    "removing CRIU's network lock {}: {}",
-                    f[2],
-                    String::from_utf8_lossy(&o.stderr)
-                )));
-            }
-        }
-    }
-    Ok(())
 }
