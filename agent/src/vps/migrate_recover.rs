@@ -85,7 +85,7 @@ impl Agent {
             .collect();
         for dir in dirs {
             let Some(j) = Journal::load(&dir) else {
-                self.forget(&dir);
+                self.remove_scratch(&dir);
                 continue;
             };
             let span = tracing::info_span!("recover", vps = %j.name, migration = %j.migration_id);
@@ -93,7 +93,7 @@ impl Agent {
                 if let Err(e) = self.recover_one(&dir, j).instrument(span).await {
                     tracing::error!(error = %e, "recovering an interrupted migration");
                 }
-                self.forget(&dir);
+                self.remove_scratch(&dir);
             } else {
                 // The cluster decides, which can take a while (no quorum):
                 // in the background, so the agent serves meanwhile.
@@ -101,7 +101,7 @@ impl Agent {
                 tokio::spawn(
                     async move {
                         match agent.recover_in_cluster(&dir, j).await {
-                            Ok(()) => agent.forget(&dir),
+                            Ok(()) => agent.remove_scratch(&dir),
                             Err(e) => {
                                 tracing::error!(error = %e, "recovering an interrupted migration")
                             }
@@ -266,14 +266,6 @@ impl Agent {
             .ok()
         };
         let _ = tokio::time::timeout(Duration::from_secs(5), call).await;
-    }
-}
-
-impl Agent {
-    /// Drops a settled migration's scratch dir (and its images in RAM).
-    fn forget(&self, dir: &Path) {
-        crate::criu::clear_leftover_mounts(&dir.join("images"));
-        self.remove_scratch(dir);
     }
 }
 

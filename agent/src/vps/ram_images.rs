@@ -78,8 +78,10 @@ impl Agent {
         }
     }
 
-    /// Removes a scratch dir and the RAM dir its images live in, if any.
+    /// Removes a scratch dir (unmounting what a killed CRIU left in its
+    /// images first) and the RAM dir its images live in, if any.
     pub(super) fn remove_scratch(&self, scratch: &Path) {
+        crate::criu::clear_leftover_mounts(&scratch.join("images"));
         if let (Some(root), Some(name)) = (self.ram_root(), scratch.file_name()) {
             let _ = std::fs::remove_dir_all(root.join(name));
             // The agent's root goes too once nothing is in flight.
