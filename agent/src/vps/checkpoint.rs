@@ -94,7 +94,6 @@ impl Agent {
         Ok(facts)
     }
 
-    /// The CRIU binary, if it is usable on this node.
     /// The agent's cgroup yard for a CRIU run, if it still holds every
     /// hierarchy.
     pub(super) fn criu_yard(&self) -> Option<PathBuf> {
@@ -110,6 +109,7 @@ impl Agent {
             .and_then(|l| l.host_veth)
     }
 
+    /// The CRIU binary, if it is usable on this node.
     pub(super) fn criu_path(&self) -> Result<PathBuf> {
         self.criu
             .usable()
@@ -189,7 +189,6 @@ impl Agent {
         }
     }
 
-    /// A fresh scratch directory under `<data>/work`.
     /// How much a restore may upload, and what sets that: the configured
     /// most, or the data dir's free space less 1 GiB.
     pub fn upload_room(&self) -> (u64, &'static str) {
@@ -205,6 +204,7 @@ impl Agent {
         }
     }
 
+    /// A fresh scratch directory under `<data>/work`.
     pub(crate) fn work_dir(&self, prefix: &str) -> Result<PathBuf> {
         let d = self
             .paths
