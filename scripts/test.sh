@@ -7,5 +7,8 @@ cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 # CRIU >= 4.2 (the host's if it dumps a TCP socket, else into /opt/ferry/criu).
 ./scripts/install-criu.sh
+# A VM whose kernel tracks dirty memory, for pre-copy where this host's
+# kernel cannot (qemu, Debian's stock kernel unpacked into /opt/ferry/vm).
+./scripts/install-vm.sh
 cargo build --workspace --all-targets
 cargo test --workspace -- --test-threads=4
