@@ -1132,3 +1132,169 @@ fn link_up(h: &Host, name: &str) -> bool {
         .and_then(|(_, r)| r.split_once('>'))
         .is_some_and(|(flags, _)| flags.split(',').any(|f| f == "UP"))
 }
+
+/// Whether this host's CRIU and kernel track dirty memory (pre-copy).
+fn host_tracks_dirty_memory() -> bool {
+    Command::new(ferry_agent::criu::Criu::default_path())
+        .args(["check", "--feature", "mem_dirty_track"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Pre-copy needs soft-dirty memory tracking. Where this host's kernel lacks
+/// it, the test runs itself in the test VM (scripts/install-vm.sh: Debian's
+/// stock kernel, which has it), on the same binaries.
+#[test]
+fn pre_copy_moves_memory_in_rounds_while_the_vps_runs() {
+    let _heavy = HEAVY.blocking_lock();
+    if host_tracks_dirty_memory() {
+        tokio::runtime::Runtime::new()
+            .expect("runtime")
+            .block_on(pre_copy_body());
+        return;
+    }
+    let exe = std::env::current_exe().expect("the test binary");
+    let run = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/vm/run.sh");
+    let out = Command::new(run)
+        .args(["-m", "3072", "--"])
+        .arg(&exe)
+        .args([
+            "--exact",
+            "pre_copy_in_the_vm",
+            "--include-ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .output()
+        .expect("scripts/vm/run.sh");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("test result: ok. 1 passed"),
+        "pre-copy in the test VM failed ({}):\n{text}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "runs inside the test VM, started by pre_copy_moves_memory_in_rounds_while_the_vps_runs"]
+async fn pre_copy_in_the_vm() {
+    assert!(
+        host_tracks_dirty_memory(),
+        "this kernel has no soft-dirty tracking: run the test outside, it starts the VM"
+    );
+    pre_copy_body().await;
+}
+
+/// A pre-copy as an operator runs it: the rounds copy the memory while the
+/// VPS serves, the freeze dumps only what the last round missed, and the VPS
+/// arrives whole (processes, memory, TCP connection, address).
+async fn pre_copy_body() {
+    // Generous: inside the VM everything runs under software emulation.
+    bounded(900, async {
+        let lan = Lan::new();
+        let a = Host::on_lan(&lan, "10.77.0.61/16", vec![]).await;
+        let mut b = Host::on_lan(&lan, "10.77.0.62/16", vec![]).await;
+        let mut ca = a.client().await;
+        let name = format!("pre{}", std::process::id());
+        let ip = "10.77.11.10";
+        create_started(&mut ca, spec(&name, Some(ip))).await;
+        start_counter(&mut ca, &name).await;
+        spawn_in(&mut ca, &name, "nc -ll -p 7000 -e cat").await;
+        // 16 MiB that the first round copies and no later round needs to.
+        spawn_in(
+            &mut ca,
+            &name,
+            "awk 'BEGIN { s = \"x\"; while (length(s) < 16777216) s = s s; \
+             while (1) { print length(s), match(s, /[^x]/) > \"/var/www/mem\"; close(\"/var/www/mem\"); system(\"sleep 0.2\") } }'",
+        )
+        .await;
+        let end = std::time::Instant::now() + Duration::from_secs(120);
+        while exec(&mut ca, &name, &["cat", "/var/www/mem"]).await.stdout.trim() != "16777216 0" {
+            assert!(std::time::Instant::now() < end, "the 16 MiB string never got made");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let mut tcp = TcpClient::connect(&lan, ip, 7000);
+        assert_eq!(tcp.echo("before"), "before");
+
+        // The target dies during the rounds (auto picks pre-copy where memory
+        // is tracked): the VPS never stopped, and the target keeps nothing.
+        let init = get(&mut ca, &name).await.init_pid;
+        let ev = migrate_killing_target(&mut ca, &name, &mut b, "pre-copy-1").await;
+        assert_eq!(ev.mode, "pre-copy", "{ev:?}");
+        assert_target_clean(&mut b, &name).await;
+        let v = get(&mut ca, &name).await;
+        assert!(running(&v) && v.init_pid == init, "the VPS did not run on: {v:?}");
+        let c1 = counter(&mut ca, &name).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(counter(&mut ca, &name).await > c1, "the counter stopped on A");
+        assert_eq!(tcp.echo("still"), "still");
+
+        let mut cb = b.client().await;
+        let before = counter(&mut ca, &name).await;
+        let target = format!("unix:{}", b.sock().display());
+        let (code, out, err) = ferryctl(
+            &a,
+            &["vps", "migrate", &name, "--to", &target, "--mode", "pre-copy"],
+        );
+        assert_eq!(
+            code,
+            0,
+            "migration failed: {out}{err}\nA: {}\nB: {}",
+            a.agent_log(),
+            b.agent_log()
+        );
+        eprintln!("{out}");
+        // A phase's bytes, as ferryctl prints them (17M, 198K, 0B).
+        let row = |phase: &str| -> Option<u64> {
+            let w = out
+                .lines()
+                .map(|l| l.split_whitespace().collect::<Vec<_>>())
+                .find(|w| w.first() == Some(&phase))?;
+            let b = w.last()?;
+            let (num, unit) = b.split_at(b.len() - 1);
+            let shift = ["B", "K", "M", "G"].iter().position(|u| *u == unit)? * 10;
+            Some((num.parse::<f64>().ok()? * (1u64 << shift) as f64) as u64)
+        };
+        let first = row("pre-copy-1").unwrap_or_else(|| panic!("no first round:\n{out}"));
+        assert!(row("pre-copy-2").is_some(), "one round only:\n{out}");
+        assert!(first >= 16 << 20, "the first round copied {first} bytes:\n{out}");
+        // The freeze dumped what the rounds had not: far less than all of it.
+        let frozen = row("freeze").unwrap_or_else(|| panic!("no freeze row:\n{out}"));
+        assert!(frozen * 4 < first, "the final dump wrote {frozen} bytes, the first round {first}:\n{out}");
+        assert!(
+            out.lines().last().is_some_and(|l| l.starts_with("migrated (pre-copy): downtime ")),
+            "{out}"
+        );
+
+        // Running on B, whole: the same processes, memory and connection.
+        let v = get(&mut cb, &name).await;
+        assert!(running(&v), "{v:?}");
+        let e = ca
+            .get_vps(pb::GetVpsRequest { name: name.clone() })
+            .await
+            .expect_err("gone from A");
+        assert_eq!(e.code(), tonic::Code::NotFound);
+        assert_eq!(tcp.echo("after"), "after");
+        let page = lan.http_get(&format!("http://{ip}/")).await;
+        assert_eq!(page.trim(), name);
+        let _ = exec(&mut cb, &name, &["rm", "-f", "/var/www/mem"]).await;
+        let end = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let r = exec(&mut cb, &name, &["cat", "/var/www/mem"]).await;
+            if r.code == 0 && !r.stdout.trim().is_empty() {
+                assert_eq!(r.stdout.trim(), "16777216 0", "the 16 MiB string changed");
+                break;
+            }
+            assert!(std::time::Instant::now() < end, "the memory scan never ran after the move");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let after = counter(&mut cb, &name).await;
+        assert!(after > before, "counter continued: {before} -> {after}");
+        stop(&mut cb, &name, 0, true).await;
+    })
+    .await;
+}

@@ -52,6 +52,9 @@ pub struct DumpRequest<'a> {
     /// network lock, see [`crate::net::lock`]). None: the VPS has no link
     /// outside itself.
     pub lock_link: Option<String>,
+    /// Pre-copy: the last pre-dump's images, relative to `images`; only the
+    /// pages dirtied since then are dumped (see [`super::pre_dump`]).
+    pub parent: Option<String>,
 }
 
 /// What a migration reads of the tree while CRIU holds every task stopped.
@@ -135,23 +138,35 @@ pub fn console_key(pid: i32) -> String {
         .unwrap_or_default()
 }
 
-pub fn dump(criu: &Path, req: &DumpRequest<'_>) -> Result<DumpFacts, CriuError> {
-    let netns = std::fs::metadata(format!("/proc/{}/ns/net", req.pid))
+/// The `external` entry that keeps the VPS's network namespace out of the
+/// images (see [`NETNS_KEY`]).
+pub(super) fn netns_external(op: &'static str, pid: i32) -> Result<String, CriuError> {
+    let netns = std::fs::metadata(format!("/proc/{pid}/ns/net"))
         .map_err(|e| CriuError::Failed {
-            op: "dump",
-            msg: format!("VPS init {} is gone ({e})", req.pid),
+            op,
+            msg: format!("VPS init {pid} is gone ({e})"),
         })?
         .ino();
+    Ok(format!("net[{netns}]:{NETNS_KEY}"))
+}
+
+/// The images dir, opened for CRIU's `images_dir_fd`.
+pub(super) fn open_images(
+    op: &'static str,
+    images: &Path,
+) -> Result<std::os::fd::OwnedFd, CriuError> {
+    nix::fcntl::open(images, OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()).map_err(|e| {
+        CriuError::Failed {
+            op,
+            msg: format!("opening {}: {e}", images.display()),
+        }
+    })
+}
+
+pub fn dump(criu: &Path, req: &DumpRequest<'_>) -> Result<DumpFacts, CriuError> {
+    let external = netns_external("dump", req.pid)?;
     let console_key = console_key(req.pid);
-    let dir = nix::fcntl::open(
-        req.images,
-        OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| CriuError::Failed {
-        op: "dump",
-        msg: format!("opening {}: {e}", req.images.display()),
-    })?;
+    let dir = open_images("dump", req.images)?;
     let opts = Opts {
         images_dir_fd: dir.as_raw_fd(),
         pid: Some(req.pid),
@@ -179,7 +194,10 @@ pub fn dump(criu: &Path, req: &DumpRequest<'_>) -> Result<DumpFacts, CriuError> 
         // `network-lock` notification): CRIU's nftables lock would make
         // every restore fail to delete it, at ~20 ms (crate::net::lock).
         network_lock: Some(NetworkLock::Skip as i32),
-        external: vec![format!("net[{netns}]:{NETNS_KEY}")],
+        external: vec![external],
+        // Pre-copy: the pages not dirtied since the last pre-dump are there.
+        parent_img: req.parent.clone(),
+        track_mem: req.parent.as_ref().map(|_| true),
         lazy_pages: req.lazy.as_ref().map(|_| true),
         ps: req.lazy.as_ref().map(|l| super::rpc::PageServerInfo {
             address: Some(l.address.clone()),

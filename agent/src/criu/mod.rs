@@ -5,6 +5,7 @@
 //! - [`probe`](Criu::probe): version and kernel features, at agent start.
 //! - [`kdat`]: CRIU's kernel cache, primed at start where CRIU cannot keep it.
 //! - [`dump`] / [`restore`]: the options a Ferry VPS needs, each explained.
+//! - [`pre_dump`]: pre-copy's rounds: the memory while the VPS runs.
 //! - [`yard`]: every cgroup hierarchy mounted once for CRIU, not per run.
 //! - [`lazy`]: post-copy: the target's `criu lazy-pages` daemon and its helpers.
 //!
@@ -14,6 +15,7 @@
 pub mod dump;
 pub mod kdat;
 pub mod lazy;
+pub mod pre_dump;
 pub mod restore;
 pub mod rpc;
 pub mod swrk;

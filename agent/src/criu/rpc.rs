@@ -65,6 +65,16 @@ pub enum NetworkLock {
     Skip = 3,
 }
 
+/// `criu_pre_dump_mode`: how a pre-dump reads the memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
+#[repr(i32)]
+pub enum PreDumpMode {
+    /// vmsplice into pipes while the tasks are frozen.
+    Splice = 1,
+    /// process_vm_readv after the tasks run again: a shorter freeze.
+    VmRead = 2,
+}
+
 /// `criu_opts`.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Opts {
@@ -92,6 +102,13 @@ pub struct Opts {
     pub notify_scripts: Option<bool>,
     #[prost(string, optional, tag = "13")]
     pub root: Option<String>,
+    /// The previous (pre-)dump's images, relative to this one's: only the
+    /// pages dirtied since go in, the rest are found there.
+    #[prost(string, optional, tag = "14")]
+    pub parent_img: Option<String>,
+    /// Clear the soft-dirty bits, so the next (pre-)dump sees what changed.
+    #[prost(bool, optional, tag = "15")]
+    pub track_mem: Option<bool>,
     #[prost(int32, optional, tag = "17")]
     pub work_dir_fd: Option<i32>,
     #[prost(bool, optional, tag = "24")]
@@ -120,6 +137,8 @@ pub struct Opts {
     /// of mounting its own yard.
     #[prost(string, optional, tag = "60")]
     pub cgroup_yard: Option<String>,
+    #[prost(enumeration = "PreDumpMode", optional, tag = "61")]
+    pub pre_dump_mode: Option<i32>,
     #[prost(enumeration = "NetworkLock", optional, tag = "64")]
     pub network_lock: Option<i32>,
     #[prost(bool, optional, tag = "69")]

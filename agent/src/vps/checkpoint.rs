@@ -36,6 +36,7 @@ impl Agent {
         images: &Path,
         leave_running: bool,
         probe: Option<SeizeProbe>,
+        parent: Option<String>,
     ) -> Result<DumpFacts> {
         let st = match self.status(name) {
             Status::Running(s) => s,
@@ -70,6 +71,7 @@ impl Agent {
                     probe,
                     cgroup_yard,
                     lock_link,
+                    parent,
                 },
             )
             .map_err(|e| AgentError::FailedPrecondition(e.to_string()))
@@ -132,7 +134,9 @@ impl Agent {
         let dir = self.work_dir(&format!("ckpt-{name}"))?;
         let images = dir.join("images");
         let res = async {
-            let facts = self.dump_locked(name, &images, leave_running, None).await?;
+            let facts = self
+                .dump_locked(name, &images, leave_running, None, None)
+                .await?;
             if !leave_running {
                 self.teardown(name).await?;
             }

@@ -67,7 +67,25 @@ impl Source for AgentSource {
             .usage()
             .memory_bytes
     }
-    async fn dump(&self, images: &Path, lazy: bool) -> std::result::Result<Dumped, String> {
+    async fn pre_dump(
+        &self,
+        images: &Path,
+        parent: Option<&str>,
+    ) -> std::result::Result<(), String> {
+        // The rounds and the final dump share the images dir: in RAM if the
+        // whole memory fits there.
+        self.agent.images_in_ram(&self.scratch, self.memory_bytes());
+        self.agent
+            .pre_dump(&self.rec.config.name, images, parent.map(str::to_string))
+            .await
+            .map_err(|e| e.to_string())
+    }
+    async fn dump(
+        &self,
+        images: &Path,
+        lazy: bool,
+        parent: Option<&str>,
+    ) -> std::result::Result<Dumped, String> {
         if lazy {
             return self.dump_lazy(images).await;
         }
@@ -77,7 +95,7 @@ impl Source for AgentSource {
         let (probe, seized) = self.probe();
         let key = self
             .agent
-            .dump_locked(name, images, false, Some(probe))
+            .dump_locked(name, images, false, Some(probe), parent.map(str::to_string))
             .await
             .map(|f| f.console_key)
             .map_err(|e| {

@@ -10,6 +10,7 @@ mod migrate_in;
 mod migrate_out;
 mod migrate_recover;
 mod postcopy;
+mod precopy;
 mod query;
 mod ram_images;
 mod restore;

@@ -82,6 +82,7 @@ impl Agent {
                     probe: Some(probe),
                     cgroup_yard,
                     lock_link,
+                    parent: None,
                 },
             )
             .map_err(|e| AgentError::FailedPrecondition(e.to_string()))

@@ -149,12 +149,14 @@ fn produce(
     Ok(st)
 }
 
-/// Sends the images (after a [`follow`], only what it has not sent).
+/// Sends the images: only what the target lacks of them, after a [`follow`]
+/// (`streamed`) and pre-copy's rounds (`sent`: the tree it holds).
 pub async fn push(
     target: &mut AgentServiceClient<Channel>,
     job: &Job,
     images: &Path,
     streamed: Streamed,
+    sent: Option<crate::tree::scan::Manifest>,
     p: &mut Progress,
 ) -> Result<(), MigrateError> {
     p.phase("images", "").await;
@@ -165,6 +167,7 @@ pub async fn push(
         // The images dir may be a link (to RAM): send what it points at.
         std::fs::canonicalize(images).unwrap_or_else(|_| images.to_path_buf()),
         Walk {
+            prev: sent,
             resume: streamed.resume,
             ..Walk::default()
         },

@@ -6,12 +6,17 @@
 //! - stop-copy: dump everything while frozen, copy, restore.
 //! - cold: a stopped VPS: its files only.
 //!
-//! `auto`, for a running VPS: post-copy when it uses at least
-//! [`AUTO_POST_COPY`] of memory and both nodes have lazy pages (its downtime
-//! stays ~0.3 s while stop-copy's grows with memory: 0.85 s at 256 MiB,
-//! 6 s at 1 GiB here); stop-copy otherwise, which has no window in which the
-//! VPS depends on two nodes. (If the target turns out to lack lazy pages,
-//! preflight falls back to stop-copy.) Pre-copy is refused with the reason.
+//! `auto`, for a running VPS:
+//! - pre-copy where this node tracks dirty memory: its freeze holds only
+//!   what the VPS dirtied during the last round, and, unlike post-copy, the
+//!   VPS never depends on two nodes at once;
+//! - else post-copy when it uses at least [`AUTO_POST_COPY`] of memory and
+//!   both nodes have lazy pages (its downtime stays flat while stop-copy's
+//!   grows with memory); if the target turns out to lack lazy pages,
+//!   preflight falls back to stop-copy;
+//! - else stop-copy.
+//!
+//! A forced mode the nodes cannot do is refused with the reason.
 
 use ferry_proto::agent::v1::MigrationMode;
 
@@ -63,6 +68,7 @@ pub fn choose(asked: Mode, src: &dyn Source) -> Result<Mode, MigrateError> {
         };
     }
     match asked {
+        Mode::Auto if src.dirty_tracking() => Ok(Mode::PreCopy),
         Mode::Auto if src.post_copy() && src.memory_bytes() >= AUTO_POST_COPY => Ok(Mode::PostCopy),
         Mode::Auto | Mode::StopCopy => Ok(Mode::StopCopy),
         Mode::Cold => Err(MigrateError::Refused(
@@ -71,9 +77,7 @@ pub fn choose(asked: Mode, src: &dyn Source) -> Result<Mode, MigrateError> {
         Mode::PreCopy if !src.dirty_tracking() => Err(MigrateError::Refused(
             "mode pre-copy: this kernel has no soft-dirty memory tracking (CONFIG_MEM_SOFT_DIRTY); use stop-copy".into(),
         )),
-        Mode::PreCopy => Err(MigrateError::Refused(
-            "mode pre-copy is not implemented yet; use stop-copy".into(),
-        )),
+        Mode::PreCopy => Ok(Mode::PreCopy),
         Mode::PostCopy if !src.post_copy() => Err(MigrateError::Refused(
             "mode post-copy: this node's CRIU or kernel has no lazy pages (userfaultfd); use stop-copy".into(),
         )),
@@ -93,6 +97,7 @@ mod tests {
         running: bool,
         lazy: bool,
         mem: u64,
+        dirty: bool,
     }
 
     #[tonic::async_trait]
@@ -113,7 +118,7 @@ mod tests {
             String::new()
         }
         fn dirty_tracking(&self) -> bool {
-            false
+            self.dirty
         }
         fn post_copy(&self) -> bool {
             self.lazy
@@ -121,7 +126,10 @@ mod tests {
         fn memory_bytes(&self) -> u64 {
             self.mem
         }
-        async fn dump(&self, _: &Path, _: bool) -> Result<Dumped, String> {
+        async fn pre_dump(&self, _: &Path, _: Option<&str>) -> Result<(), String> {
+            Err("unused".into())
+        }
+        async fn dump(&self, _: &Path, _: bool, _: Option<&str>) -> Result<Dumped, String> {
             Err("unused".into())
         }
         async fn post_copy_done(&self) -> Result<(), String> {
@@ -140,7 +148,12 @@ mod tests {
 
     #[test]
     fn auto_weighs_memory_and_lazy_pages_forced_modes_say_why_not() {
-        let f = |running, lazy, mem| Fake { running, lazy, mem };
+        let f = |running, lazy, mem| Fake {
+            running,
+            lazy,
+            mem,
+            dirty: false,
+        };
         let ok = |m: Mode, s: &Fake| choose(m, s).ok();
         assert_eq!(ok(Mode::Auto, &f(false, true, 1 << 30)), Some(Mode::Cold));
         assert_eq!(
@@ -156,6 +169,24 @@ mod tests {
             Some(Mode::StopCopy)
         );
         assert_eq!(ok(Mode::PostCopy, &f(true, true, 1)), Some(Mode::PostCopy));
+        // Dirty tracking: pre-copy, whatever the size; forced, it runs.
+        let tracked = |mem| Fake {
+            dirty: true,
+            ..f(true, true, mem)
+        };
+        assert_eq!(ok(Mode::Auto, &tracked(64 << 20)), Some(Mode::PreCopy));
+        assert_eq!(ok(Mode::Auto, &tracked(1 << 30)), Some(Mode::PreCopy));
+        assert_eq!(ok(Mode::PreCopy, &tracked(1)), Some(Mode::PreCopy));
+        assert_eq!(
+            ok(
+                Mode::Auto,
+                &Fake {
+                    dirty: true,
+                    ..f(false, true, 1)
+                }
+            ),
+            Some(Mode::Cold)
+        );
         for (m, s, why) in [
             (Mode::PostCopy, f(true, false, 1), "no lazy pages"),
             (Mode::PreCopy, f(true, true, 1), "soft-dirty"),

@@ -2,7 +2,7 @@
 //!
 //! [`preflight`] (target checks capacity, template, CRIU, CPU; nothing is
 //! frozen yet) → [`rootfs`] pass 1 while the VPS runs → [`memory`] picks the
-//! mode → [`freeze`] (CRIU dumps the frozen tree; the source copy ends) →
+//! mode → (pre-copy: [`precopy`] rounds while the VPS runs) → [`freeze`] (CRIU dumps the frozen tree; the source copy ends) →
 //! [`rootfs`] final delta + [`images`] → [`restore`] on the target, held before
 //! it runs → [`commit`]: the single decision point, then the target runs it →
 //! (post-copy: the memory follows until the source has served every page) →
@@ -17,6 +17,7 @@ pub mod commit;
 pub mod freeze;
 pub mod images;
 pub mod memory;
+pub mod precopy;
 pub mod preflight;
 pub mod restore;
 pub mod rollback;
@@ -48,11 +49,17 @@ pub trait Source: Send + Sync {
     fn post_copy(&self) -> bool;
     /// Memory the VPS uses now (auto mode weighs it).
     fn memory_bytes(&self) -> u64;
+    /// Pre-copy: copies the memory of the running VPS into `images` (with
+    /// `parent`, relative to `images`: only what changed since that round).
+    /// The VPS runs on, whatever the outcome.
+    async fn pre_dump(&self, images: &Path, parent: Option<&str>) -> Result<(), String>;
     /// Freezes and dumps the VPS into `images`. Stop-copy: on success the
-    /// source copy has ended. Post-copy (`lazy`): the memory stays out of the
-    /// images and a page server serves it; the frozen tasks end once it has
-    /// all gone ([`Source::post_copy_done`]).
-    async fn dump(&self, images: &Path, lazy: bool) -> Result<Dumped, String>;
+    /// source copy has ended; with `parent` (pre-copy's last round, relative
+    /// to `images`) only the pages dirtied since go in. Post-copy (`lazy`):
+    /// the memory stays out of the images and a page server serves it; the
+    /// frozen tasks end once it has all gone ([`Source::post_copy_done`]).
+    async fn dump(&self, images: &Path, lazy: bool, parent: Option<&str>)
+        -> Result<Dumped, String>;
     /// Post-copy: waits until the target has every page (the window in which
     /// the VPS on the target still needs this node ends).
     async fn post_copy_done(&self) -> Result<(), String>;
@@ -254,11 +261,20 @@ async fn steps(
     if mode != Mode::Cold {
         let images = src.scratch().join("images");
         st.images = Some(images.clone());
-        let frozen = freeze::run(src, target, job, &images, mode == Mode::PostCopy, p, st).await?;
+        let (memory, sent) = match mode {
+            Mode::PreCopy => {
+                let rule = precopy::Rule::default();
+                let pre = precopy::run(src, target, job, &images, rule, p).await?;
+                (freeze::Memory::SinceRound(pre.parent), Some(pre.sent))
+            }
+            Mode::PostCopy => (freeze::Memory::Served, None),
+            _ => (freeze::Memory::All, None),
+        };
+        let frozen = freeze::run(src, target, job, &images, memory, p, st).await?;
         // The tree is frozen (dead on the source): the final delta is exact.
         sync.pass(target, job, p, "final-rootfs", frozen.mapped)
             .await?;
-        images::push(target, job, &images, frozen.streamed, p).await?;
+        images::push(target, job, &images, frozen.streamed, sent, p).await?;
     } else {
         sync.pass(target, job, p, "final-rootfs", Default::default())
             .await?;
