@@ -156,6 +156,23 @@ async fn run(mut cli: Cli) -> anyhow::Result<i32> {
                 n.vps_count,
                 n.vps_running
             );
+            // Which live-migration modes this node can run as a source.
+            if n.criu_version.is_empty() {
+                println!("criu: not usable: {}", n.criu_error);
+            } else {
+                let mut modes = vec!["stop-copy"];
+                if n.criu_lazy_pages {
+                    modes.push("post-copy (lazy pages)");
+                }
+                if n.criu_dirty_tracking {
+                    modes.push("pre-copy (dirty tracking)");
+                }
+                println!(
+                    "criu {}: live migration by {}",
+                    n.criu_version,
+                    modes.join(", ")
+                );
+            }
             Ok(0)
         }
     }
