@@ -252,6 +252,9 @@ async fn live_migration_keeps_processes_files_ip_and_tcp() {
         let sum = r.stdout.split_whitespace().next().unwrap_or("").to_string();
         let before = counter(&mut ca, &name).await;
 
+        let (_, info, _) = ferryctl(&a, &["info"]);
+        assert!(info.contains("live migration by stop-copy, post-copy (lazy pages)"), "{info}");
+        assert_eq!(info.contains("pre-copy"), host_tracks_dirty_memory(), "{info}");
         let garp = watch_garp(&lan, ip);
         // As an operator does it: ferryctl on the source's agent.
         let target = format!("unix:{}", b.sock().display());
@@ -1189,6 +1192,68 @@ async fn pre_copy_in_the_vm() {
     pre_copy_body().await;
 }
 
+/// `ferryctl vps migrate NAME --mode MODE` from `from`'s agent to `to`'s;
+/// asserts it worked and returns what it printed.
+fn ferryctl_migrate(from: &Host, to: &Host, name: &str, mode: &str) -> String {
+    let target = format!("unix:{}", to.sock().display());
+    let (code, out, err) = ferryctl(
+        from,
+        &["vps", "migrate", name, "--to", &target, "--mode", mode],
+    );
+    assert_eq!(
+        code,
+        0,
+        "{mode} migration failed: {out}{err}\nsource: {}\ntarget: {}\n{}",
+        from.agent_log(),
+        to.agent_log(),
+        logs_under(&to.dir, 25)
+    );
+    eprintln!("{out}");
+    assert!(
+        out.lines()
+            .last()
+            .is_some_and(|l| l.starts_with(&format!("migrated ({mode}): downtime "))),
+        "{out}"
+    );
+    out
+}
+
+/// A phase's bytes in ferryctl's per-phase table (printed as 17M, 198K, 0B).
+fn phase_bytes(out: &str, phase: &str) -> Option<u64> {
+    let w = out
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|w| w.first() == Some(&phase))?;
+    let b = w.last()?;
+    let (num, unit) = b.split_at(b.len() - 1);
+    let shift = ["B", "K", "M", "G"].iter().position(|u| *u == unit)? * 10;
+    Some((num.parse::<f64>().ok()? * (1u64 << shift) as f64) as u64)
+}
+
+/// The awk in the VPS, scanning its 16 MiB string after the move, finds
+/// every byte still an x.
+async fn assert_string_intact(
+    c: &mut ferry_proto::agent::v1::agent_service_client::AgentServiceClient<
+        tonic::transport::Channel,
+    >,
+    name: &str,
+) {
+    let _ = exec(c, name, &["rm", "-f", "/var/www/mem"]).await;
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = exec(c, name, &["cat", "/var/www/mem"]).await;
+        if r.code == 0 && !r.stdout.trim().is_empty() {
+            assert_eq!(r.stdout.trim(), "16777216 0", "the 16 MiB string changed");
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "the memory scan never ran after the move"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// A pre-copy as an operator runs it: the rounds copy the memory while the
 /// VPS serves, the freeze dumps only what the last round missed, and the VPS
 /// arrives whole (processes, memory, TCP connection, address).
@@ -1201,6 +1266,9 @@ async fn pre_copy_body() {
         let mut ca = a.client().await;
         let name = format!("pre{}", std::process::id());
         let ip = "10.77.11.10";
+        // The operator sees which modes the node can run.
+        let (_, info, _) = ferryctl(&a, &["info"]);
+        assert!(info.contains("pre-copy (dirty tracking)"), "{info}");
         create_started(&mut ca, spec(&name, Some(ip))).await;
         start_counter(&mut ca, &name).await;
         spawn_in(&mut ca, &name, "nc -ll -p 7000 -e cat").await;
@@ -1233,42 +1301,27 @@ async fn pre_copy_body() {
         assert!(counter(&mut ca, &name).await > c1, "the counter stopped on A");
         assert_eq!(tcp.echo("still"), "still");
 
+        // The target dies during the restore, after the freeze: the source
+        // resumes the VPS from its own images, the rounds' chain included.
+        migrate_killing_target(&mut ca, &name, &mut b, "restore").await;
+        assert_target_clean(&mut b, &name).await;
+        let v = get(&mut ca, &name).await;
+        assert!(running(&v), "not resumed on A: {v:?}");
+        assert_string_intact(&mut ca, &name).await;
+        let c1 = counter(&mut ca, &name).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(counter(&mut ca, &name).await > c1, "the counter stopped on A");
+        assert_eq!(tcp.echo("resumed"), "resumed");
+
         let mut cb = b.client().await;
         let before = counter(&mut ca, &name).await;
-        let target = format!("unix:{}", b.sock().display());
-        let (code, out, err) = ferryctl(
-            &a,
-            &["vps", "migrate", &name, "--to", &target, "--mode", "pre-copy"],
-        );
-        assert_eq!(
-            code,
-            0,
-            "migration failed: {out}{err}\nA: {}\nB: {}",
-            a.agent_log(),
-            b.agent_log()
-        );
-        eprintln!("{out}");
-        // A phase's bytes, as ferryctl prints them (17M, 198K, 0B).
-        let row = |phase: &str| -> Option<u64> {
-            let w = out
-                .lines()
-                .map(|l| l.split_whitespace().collect::<Vec<_>>())
-                .find(|w| w.first() == Some(&phase))?;
-            let b = w.last()?;
-            let (num, unit) = b.split_at(b.len() - 1);
-            let shift = ["B", "K", "M", "G"].iter().position(|u| *u == unit)? * 10;
-            Some((num.parse::<f64>().ok()? * (1u64 << shift) as f64) as u64)
-        };
-        let first = row("pre-copy-1").unwrap_or_else(|| panic!("no first round:\n{out}"));
-        assert!(row("pre-copy-2").is_some(), "one round only:\n{out}");
+        let out = ferryctl_migrate(&a, &b, &name, "pre-copy");
+        let first = phase_bytes(&out, "pre-copy-1").unwrap_or_else(|| panic!("no first round:\n{out}"));
+        assert!(phase_bytes(&out, "pre-copy-2").is_some(), "one round only:\n{out}");
         assert!(first >= 16 << 20, "the first round copied {first} bytes:\n{out}");
         // The freeze dumped what the rounds had not: far less than all of it.
-        let frozen = row("freeze").unwrap_or_else(|| panic!("no freeze row:\n{out}"));
+        let frozen = phase_bytes(&out, "freeze").unwrap_or_else(|| panic!("no freeze row:\n{out}"));
         assert!(frozen * 4 < first, "the final dump wrote {frozen} bytes, the first round {first}:\n{out}");
-        assert!(
-            out.lines().last().is_some_and(|l| l.starts_with("migrated (pre-copy): downtime ")),
-            "{out}"
-        );
 
         // Running on B, whole: the same processes, memory and connection.
         let v = get(&mut cb, &name).await;
@@ -1281,19 +1334,20 @@ async fn pre_copy_body() {
         assert_eq!(tcp.echo("after"), "after");
         let page = lan.http_get(&format!("http://{ip}/")).await;
         assert_eq!(page.trim(), name);
-        let _ = exec(&mut cb, &name, &["rm", "-f", "/var/www/mem"]).await;
-        let end = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let r = exec(&mut cb, &name, &["cat", "/var/www/mem"]).await;
-            if r.code == 0 && !r.stdout.trim().is_empty() {
-                assert_eq!(r.stdout.trim(), "16777216 0", "the 16 MiB string changed");
-                break;
-            }
-            assert!(std::time::Instant::now() < end, "the memory scan never ran after the move");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        assert_string_intact(&mut cb, &name).await;
         let after = counter(&mut cb, &name).await;
         assert!(after > before, "counter continued: {before} -> {after}");
+
+        // Back by stop-copy, then away again by pre-copy: memory that came in
+        // through userfaultfd (the target's lazy fill from its own images) is
+        // pre-copied like any other.
+        ferryctl_migrate(&b, &a, &name, "stop-copy");
+        assert_string_intact(&mut ca, &name).await;
+        let out = ferryctl_migrate(&a, &b, &name, "pre-copy");
+        let first = phase_bytes(&out, "pre-copy-1").unwrap_or(0);
+        assert!(first >= 16 << 20, "after a lazy fill, the first round copied {first} bytes:\n{out}");
+        assert_string_intact(&mut cb, &name).await;
+        assert_eq!(tcp.echo("again"), "again");
         stop(&mut cb, &name, 0, true).await;
     })
     .await;

@@ -609,3 +609,28 @@ pub async fn spawn_in(c: &mut AgentServiceClient<Channel>, name: &str, cmd: &str
     let r = exec(c, name, &["setsid", "sh", "-c", &line]).await;
     assert_eq!(r.code, 0, "{cmd}: {}", r.stderr);
 }
+
+/// The last lines of every `*.log` under `dir` (a failed test's evidence:
+/// CRIU's and the monitor's logs go with the run dirs).
+pub fn logs_under(dir: &Path, lines: usize) -> String {
+    let mut out = String::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                stack.push(p);
+            } else if ft.is_file() && p.extension().is_some_and(|x| x == "log") {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+                out.push_str(&format!("--- {}\n", p.display()));
+                for l in tail.into_iter().rev() {
+                    out.push_str(l);
+                    out.push('\n');
+                }
+            }
+        }
+    }
+    out
+}
