@@ -9,17 +9,8 @@
 #   runc, rsync     the peers the benchmarks measure against
 #   python3         test and bench clients (a TCP connection held across a move)
 set -euo pipefail
-pkgs=(busybox-static iproute2 util-linux curl debootstrap runc rsync ca-certificates zstd python3)
-missing=()
-for p in "${pkgs[@]}"; do
-  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  echo "installing: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+"$(dirname "$0")/apt-ensure.sh" busybox-static iproute2 util-linux curl debootstrap runc rsync \
+  ca-certificates zstd python3
 command -v cargo >/dev/null || { echo "cargo is missing: install a Rust toolchain (rustup)" >&2; exit 1; }
 # Kernel bits the agent uses.
 modprobe overlay 2>/dev/null || true

@@ -8,17 +8,9 @@
 # Idempotent. Root required. The kernel is unpacked, never installed.
 set -euo pipefail
 PREFIX=${1:-/opt/ferry/vm}
-pkgs=(qemu-system-x86 kmod cpio busybox-static)
-missing=()
-for p in "${pkgs[@]}"; do
-  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  echo "installing: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+# qemu without its GUI and firmware recommends; kmod for the VM's modprobe
+# and depmod, cpio for the initramfs.
+"$(dirname "$0")/apt-ensure.sh" --no-recommends qemu-system-x86 kmod cpio busybox-static
 if [ -s "$PREFIX/vmlinuz" ] && [ -s "$PREFIX/initrd" ] && [ -s "$PREFIX/release" ]; then
   echo "vm: $PREFIX (kernel $(cat "$PREFIX/release"))"
   exit 0

@@ -222,15 +222,8 @@ async fn live_migration_keeps_processes_files_ip_and_tcp() {
         start_counter(&mut ca, &name).await;
         spawn_in(&mut ca, &name, "nc -ll -p 7000 -e cat").await;
         // 16 MiB of memory that must arrive intact (the target fills it in
-        // from its images after the VPS runs): awk scans its string for any
-        // byte that is not an x and writes what it found, every 200 ms.
-        spawn_in(
-            &mut ca,
-            &name,
-            "awk 'BEGIN { s = \"x\"; while (length(s) < 16777216) s = s s; \
-             while (1) { print length(s), match(s, /[^x]/) > \"/var/www/mem\"; close(\"/var/www/mem\"); system(\"sleep 0.2\") } }'",
-        )
-        .await;
+        // from its images after the VPS runs).
+        spawn_string_scanner(&mut ca, &name).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let mut tcp = TcpClient::connect(&lan, ip, 7000);
         assert_eq!(tcp.echo("before"), "before");
@@ -376,17 +369,7 @@ async fn live_migration_keeps_processes_files_ip_and_tcp() {
             "file written before the freeze is byte-exact"
         );
         // The memory arrived intact: a scan made after the move finds only x.
-        let _ = exec(&mut cb, &name, &["rm", "-f", "/var/www/mem"]).await;
-        let end = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let r = exec(&mut cb, &name, &["cat", "/var/www/mem"]).await;
-            if r.code == 0 && !r.stdout.trim().is_empty() {
-                assert_eq!(r.stdout.trim(), "16777216 0", "the 16 MiB string changed");
-                break;
-            }
-            assert!(std::time::Instant::now() < end, "the memory scan never ran after the move");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        assert_string_intact(&mut cb, &name).await;
         // It came in lazily, from the images on B, after the VPS ran there.
         let end = std::time::Instant::now() + Duration::from_secs(10);
         while !b.agent_log().contains("lazy pages: every page is in") {
@@ -1230,8 +1213,26 @@ fn phase_bytes(out: &str, phase: &str) -> Option<u64> {
     Some((num.parse::<f64>().ok()? * (1u64 << shift) as f64) as u64)
 }
 
-/// The awk in the VPS, scanning its 16 MiB string after the move, finds
-/// every byte still an x.
+/// Starts an awk in the VPS holding 16 MiB of memory that must arrive intact:
+/// it scans its string for any byte that is not an x and writes what it
+/// found to /var/www/mem ("16777216 0": all there), every 200 ms.
+async fn spawn_string_scanner(
+    c: &mut ferry_proto::agent::v1::agent_service_client::AgentServiceClient<
+        tonic::transport::Channel,
+    >,
+    name: &str,
+) {
+    spawn_in(
+        c,
+        name,
+        "awk 'BEGIN { s = \"x\"; while (length(s) < 16777216) s = s s; \
+         while (1) { print length(s), match(s, /[^x]/) > \"/var/www/mem\"; close(\"/var/www/mem\"); system(\"sleep 0.2\") } }'",
+    )
+    .await;
+}
+
+/// The awk of [`spawn_string_scanner`], scanning its string after the move,
+/// finds every byte still an x.
 async fn assert_string_intact(
     c: &mut ferry_proto::agent::v1::agent_service_client::AgentServiceClient<
         tonic::transport::Channel,
@@ -1273,16 +1274,18 @@ async fn pre_copy_body() {
         start_counter(&mut ca, &name).await;
         spawn_in(&mut ca, &name, "nc -ll -p 7000 -e cat").await;
         // 16 MiB that the first round copies and no later round needs to.
-        spawn_in(
-            &mut ca,
-            &name,
-            "awk 'BEGIN { s = \"x\"; while (length(s) < 16777216) s = s s; \
-             while (1) { print length(s), match(s, /[^x]/) > \"/var/www/mem\"; close(\"/var/www/mem\"); system(\"sleep 0.2\") } }'",
-        )
-        .await;
+        spawn_string_scanner(&mut ca, &name).await;
         let end = std::time::Instant::now() + Duration::from_secs(120);
-        while exec(&mut ca, &name, &["cat", "/var/www/mem"]).await.stdout.trim() != "16777216 0" {
-            assert!(std::time::Instant::now() < end, "the 16 MiB string never got made");
+        while exec(&mut ca, &name, &["cat", "/var/www/mem"])
+            .await
+            .stdout
+            .trim()
+            != "16777216 0"
+        {
+            assert!(
+                std::time::Instant::now() < end,
+                "the 16 MiB string never got made"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let mut tcp = TcpClient::connect(&lan, ip, 7000);
@@ -1295,10 +1298,16 @@ async fn pre_copy_body() {
         assert_eq!(ev.mode, "pre-copy", "{ev:?}");
         assert_target_clean(&mut b, &name).await;
         let v = get(&mut ca, &name).await;
-        assert!(running(&v) && v.init_pid == init, "the VPS did not run on: {v:?}");
+        assert!(
+            running(&v) && v.init_pid == init,
+            "the VPS did not run on: {v:?}"
+        );
         let c1 = counter(&mut ca, &name).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(counter(&mut ca, &name).await > c1, "the counter stopped on A");
+        assert!(
+            counter(&mut ca, &name).await > c1,
+            "the counter stopped on A"
+        );
         assert_eq!(tcp.echo("still"), "still");
 
         // The target dies during the restore, after the freeze: the source
@@ -1310,18 +1319,31 @@ async fn pre_copy_body() {
         assert_string_intact(&mut ca, &name).await;
         let c1 = counter(&mut ca, &name).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(counter(&mut ca, &name).await > c1, "the counter stopped on A");
+        assert!(
+            counter(&mut ca, &name).await > c1,
+            "the counter stopped on A"
+        );
         assert_eq!(tcp.echo("resumed"), "resumed");
 
         let mut cb = b.client().await;
         let before = counter(&mut ca, &name).await;
         let out = ferryctl_migrate(&a, &b, &name, "pre-copy");
-        let first = phase_bytes(&out, "pre-copy-1").unwrap_or_else(|| panic!("no first round:\n{out}"));
-        assert!(phase_bytes(&out, "pre-copy-2").is_some(), "one round only:\n{out}");
-        assert!(first >= 16 << 20, "the first round copied {first} bytes:\n{out}");
+        let first =
+            phase_bytes(&out, "pre-copy-1").unwrap_or_else(|| panic!("no first round:\n{out}"));
+        assert!(
+            phase_bytes(&out, "pre-copy-2").is_some(),
+            "one round only:\n{out}"
+        );
+        assert!(
+            first >= 16 << 20,
+            "the first round copied {first} bytes:\n{out}"
+        );
         // The freeze dumped what the rounds had not: far less than all of it.
         let frozen = phase_bytes(&out, "freeze").unwrap_or_else(|| panic!("no freeze row:\n{out}"));
-        assert!(frozen * 4 < first, "the final dump wrote {frozen} bytes, the first round {first}:\n{out}");
+        assert!(
+            frozen * 4 < first,
+            "the final dump wrote {frozen} bytes, the first round {first}:\n{out}"
+        );
 
         // Running on B, whole: the same processes, memory and connection.
         let v = get(&mut cb, &name).await;
@@ -1345,7 +1367,10 @@ async fn pre_copy_body() {
         assert_string_intact(&mut ca, &name).await;
         let out = ferryctl_migrate(&a, &b, &name, "pre-copy");
         let first = phase_bytes(&out, "pre-copy-1").unwrap_or(0);
-        assert!(first >= 16 << 20, "after a lazy fill, the first round copied {first} bytes:\n{out}");
+        assert!(
+            first >= 16 << 20,
+            "after a lazy fill, the first round copied {first} bytes:\n{out}"
+        );
         assert_string_intact(&mut cb, &name).await;
         assert_eq!(tcp.echo("again"), "again");
         stop(&mut cb, &name, 0, true).await;

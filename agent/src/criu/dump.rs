@@ -138,38 +138,58 @@ pub fn console_key(pid: i32) -> String {
         .unwrap_or_default()
 }
 
-/// The `external` entry that keeps the VPS's network namespace out of the
-/// images (see [`NETNS_KEY`]).
-pub(super) fn netns_external(op: &'static str, pid: i32) -> Result<String, CriuError> {
+/// The options every CRIU run on the VPS's live tree (a dump, a pre-dump)
+/// sets alike, and the images dir they name (keep it open for the run).
+pub(super) fn tree_opts(
+    op: &'static str,
+    pid: i32,
+    images: &Path,
+    log_level: i32,
+    log_file: &str,
+    cgroup_yard: Option<&Path>,
+) -> Result<(Opts, std::os::fd::OwnedFd), CriuError> {
     let netns = std::fs::metadata(format!("/proc/{pid}/ns/net"))
         .map_err(|e| CriuError::Failed {
             op,
             msg: format!("VPS init {pid} is gone ({e})"),
         })?
         .ino();
-    Ok(format!("net[{netns}]:{NETNS_KEY}"))
-}
-
-/// The images dir, opened for CRIU's `images_dir_fd`.
-pub(super) fn open_images(
-    op: &'static str,
-    images: &Path,
-) -> Result<std::os::fd::OwnedFd, CriuError> {
-    nix::fcntl::open(images, OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()).map_err(|e| {
-        CriuError::Failed {
+    let dir = nix::fcntl::open(images, OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| CriuError::Failed {
             op,
             msg: format!("opening {}: {e}", images.display()),
-        }
-    })
+        })?;
+    let opts = Opts {
+        images_dir_fd: dir.as_raw_fd(),
+        pid: Some(pid),
+        log_level: Some(log_level),
+        log_file: Some(log_file.into()),
+        // Record each task's cgroup; "soft": never fight the agent over limits.
+        manage_cgroups: Some(true),
+        manage_cgroups_mode: Some(CgMode::Soft as i32),
+        cgroup_yard: cgroup_yard.map(|y| y.to_string_lossy().into_owned()),
+        // The agent locks the network itself (the veth down, at CRIU's
+        // `network-lock` notification): CRIU's nftables lock would make
+        // every restore fail to delete it, at ~20 ms (crate::net::lock).
+        network_lock: Some(NetworkLock::Skip as i32),
+        // The network namespace is the agent's (see NETNS_KEY).
+        external: vec![format!("net[{netns}]:{NETNS_KEY}")],
+        ..Opts::default()
+    };
+    Ok((opts, dir))
 }
 
 pub fn dump(criu: &Path, req: &DumpRequest<'_>) -> Result<DumpFacts, CriuError> {
-    let external = netns_external("dump", req.pid)?;
+    let (base, _dir) = tree_opts(
+        "dump",
+        req.pid,
+        req.images,
+        req.log_level,
+        DUMP_LOG,
+        req.cgroup_yard.as_deref(),
+    )?;
     let console_key = console_key(req.pid);
-    let dir = open_images("dump", req.images)?;
     let opts = Opts {
-        images_dir_fd: dir.as_raw_fd(),
-        pid: Some(req.pid),
         leave_running: Some(req.leave_running),
         leave_stopped: req.leave_stopped.then_some(true),
         // Established TCP connections are dumped in repair mode and survive.
@@ -181,20 +201,6 @@ pub fn dump(criu: &Path, req: &DumpRequest<'_>) -> Result<DumpFacts, CriuError> 
         tcp_skip_in_flight: Some(true),
         // flock/posix locks held inside the VPS are part of its state.
         file_locks: Some(true),
-        log_level: Some(req.log_level),
-        log_file: Some(DUMP_LOG.into()),
-        // Record each task's cgroup; "soft": never fight the agent over limits.
-        manage_cgroups: Some(true),
-        manage_cgroups_mode: Some(CgMode::Soft as i32),
-        cgroup_yard: req
-            .cgroup_yard
-            .as_ref()
-            .map(|y| y.to_string_lossy().into_owned()),
-        // The agent locks the network itself (the veth down, at CRIU's
-        // `network-lock` notification): CRIU's nftables lock would make
-        // every restore fail to delete it, at ~20 ms (crate::net::lock).
-        network_lock: Some(NetworkLock::Skip as i32),
-        external: vec![external],
         // Pre-copy: the pages not dirtied since the last pre-dump are there.
         parent_img: req.parent.clone(),
         track_mem: req.parent.as_ref().map(|_| true),
@@ -208,7 +214,7 @@ pub fn dump(criu: &Path, req: &DumpRequest<'_>) -> Result<DumpFacts, CriuError> 
         // Notifications: the network lock, the lazy dump's progress, the
         // probe's freeze mark.
         notify_scripts: Some(true),
-        ..Opts::default()
+        ..base
     };
     let mut w = Swrk::spawn(criu, &[], false)?;
     let mut pre_dump = None;

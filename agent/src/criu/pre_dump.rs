@@ -9,10 +9,9 @@
 //! images dir. Needs soft-dirty tracking in the kernel (the probe's
 //! `mem_track`).
 
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use super::rpc::{CgMode, NetworkLock, Opts, PreDumpMode, Req, ReqType};
+use super::rpc::{Opts, PreDumpMode, Req, ReqType};
 use super::swrk::Swrk;
 use super::CriuError;
 
@@ -32,27 +31,20 @@ pub struct PreDumpRequest<'a> {
 }
 
 pub fn pre_dump(criu: &Path, req: &PreDumpRequest<'_>) -> Result<(), CriuError> {
-    let external = super::dump::netns_external("pre-dump", req.pid)?;
-    let dir = super::dump::open_images("pre-dump", req.images)?;
+    // As a dump's: CRIU checks the tree's cgroups and namespaces the same way.
+    let (base, _dir) = super::dump::tree_opts(
+        "pre-dump",
+        req.pid,
+        req.images,
+        req.log_level,
+        PRE_DUMP_LOG,
+        req.cgroup_yard.as_deref(),
+    )?;
     let opts = Opts {
-        images_dir_fd: dir.as_raw_fd(),
-        pid: Some(req.pid),
         track_mem: Some(true),
         parent_img: req.parent.clone(),
         pre_dump_mode: Some(PreDumpMode::VmRead as i32),
-        log_level: Some(req.log_level),
-        log_file: Some(PRE_DUMP_LOG.into()),
-        // As in the dump: CRIU checks the tree's cgroups and namespaces the
-        // same way, and the network namespace is the agent's.
-        manage_cgroups: Some(true),
-        manage_cgroups_mode: Some(CgMode::Soft as i32),
-        cgroup_yard: req
-            .cgroup_yard
-            .as_ref()
-            .map(|y| y.to_string_lossy().into_owned()),
-        network_lock: Some(NetworkLock::Skip as i32),
-        external: vec![external],
-        ..Opts::default()
+        ..base
     };
     let mut w = Swrk::spawn(criu, &[], false)?;
     let resp = w.call(
