@@ -26,14 +26,19 @@ pub fn host_veth_name(instance: &str, vps: &str) -> String {
 }
 
 /// Creates and wires the pair. On error, whatever was made is removed again.
+/// `host_up`: the host end comes up at once; false keeps it down (a VPS
+/// restored for a migration, held until the decision: nothing it has, its
+/// IPv6 link-local start-up included, may reach the LAN while the VPS still
+/// runs on the source; see [`super::lock`]).
 pub async fn setup_vps_network(
     host: &Netlink,
     bridge: &str,
     netns: &Path,
     host_name: &str,
     cfg: &NetConfig,
+    host_up: bool,
 ) -> Result<()> {
-    let res = wire(host, bridge, netns, host_name, cfg).await;
+    let res = wire(host, bridge, netns, host_name, cfg, host_up).await;
     if res.is_err() {
         let _ = remove_veth(host, host_name).await;
     }
@@ -46,6 +51,7 @@ async fn wire(
     netns: &Path,
     host_name: &str,
     cfg: &NetConfig,
+    host_up: bool,
 ) -> Result<()> {
     let br = host
         .link_index(bridge)
@@ -62,10 +68,13 @@ async fn wire(
         .address(cfg.mac.to_vec())
         .setns_by_fd(ns.as_raw_fd())
         .build();
-    let pair = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+    let mut pair = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
         .name(host_name.to_string())
-        .controller(br)
-        .up()
+        .controller(br);
+    if host_up {
+        pair = pair.up();
+    }
+    let pair = pair
         .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
         .build();
     host.handle.link().add(pair).execute().await.map_err(|e| {

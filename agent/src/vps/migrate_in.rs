@@ -393,6 +393,12 @@ impl Agent {
             let mut rec = i.rec.clone();
             rec.config.generation = rec.config.generation.max(req.generation);
             if let Some(h) = i.held.take() {
+                // The decision is made: the VPS's link may reach the LAN now
+                // (the tasks run a moment later; the LAN still sends to the
+                // source until the announce below).
+                if let Err(e) = self.unlock_link(&name) {
+                    tracing::error!(vps = %name, error = %e, "the moved VPS's link stays down");
+                }
                 let _window = self.freeze_window();
                 h.go().await?;
             }

@@ -162,7 +162,8 @@ impl Agent {
 }
 
 impl Agent {
-    /// Brings the link a dump took down (its network lock) back up.
+    /// Brings the VPS's host link back up: after a dump took it down (its
+    /// network lock), or once a held restore may run.
     pub(super) fn unlock_link(&self, name: &str) -> Result<()> {
         match self.host_veth(name) {
             Some(link) => crate::net::lock::set_link(&link, true)

@@ -127,7 +127,10 @@ impl Agent {
         if let Some(net) = &c.net {
             let name = crate::net::host_veth_name(&self.instance, &c.name);
             let host = crate::net::Netlink::host()?;
-            crate::net::setup_vps_network(&host, &self.cfg.bridge, &netns, &name, net).await?;
+            // A held restore keeps its link down until it may run (go).
+            let host_up = !resume.is_some_and(|r| r.hold);
+            crate::net::setup_vps_network(&host, &self.cfg.bridge, &netns, &name, net, host_up)
+                .await?;
             host_veth = Some(name);
         }
         let launch = LaunchConfig {
