@@ -19,8 +19,16 @@ fi
 work=$(mktemp -d /tmp/ferry-vm.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 chmod 755 "$work"
-pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
-[ -n "$pkg" ] || { echo "no Debian kernel package found (apt-get update?)" >&2; exit 1; }
+kernel_pkg() {
+  apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ { print $2; exit }'
+}
+pkg=$(kernel_pkg)
+if [ -z "$pkg" ]; then
+  # A fresh machine may have no package lists yet.
+  apt-get update -qq
+  pkg=$(kernel_pkg)
+fi
+[ -n "$pkg" ] || { echo "no Debian kernel package (linux-image-amd64) in the package lists" >&2; exit 1; }
 (cd "$work" && apt-get download -qq "$pkg" 2>/dev/null)
 rm -rf "$PREFIX.new"
 mkdir -p "$PREFIX.new/root"

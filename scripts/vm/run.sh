@@ -25,6 +25,15 @@ run=$(mktemp -d /tmp/ferry-vm-run.XXXXXX)
 trap 'rm -rf "$run"' EXIT
 printf '%q ' "$@" >"$run/cmd"
 pwd >"$run/cwd"
+# The VM gives itself empty /tmp, /var/tmp and /root: the host dirs under
+# them that the command needs (its working dir, its binary) are kept.
+exe=$1
+case "$exe" in */*) exe=$(realpath -- "$exe") ;; *) exe= ;; esac
+for p in "$(pwd)" $exe; do
+  for d in /tmp /var/tmp /root; do
+    case "$p" in "$d"/*) rest=${p#"$d"/}; echo "$d/${rest%%/*}" ;; esac
+  done
+done | sort -u >"$run/expose"
 echo "$vm" >"$run/vm"
 : >"$run/env"
 for v in "${envs[@]}"; do

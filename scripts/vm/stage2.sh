@@ -10,8 +10,22 @@ run=/run/ferry-vm
 mount -t tmpfs -o mode=755 tmpfs /run
 mkdir -p $run
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=1048576 ferryrun $run
+# Host dirs under those that get a tmpfs below and that the command needs
+# (run.sh lists them): held aside, then put back in place.
+i=0
+while read -r top; do
+  mkdir -p /run/ferry-expose/$i
+  mount --bind "$top" /run/ferry-expose/$i
+  i=$((i + 1))
+done <$run/expose
 mkdir -p /dev/shm
 for d in /tmp /var/tmp /root /dev/shm; do mount -t tmpfs -o mode=1777 tmpfs $d; done
+i=0
+while read -r top; do
+  mkdir -p "$top"
+  mount --move /run/ferry-expose/$i "$top"
+  i=$((i + 1))
+done <$run/expose
 chmod 700 /root
 mkdir -p /dev/pts
 mount -t devpts -o newinstance,ptmxmode=0666 devpts /dev/pts
@@ -41,4 +55,4 @@ sh $run/cmd </dev/null >/dev/console 2>&1
 echo $? >$run/rc
 sync
 echo o >/proc/sysrq-trigger
-sleep 10
+sleep 10 2>/dev/null
