@@ -2,7 +2,8 @@
 # The test VM's second stage, PID 1 on the host's root (read-only over 9p):
 # gives the VM its own writable /run, /tmp, /var/tmp, /root and /dev/shm,
 # its kernel's modules, the same hybrid cgroup layout as the host (v1
-# controllers, a cgroup2 mount at unified), then runs the command that
+# controllers, a cgroup2 mount at unified; FERRY_VM_CGROUP=v2 passed with
+# run.sh -e: one cgroup2 hierarchy instead), then runs the command that
 # scripts/vm/run.sh left in the shared run dir and powers off.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root
@@ -38,21 +39,27 @@ exec /sbin/modprobe -d $(cat $run/vm)/root "\$@"
 EOS
 chmod 755 /run/ferry-modprobe
 echo /run/ferry-modprobe >/proc/sys/kernel/modprobe
-mount -t tmpfs -o mode=755 cgroup /sys/fs/cgroup
-for c in cpu cpuacct cpuset memory devices freezer blkio pids; do
-  mkdir /sys/fs/cgroup/$c
-  mount -t cgroup -o $c cgroup /sys/fs/cgroup/$c
-done
-mkdir /sys/fs/cgroup/systemd /sys/fs/cgroup/unified
-mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd
-mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified
+. $run/env
+if [ "${FERRY_VM_CGROUP:-hybrid}" = v2 ]; then
+  # Most production hosts: one cgroup2 hierarchy with the controllers on.
+  mount -t cgroup2 cgroup2 /sys/fs/cgroup
+  echo "+cpu +cpuset +memory +io +pids" >/sys/fs/cgroup/cgroup.subtree_control
+else
+  mount -t tmpfs -o mode=755 cgroup /sys/fs/cgroup
+  for c in cpu cpuacct cpuset memory devices freezer blkio pids; do
+    mkdir /sys/fs/cgroup/$c
+    mount -t cgroup -o $c cgroup /sys/fs/cgroup/$c
+  done
+  mkdir /sys/fs/cgroup/systemd /sys/fs/cgroup/unified
+  mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd
+  mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified
+fi
 /run/ferry-modprobe -a overlay veth bridge
 ip link set lo up
 hostname ferry-vm
-. $run/env
 cd "$(cat $run/cwd)" || cd /
 sh $run/cmd </dev/null >/dev/console 2>&1
 echo $? >$run/rc
 sync
 echo o >/proc/sysrq-trigger
-sleep 10 2>/dev/null
+while :; do :; done
