@@ -164,19 +164,24 @@ impl Reconciler {
                 let res = tokio::time::timeout(CALL_TIMEOUT, run(&step))
                     .await
                     .unwrap_or_else(|_| Err("timed out".into()));
-                let mut b = backoff.lock().unwrap_or_else(|p| p.into_inner());
-                match res {
-                    Ok(()) => {
-                        tracing::info!(vps = %step.vps, node = %step.node_addr, action = ?short(&step.action), "reconciled");
-                        b.remove(&key);
-                    }
-                    Err(e) => {
-                        let next = b
-                            .get(&key)
-                            .map(|(_, d)| (*d * 2).min(MAX_BACKOFF))
-                            .unwrap_or(Duration::from_millis(500));
-                        tracing::warn!(vps = %step.vps, node = %step.node_addr, error = %e, retry_in = ?next, "reconcile step failed");
-                        b.insert(key.clone(), (Instant::now() + next, next));
+                // One lock at a time: `tick` takes inflight, then backoff;
+                // holding backoff here while taking inflight deadlocked both
+                // (and, with std mutexes, every worker thread behind them).
+                {
+                    let mut b = backoff.lock().unwrap_or_else(|p| p.into_inner());
+                    match res {
+                        Ok(()) => {
+                            tracing::info!(vps = %step.vps, node = %step.node_addr, action = ?short(&step.action), "reconciled");
+                            b.remove(&key);
+                        }
+                        Err(e) => {
+                            let next = b
+                                .get(&key)
+                                .map(|(_, d)| (*d * 2).min(MAX_BACKOFF))
+                                .unwrap_or(Duration::from_millis(500));
+                            tracing::warn!(vps = %step.vps, node = %step.node_addr, error = %e, retry_in = ?next, "reconcile step failed");
+                            b.insert(key.clone(), (Instant::now() + next, next));
+                        }
                     }
                 }
                 inflight
