@@ -50,8 +50,16 @@ impl Controllers {
             "{} missing: build the workspace first (scripts/test.sh does)",
             bin.display()
         );
+        // Named like a test host's dir (ft<pid>x…, under ROOT): if this run
+        // is killed, the next one's sweep kills these controllers too (by
+        // the dir on their command line) and removes the dir.
+        super::SWEEP.call_once(super::sweep_leftovers);
+        std::fs::create_dir_all(super::ROOT).expect("test root");
         let mut c = Controllers {
-            dir: tempfile::tempdir().unwrap(),
+            dir: tempfile::Builder::new()
+                .prefix(&format!("ft{}x", std::process::id()))
+                .tempdir_in(super::ROOT)
+                .expect("controllers' dir"),
             children: Vec::new(),
         };
         for i in 0..3 {
