@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::start::{blocking, criu_log_level};
-use super::{Agent, Status};
+use super::Agent;
 use crate::criu::dump::{DumpFacts, DumpRequest, SeizeProbe};
 use crate::error::{AgentError, IoContext, Result};
 use crate::runtime::CHECKPOINT_MARKER;
@@ -38,14 +38,7 @@ impl Agent {
         probe: Option<SeizeProbe>,
         parent: Option<String>,
     ) -> Result<DumpFacts> {
-        let st = match self.status(name) {
-            Status::Running(s) => s,
-            _ => {
-                return Err(AgentError::FailedPrecondition(format!(
-                    "VPS {name} is not running; only a running VPS can be checkpointed"
-                )))
-            }
-        };
+        let pid = self.running_init(name, "can be checkpointed")?;
         let criu = self.criu_path()?;
         let run = self.paths.vps_run(name);
         let marker = run.join(CHECKPOINT_MARKER);
@@ -54,7 +47,6 @@ impl Agent {
         }
         std::fs::create_dir_all(images).at("creating", images)?;
         let images_owned = images.to_path_buf();
-        let pid = st.init_pid;
         let cgroup_yard = self.criu_yard();
         let lock_link = self.host_veth(name);
         let window = self.freeze_window();

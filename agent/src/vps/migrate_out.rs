@@ -213,10 +213,10 @@ impl AgentSource {
     ) -> std::result::Result<tokio::sync::OwnedMutexGuard<()>, String> {
         let name = &self.rec.config.name;
         let guard = self.agent.lock_for(name).lock_owned().await;
-        let pid = match self.agent.status(name) {
-            super::Status::Running(st) => st.init_pid,
-            _ => return Err(format!("VPS {name} is not running")),
-        };
+        let pid = self
+            .agent
+            .running_init(name, "can be migrated live")
+            .map_err(|e| e.to_string())?;
         self.journal_update(|j| {
             j.console_key = crate::criu::dump::console_key(pid);
             j.frozen = true;

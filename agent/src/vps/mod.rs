@@ -246,6 +246,17 @@ impl Agent {
     }
 
     /// The VPS's runtime status as of now.
+    /// The host pid of running VPS `name`'s init; `for_what` (e.g. "can be
+    /// checkpointed") completes the error when it is not running.
+    pub(crate) fn running_init(&self, name: &str, for_what: &str) -> Result<i32> {
+        match self.status(name) {
+            Status::Running(s) => Ok(s.init_pid),
+            _ => Err(AgentError::FailedPrecondition(format!(
+                "VPS {name} is not running; only a running VPS {for_what}"
+            ))),
+        }
+    }
+
     pub fn status(&self, name: &str) -> Status {
         let run = self.paths.vps_run(name);
         let Some(state) = RuntimeState::read(&run) else {

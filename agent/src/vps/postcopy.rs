@@ -19,7 +19,7 @@ use crate::error::{AgentError, IoContext, Result};
 use crate::runtime::CHECKPOINT_MARKER;
 
 use super::start::{blocking, criu_log_level};
-use super::{Agent, Status};
+use super::Agent;
 
 /// How long the dump may take to reach its page server.
 const SERVE_WAIT: Duration = Duration::from_secs(60);
@@ -41,14 +41,7 @@ impl Agent {
         images: &Path,
         probe: SeizeProbe,
     ) -> Result<(String, LazyRun)> {
-        let pid = match self.status(name) {
-            Status::Running(s) => s.init_pid,
-            _ => {
-                return Err(AgentError::FailedPrecondition(format!(
-                    "VPS {name} is not running"
-                )))
-            }
-        };
+        let pid = self.running_init(name, "can move by post-copy")?;
         let criu = self.criu_path()?;
         crate::criu::lazy::ensure_pipe_max_size()
             .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?;

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use super::start::{blocking, criu_log_level};
-use super::{Agent, Status};
+use super::Agent;
 use crate::criu::pre_dump::PreDumpRequest;
 use crate::error::{AgentError, IoContext, Result};
 
@@ -19,14 +19,7 @@ impl Agent {
         parent: Option<String>,
     ) -> Result<()> {
         let _g = self.lock_for(name).lock_owned().await;
-        let pid = match self.status(name) {
-            Status::Running(s) => s.init_pid,
-            _ => {
-                return Err(AgentError::FailedPrecondition(format!(
-                    "VPS {name} is not running; only a running VPS can be pre-copied"
-                )))
-            }
-        };
+        let pid = self.running_init(name, "can be pre-copied")?;
         let criu = self.criu_path()?;
         std::fs::create_dir_all(images).at("creating", images)?;
         let images = images.to_path_buf();
