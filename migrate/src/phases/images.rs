@@ -110,11 +110,8 @@ fn produce(
     while !stop.load(Ordering::Acquire) {
         for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
             let name = PathBuf::from(e.file_name());
-            let is_pages = name
-                .to_str()
-                .is_some_and(|n| n.starts_with("pages-") && n.ends_with(".img"));
             let Ok(md) = e.metadata() else { continue };
-            if !is_pages || !md.is_file() {
+            if !is_pages(&name) || !md.is_file() {
                 continue;
             }
             let at = st.resume.entry(name.clone()).or_insert((md.ino(), 0));
@@ -149,6 +146,18 @@ fn produce(
     Ok(st)
 }
 
+/// A CRIU memory pages file (`pages-N.img`): it only grows during a dump.
+pub(crate) fn is_pages(name: &Path) -> bool {
+    name.to_str()
+        .is_some_and(|n| n.starts_with("pages-") && n.ends_with(".img"))
+}
+
+/// What a push of the images dir reads: the dir may be a link (to RAM), so
+/// what it points at.
+pub(crate) fn sent_root(images: &Path) -> PathBuf {
+    std::fs::canonicalize(images).unwrap_or_else(|_| images.to_path_buf())
+}
+
 /// Sends the images: only what the target lacks of them, after a [`follow`]
 /// (`streamed`) and pre-copy's rounds (`sent`: the tree it holds).
 pub async fn push(
@@ -164,8 +173,7 @@ pub async fn push(
         target,
         &job.id,
         "images",
-        // The images dir may be a link (to RAM): send what it points at.
-        std::fs::canonicalize(images).unwrap_or_else(|_| images.to_path_buf()),
+        sent_root(images),
         Walk {
             prev: sent,
             resume: streamed.resume,

@@ -2,7 +2,8 @@
 //!
 //! [`preflight`] (target checks capacity, template, CRIU, CPU; nothing is
 //! frozen yet) → [`rootfs`] pass 1 while the VPS runs → [`memory`] picks the
-//! mode → (pre-copy: [`precopy`] rounds while the VPS runs) → [`freeze`] (CRIU dumps the frozen tree; the source copy ends) →
+//! mode → (pre-copy: [`precopy`] rounds while the VPS runs) → [`freeze`]
+//! (CRIU dumps the frozen tree; the source copy ends) →
 //! [`rootfs`] final delta + [`images`] → [`restore`] on the target, held before
 //! it runs → [`commit`]: the single decision point, then the target runs it →
 //! (post-copy: the memory follows until the source has served every page) →

@@ -114,8 +114,7 @@ pub async fn run(
             target,
             &job.id,
             "images",
-            // The images dir may be a link (to RAM): send what it points at.
-            std::fs::canonicalize(images).unwrap_or_else(|_| images.to_path_buf()),
+            super::images::sent_root(images),
             Walk {
                 prev: sent.take(),
                 ..Walk::default()
@@ -148,11 +147,7 @@ fn pages_bytes(dir: &Path) -> u64 {
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_str()
-                .is_some_and(|n| n.starts_with("pages-") && n.ends_with(".img"))
-        })
+        .filter(|e| super::images::is_pages(Path::new(&e.file_name())))
         .filter_map(|e| e.metadata().ok())
         .map(|m| m.len())
         .sum()
