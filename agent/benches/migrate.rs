@@ -269,12 +269,7 @@ async fn memory_bench(lan: &Lan, a: &Host, b: &Host) -> Vec<String> {
         .filter_map(|s| s.trim().parse().ok())
         .collect();
     let mut rows = Vec::new();
-    let tracked = Command::new(ferry_agent::criu::Criu::default_path())
-        .args(["check", "--feature", "mem_dirty_track"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
+    let tracked = host_tracks_dirty_memory();
     println!(
         "\n== live migration downtime{}",
         if tracked {

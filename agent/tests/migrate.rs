@@ -1143,16 +1143,6 @@ fn link_up(h: &Host, name: &str) -> bool {
         .is_some_and(|(flags, _)| flags.split(',').any(|f| f == "UP"))
 }
 
-/// Whether this host's CRIU and kernel track dirty memory (pre-copy).
-fn host_tracks_dirty_memory() -> bool {
-    Command::new(ferry_agent::criu::Criu::default_path())
-        .args(["check", "--feature", "mem_dirty_track"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// Pre-copy needs soft-dirty memory tracking. Where this host's kernel lacks
 /// it, the test runs itself in the test VM (scripts/install-vm.sh: Debian's
 /// stock kernel, which has it), on the same binaries, with cgroup v2.

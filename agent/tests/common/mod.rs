@@ -634,3 +634,13 @@ pub fn logs_under(dir: &Path, lines: usize) -> String {
     }
     out
 }
+
+/// Whether this host's CRIU and kernel track dirty memory (pre-copy).
+pub fn host_tracks_dirty_memory() -> bool {
+    Command::new(ferry_agent::criu::Criu::default_path())
+        .args(["check", "--feature", "mem_dirty_track"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
