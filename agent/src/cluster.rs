@@ -29,7 +29,7 @@ async fn connect(addrs: &[Addr]) -> Option<ControllerServiceClient<Channel>> {
         if let Ok(Ok(ch)) =
             tokio::time::timeout(Duration::from_secs(2), ferry_proto::addr::connect(a)).await
         {
-            return Some(ControllerServiceClient::new(ch));
+            return Some(ferry_proto::limits::controller_client(ch));
         }
     }
     None
@@ -137,7 +137,7 @@ pub async fn decide_migration(
                 let ch = ferry_proto::addr::connect(a)
                     .await
                     .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-                ControllerServiceClient::new(ch)
+                ferry_proto::limits::controller_client(ch)
                     .decide_migration(cpb::DecideMigrationRequest {
                         name: name.to_string(),
                         migration_id: migration_id.to_string(),

@@ -87,6 +87,12 @@ impl From<nix::Error> for AgentError {
     }
 }
 
+/// Whether a stream's error is a message that did not decode (tonic reports
+/// it as `Internal`; it is the caller's bad input).
+pub fn is_decode_failure(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Internal && s.message().contains("decode")
+}
+
 impl From<AgentError> for tonic::Status {
     fn from(e: AgentError) -> Self {
         use tonic::Status;

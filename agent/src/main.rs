@@ -169,7 +169,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         tracing::info!(listen = %args.listen, "agent serving");
         let svc = AgentServiceServer::new(ferry_agent::service::Service { agent })
-            .max_decoding_message_size(16 << 20);
+            .max_decoding_message_size(ferry_proto::limits::AGENT_MESSAGE)
+            .max_encoding_message_size(ferry_proto::limits::AGENT_MESSAGE);
         // Migration pushes stream hundreds of MB: HTTP/2's default 64 KiB
         // window would have the target grant more every few frames.
         let router = tonic::transport::Server::builder()

@@ -99,10 +99,14 @@ fn main() -> anyhow::Result<()> {
         let router = tonic::transport::Server::builder()
             .add_service(
                 RaftServiceServer::new(RaftServer { ctl: ctl.clone() })
-                    .max_decoding_message_size(256 << 20)
-                    .max_encoding_message_size(256 << 20),
+                    .max_decoding_message_size(ferry_proto::limits::RAFT_MESSAGE)
+                    .max_encoding_message_size(ferry_proto::limits::RAFT_MESSAGE),
             )
-            .add_service(ControllerServiceServer::new(Api { ctl: ctl.clone() }));
+            .add_service(
+                ControllerServiceServer::new(Api { ctl: ctl.clone() })
+                    .max_decoding_message_size(ferry_proto::limits::CONTROLLER_MESSAGE)
+                    .max_encoding_message_size(ferry_proto::limits::CONTROLLER_MESSAGE),
+            );
         ferry_proto::addr::serve(router, &cli.listen)
             .await
             .map_err(anyhow::Error::msg)?;

@@ -65,9 +65,7 @@ pub async fn raft_client(addr: &str) -> Result<RaftServiceClient<Channel>, Strin
         .await
         .map_err(|_| format!("connecting to {addr} timed out"))?
         .map_err(|e| format!("connecting to {addr}: {e}"))?;
-    Ok(RaftServiceClient::new(ch)
-        .max_decoding_message_size(256 << 20)
-        .max_encoding_message_size(256 << 20))
+    Ok(ferry_proto::limits::raft_client(ch))
 }
 
 type Rpc =

@@ -205,7 +205,7 @@ pub async fn connect(addr: &str) -> Result<AgentServiceClient<Channel>> {
     let ch = ferry_proto::addr::connect(&a)
         .await
         .with_context(|| format!("cannot reach the agent at {a} (is ferry-agent running?)"))?;
-    Ok(AgentServiceClient::new(ch).max_decoding_message_size(64 << 20))
+    Ok(ferry_proto::limits::agent_client(ch))
 }
 
 pub async fn template(c: &mut AgentServiceClient<Channel>, cmd: TemplateCmd) -> Result<()> {

@@ -50,7 +50,7 @@ pub async fn connect(addrs: &str) -> Result<ControllerServiceClient<Channel>> {
     for a in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
         let addr: ferry_proto::addr::Addr = a.parse().map_err(anyhow::Error::msg)?;
         match ferry_proto::addr::connect(&addr).await {
-            Ok(ch) => return Ok(ControllerServiceClient::new(ch)),
+            Ok(ch) => return Ok(ferry_proto::limits::controller_client(ch)),
             Err(e) => last = Some(format!("{addr}: {e}")),
         }
     }

@@ -7,8 +7,10 @@
 //!          file data zstd-compressed where it pays
 //! payload length (u64 LE)  sha256 of every byte before it (32 bytes)
 //! ```
-//! A reader checks the magic, the version and the checksum before it writes
-//! anything, so a damaged or foreign file is refused cleanly.
+//! A reader checks the magic, the version, the lengths and the checksum
+//! ([`open`]), then its caller checks the metadata, and only then is anything
+//! written ([`Verified::unpack`], into staging, beneath each area's root, with
+//! every record, size and count capped): the file is hostile input.
 
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -17,7 +19,7 @@ use ferry_proto::agent::v1::MigrateChunk;
 use prost::Message;
 use sha2::{Digest, Sha256};
 
-use crate::tree::{self, apply::Applier, send::Compress, send::SendOpts, TreeError};
+use crate::tree::{self, apply::Applier, apply::Limits, send::Compress, send::SendOpts, TreeError};
 
 pub const MAGIC: &[u8; 8] = b"FERRYCKP";
 pub const VERSION: u32 = 1;
@@ -140,6 +142,27 @@ impl ArchiveWriter {
         Ok(st)
     }
 
+    /// Adds `items` to `area` as one record, as they are: for trees built by
+    /// hand (a forged archive in a test, a tool). Blocking.
+    pub fn add_items(
+        &mut self,
+        area: &str,
+        items: Vec<ferry_proto::agent::v1::TreeItem>,
+    ) -> Result<(), ArchiveError> {
+        let rec = MigrateChunk {
+            migration_id: String::new(),
+            area: area.to_string(),
+            items,
+        }
+        .encode_to_vec();
+        let w = io(format!("writing {}", self.path.display()));
+        (|| {
+            self.out.write_all(&(rec.len() as u32).to_le_bytes())?;
+            self.out.write_all(&rec)
+        })()
+        .map_err(w)
+    }
+
     /// Writes the trailer; returns the archive's size.
     pub fn finish(mut self) -> Result<u64, ArchiveError> {
         let len = self.out.written - self.payload_start;
@@ -157,12 +180,23 @@ impl ArchiveWriter {
     }
 }
 
-/// Checks an archive and unpacks each area into `dest(area)`; returns the
-/// metadata. Nothing is written unless the whole file checks out. Blocking.
-pub fn unpack(
-    path: &Path,
-    dest: impl Fn(&str) -> Option<PathBuf>,
-) -> Result<Vec<u8>, ArchiveError> {
+/// The most metadata an archive may hold.
+pub const MAX_META: u64 = 1 << 20;
+/// The largest record a reader takes: room for the biggest a writer makes
+/// ([`BATCH`] chunks of [`tree::send::BLOCK`] each, compressed or not, with
+/// their framing), so a forged length cannot make it allocate more.
+pub const MAX_RECORD: usize = BATCH * (tree::send::BLOCK + 4096);
+
+/// An archive whose magic, version, section lengths and checksum were
+/// checked, and whose metadata was read; nothing was written yet.
+pub struct Verified {
+    file: std::fs::File,
+    meta: Vec<u8>,
+    payload_len: u64,
+}
+
+/// Checks an archive whole. Blocking.
+pub fn open(path: &Path) -> Result<Verified, ArchiveError> {
     let mut f = std::fs::File::open(path).map_err(io(format!("opening {}", path.display())))?;
     let size = f
         .metadata()
@@ -181,6 +215,11 @@ pub fn unpack(
         return Err(ArchiveError::Version(version));
     }
     let meta_len = u32::from_le_bytes([head[12], head[13], head[14], head[15]]) as u64;
+    if meta_len > MAX_META {
+        return Err(ArchiveError::Corrupt(format!(
+            "metadata of {meta_len} bytes (at most {MAX_META})"
+        )));
+    }
     // The checksum first: one pass over everything before it.
     f.seek(SeekFrom::Start(0)).map_err(io("seeking"))?;
     let mut h = Sha256::new();
@@ -203,7 +242,11 @@ pub fn unpack(
     let mut lb = [0u8; 8];
     f.read_exact(&mut lb).map_err(io("reading the archive"))?;
     let payload_len = u64::from_le_bytes(lb);
-    if 16 + meta_len + payload_len + TRAILER != size {
+    if (16 + meta_len)
+        .checked_add(payload_len)
+        .and_then(|n| n.checked_add(TRAILER))
+        != Some(size)
+    {
         return Err(ArchiveError::Corrupt(
             "section lengths do not add up".into(),
         ));
@@ -211,37 +254,74 @@ pub fn unpack(
     f.seek(SeekFrom::Start(16)).map_err(io("seeking"))?;
     let mut meta = vec![0u8; meta_len as usize];
     f.read_exact(&mut meta).map_err(io("reading the archive"))?;
-    let mut r = BufReader::with_capacity(1 << 20, f).take(payload_len);
-    let mut appliers: Vec<(String, Applier)> = Vec::new();
-    loop {
-        let mut lenb = [0u8; 4];
-        match r.read_exact(&mut lenb) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-            Err(e) => return Err(io("reading the archive")(e)),
-        }
-        let n = u32::from_le_bytes(lenb) as usize;
-        let mut rec = vec![0u8; n];
-        r.read_exact(&mut rec)
-            .map_err(|_| ArchiveError::Corrupt("truncated record".into()))?;
-        let chunk = MigrateChunk::decode(rec.as_slice())
-            .map_err(|e| ArchiveError::Corrupt(format!("bad record: {e}")))?;
-        let idx = match appliers.iter().position(|(a, _)| *a == chunk.area) {
-            Some(i) => i,
-            None => {
-                let d = dest(&chunk.area).ok_or_else(|| {
-                    ArchiveError::Corrupt(format!("unknown area {:?}", chunk.area))
-                })?;
-                appliers.push((chunk.area.clone(), Applier::new(&d)?));
-                appliers.len() - 1
+    Ok(Verified {
+        file: f,
+        meta,
+        payload_len,
+    })
+}
+
+impl Verified {
+    /// The metadata, for the caller to check before [`Verified::unpack`].
+    pub fn meta(&self) -> &[u8] {
+        &self.meta
+    }
+
+    /// Unpacks each area into `dest(area)` (fresh staging directories: the
+    /// caller swaps them in once this returns). Every area in `required`
+    /// must be there; an area `dest` does not know is refused. Each area is
+    /// held to `limits`. Blocking.
+    pub fn unpack(
+        self,
+        dest: impl Fn(&str) -> Option<PathBuf>,
+        required: &[&str],
+        limits: Limits,
+    ) -> Result<(), ArchiveError> {
+        let mut r = BufReader::with_capacity(1 << 20, self.file).take(self.payload_len);
+        let mut appliers: Vec<(String, Applier)> = Vec::new();
+        loop {
+            let mut lenb = [0u8; 4];
+            match r.read_exact(&mut lenb) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                Err(e) => return Err(io("reading the archive")(e)),
             }
-        };
-        for it in chunk.items {
-            appliers[idx].1.item(it)?;
+            let n = u32::from_le_bytes(lenb) as usize;
+            if n > MAX_RECORD {
+                return Err(ArchiveError::Corrupt(format!(
+                    "a record of {n} bytes (at most {MAX_RECORD})"
+                )));
+            }
+            let mut rec = vec![0u8; n];
+            r.read_exact(&mut rec)
+                .map_err(|_| ArchiveError::Corrupt("truncated record".into()))?;
+            let chunk = MigrateChunk::decode(rec.as_slice())
+                .map_err(|e| ArchiveError::Corrupt(format!("bad record: {e}")))?;
+            let idx = match appliers.iter().position(|(a, _)| *a == chunk.area) {
+                Some(i) => i,
+                None => {
+                    let d = dest(&chunk.area).ok_or_else(|| {
+                        ArchiveError::Corrupt(format!("unknown area {:?}", chunk.area))
+                    })?;
+                    appliers.push((chunk.area.clone(), Applier::new(&d, limits)?));
+                    appliers.len() - 1
+                }
+            };
+            for it in chunk.items {
+                appliers[idx].1.item(it)?;
+            }
         }
+        if let Some(missing) = required
+            .iter()
+            .find(|a| !appliers.iter().any(|(have, _)| have == *a))
+        {
+            return Err(ArchiveError::Corrupt(format!(
+                "the archive has no {missing:?} area"
+            )));
+        }
+        for (_, a) in appliers {
+            a.finish()?;
+        }
+        Ok(())
     }
-    for (_, a) in appliers {
-        a.finish()?;
-    }
-    Ok(meta)
 }

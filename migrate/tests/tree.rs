@@ -5,7 +5,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use ferry_migrate::tree::{apply::Applier, digest::digest, plan, scan, send};
+use ferry_migrate::tree::{apply::Applier, apply::Limits, digest::digest, plan, scan, send};
 
 fn sync(
     src: &Path,
@@ -15,7 +15,7 @@ fn sync(
 ) -> (scan::Manifest, send::SendStats) {
     let m = scan::scan(src).unwrap();
     let p = plan::plan(prev, &m, |x| hashes.has(x));
-    let mut a = Applier::new(dst).unwrap();
+    let mut a = Applier::new(dst, Limits::bytes(u64::MAX)).unwrap();
     let st = send::send(
         src,
         &m,
@@ -94,7 +94,7 @@ fn full_then_delta_is_byte_exact() {
 #[test]
 fn hostile_paths_are_refused() {
     let t = tempfile::tempdir().unwrap();
-    let mut a = Applier::new(t.path()).unwrap();
+    let mut a = Applier::new(t.path(), Limits::bytes(u64::MAX)).unwrap();
     let bad = ferry_proto::agent::v1::TreeItem {
         item: Some(ferry_proto::agent::v1::tree_item::Item::Entry(
             ferry_proto::agent::v1::TreeEntry {
@@ -200,7 +200,7 @@ fn growing_files_resume_where_they_were_sent() {
     let t = tempfile::tempdir().unwrap();
     let (src, dst) = (t.path().join("src"), t.path().join("dst"));
     std::fs::create_dir(&src).unwrap();
-    let mut a = Applier::new(&dst).unwrap();
+    let mut a = Applier::new(&dst, Limits::bytes(u64::MAX)).unwrap();
     let z = send::Compress::Always;
     let rand = |n: usize| {
         let mut v = vec![0u8; n];
@@ -246,7 +246,7 @@ fn growing_files_resume_where_they_were_sent() {
     let p = plan::plan(None, &m, |_| false);
     let mut opts = send::SendOpts::new(send::Compress::Always);
     opts.resume = resume.into_iter().collect();
-    let mut a = Applier::new(&dst).unwrap();
+    let mut a = Applier::new(&dst, Limits::bytes(u64::MAX)).unwrap();
     let st = send::send(
         &src,
         &m,

@@ -8,11 +8,13 @@
 //! - `proto/ferry/controller/v1/raft.proto`: Raft between controller replicas.
 //!
 //! - [`names`]: naming rules both sides enforce.
+//! - [`limits`]: gRPC message size limits and clients built with them.
 //! - [`addr`]: service addresses (`HOST:PORT`, `unix:/path`) and connecting to them.
 //!
 //! Generated code is re-exported per package: [`agent::v1`], [`controller::v1`].
 
 pub mod addr;
+pub mod limits;
 pub mod names;
 
 pub mod agent {

@@ -57,6 +57,13 @@ impl Agent {
             ))
         })?;
         let _g = self.create_lock.lock().await;
+        // A reused id would replace the first arrival's entry and orphan its
+        // reservation (its VPS dir and scratch dir).
+        if self.incoming.lock().await.contains_key(&req.migration_id)
+            || self.migration_dir_exists(&req.migration_id)
+        {
+            return Err(AgentError::exists("migration", &req.migration_id));
+        }
         self.check_free(&config)?;
         let mem: u64 = self
             .records()
@@ -127,18 +134,29 @@ impl Agent {
         Ok(())
     }
 
+    /// Whether an arrival's scratch dir (`work/incoming-<id>-<nanos>`) for
+    /// migration `id` exists: it lives from prepare to finish, including
+    /// while the arrival is out of the map being restored.
+    fn migration_dir_exists(&self, id: &str) -> bool {
+        let Ok(rd) = std::fs::read_dir(self.paths.data_dir.join("work")) else {
+            return false;
+        };
+        rd.flatten().any(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("incoming-"))
+                .and_then(|n| n.rsplit_once('-'))
+                .is_some_and(|(have, _)| have == id)
+        })
+    }
+
     pub async fn migrate_push(
         &self,
         mut stream: tonic::Streaming<pb::MigrateChunk>,
     ) -> Result<pb::MigratePushResponse> {
         let first = match stream.next().await {
             Some(Ok(c)) => c,
-            Some(Err(s)) => {
-                return Err(AgentError::Internal(format!(
-                    "push stream: {}",
-                    s.message()
-                )))
-            }
+            Some(Err(s)) => return Err(stream_err(s)),
             None => return Err(AgentError::invalid("migration_id", "empty push")),
         };
         let dest = {
@@ -156,8 +174,12 @@ impl Agent {
         // Spawned now, not when awaited: the feed below fills the channel
         // and would wait for a writer that had not started (a tree bigger
         // than the channel's eight messages hung the push).
+        // Every push is held to what this node can take: the configured most,
+        // or its free space less a reserve.
+        let limits = ferry_migrate::tree::apply::Limits::bytes(self.upload_room().0);
         let writer = tokio::spawn(blocking(move || {
-            let mut a = ferry_migrate::tree::apply::Applier::new(&dest).map_err(tree_err)?;
+            let mut a =
+                ferry_migrate::tree::apply::Applier::new(&dest, limits).map_err(tree_err)?;
             while let Some(c) = rx.blocking_recv() {
                 for it in c.items {
                     a.item(it).map_err(tree_err)?;
@@ -166,20 +188,22 @@ impl Agent {
             a.finish().map_err(tree_err)
         }));
         let feed = async {
-            tx.send(first).await.map_err(|_| ())?;
+            tx.send(first).await.map_err(|_| None)?;
             while let Some(c) = stream.next().await {
-                let c = c.map_err(|_| ())?;
-                tx.send(c).await.map_err(|_| ())?;
+                let c = c.map_err(Some)?;
+                tx.send(c).await.map_err(|_| None)?;
             }
-            Ok::<_, ()>(())
+            Ok::<_, Option<tonic::Status>>(())
         };
         let fed = feed.await;
         drop(tx);
         let st = writer
             .await
             .map_err(|e| AgentError::Internal(format!("tree writer: {e}")))??;
-        if fed.is_err() {
-            return Err(AgentError::Internal("the push stream broke".into()));
+        match fed {
+            Ok(()) => {}
+            Err(Some(s)) => return Err(stream_err(s)),
+            Err(None) => return Err(AgentError::Internal("the push stream broke".into())),
         }
         Ok(pb::MigratePushResponse {
             entries: st.entries,
@@ -528,9 +552,22 @@ impl Agent {
     }
 }
 
+/// A push stream's own error: a message that does not decode is the
+/// sender's fault.
+fn stream_err(s: tonic::Status) -> AgentError {
+    if crate::error::is_decode_failure(&s) {
+        AgentError::invalid("chunk", s.message().to_string())
+    } else {
+        AgentError::Internal(format!("push stream: {}", s.message()))
+    }
+}
+
 fn tree_err(e: ferry_migrate::tree::TreeError) -> AgentError {
     match e {
         ferry_migrate::tree::TreeError::Invalid(m) => AgentError::invalid("items", m),
+        ferry_migrate::tree::TreeError::TooLarge(m) => {
+            AgentError::ResourceExhausted(format!("items: {m}"))
+        }
         other => AgentError::Internal(other.to_string()),
     }
 }

@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 
 use ferry_migrate::phases::{self, Dumped, Job, Mode, Source};
 use ferry_proto::agent::v1 as pb;
-use ferry_proto::agent::v1::agent_service_client::AgentServiceClient;
 use futures::StreamExt;
 use tracing::Instrument;
 
@@ -358,7 +357,7 @@ impl Agent {
                 ))
             })?;
             Ok::<_, AgentError>((
-                AgentServiceClient::new(ch),
+                ferry_proto::limits::agent_client(ch),
                 self.work_dir(&format!("migrate-{id}"))?,
             ))
         };

@@ -256,7 +256,7 @@ impl Agent {
         };
         let call = async {
             let ch = ferry_proto::addr::connect(&addr).await.ok()?;
-            let mut c = pb::agent_service_client::AgentServiceClient::new(ch);
+            let mut c = ferry_proto::limits::agent_client(ch);
             c.migrate_finish(pb::MigrateFinishRequest {
                 migration_id: j.migration_id.clone(),
                 commit,

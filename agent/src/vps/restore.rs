@@ -1,6 +1,7 @@
 //! Restore from a checkpoint archive: the VPS's files go back to the
 //! checkpoint's, and its processes come back from the CRIU images with their
-//! memory, open files and connections.
+//! memory, open files and connections. All or nothing: the archive is checked
+//! whole before anything is written, unpacked into staging, and swapped in.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use std::sync::Arc;
 use super::checkpoint::CheckpointMeta;
 use super::start::{blocking, Resume};
 use super::Agent;
-use crate::error::{AgentError, IoContext, Result};
+use crate::error::{AgentError, Result};
 
 impl Agent {
     #[tracing::instrument(skip(self, archive))]
@@ -39,34 +40,50 @@ impl Agent {
     ) -> Result<()> {
         let name = rec.config.name.clone();
         let (images, upper) = (dir.join("images"), dir.join("upper"));
+        // The archive is hostile until proven otherwise: checked whole, its
+        // metadata checked against this VPS, and only then unpacked, into
+        // staging beside the VPS, every path beneath its area's root.
         let (a, i2, u2) = (archive.to_path_buf(), images.clone(), upper.clone());
+        let limits = ferry_migrate::tree::apply::Limits::bytes(self.upload_room().0);
+        let want = (name.clone(), rec.config.template.clone());
         let meta = blocking(move || {
-            ferry_migrate::archive::unpack(&a, |area| match area {
-                "images" => Some(i2.clone()),
-                "rootfs" => Some(u2.clone()),
-                _ => None,
-            })
-            .map_err(|e| AgentError::BadArchive(e.to_string()))
+            let bad = |e: ferry_migrate::archive::ArchiveError| match e {
+                ferry_migrate::archive::ArchiveError::Tree(
+                    ferry_migrate::tree::TreeError::TooLarge(m),
+                ) => AgentError::ResourceExhausted(format!("archive rejected: {m}")),
+                e => AgentError::BadArchive(e.to_string()),
+            };
+            let v = ferry_migrate::archive::open(&a).map_err(bad)?;
+            let meta: CheckpointMeta = serde_json::from_slice(v.meta())
+                .map_err(|e| AgentError::BadArchive(format!("metadata: {e}")))?;
+            if meta.config.name != want.0 || meta.config.template != want.1 {
+                return Err(AgentError::invalid(
+                    "name",
+                    format!(
+                        "the archive holds VPS {:?} (template {:?}), not {:?} (template {:?})",
+                        meta.config.name, meta.config.template, want.0, want.1
+                    ),
+                ));
+            }
+            v.unpack(
+                |area| match area {
+                    "images" => Some(i2.clone()),
+                    "rootfs" => Some(u2.clone()),
+                    _ => None,
+                },
+                &["images", "rootfs"],
+                limits,
+            )
+            .map_err(bad)?;
+            Ok(meta)
         })
         .await?;
-        let meta: CheckpointMeta = serde_json::from_slice(&meta)
-            .map_err(|e| AgentError::BadArchive(format!("metadata: {e}")))?;
-        if meta.config.name != name || meta.config.template != rec.config.template {
-            return Err(AgentError::invalid(
-                "name",
-                format!(
-                    "the archive holds VPS {:?} (template {:?}), not {name:?} (template {:?})",
-                    meta.config.name, meta.config.template, rec.config.template
-                ),
-            ));
-        }
         self.teardown(&name).await?;
-        // Swap the VPS's files for the checkpoint's; keep the old ones until
-        // the restore worked.
+        // One atomic exchange: the VPS's dir holds either its old files or
+        // the checkpoint's, never neither; the old ones wait in `upper`
+        // until the restore worked.
         let vdir = self.paths.vps(&name);
-        let old = dir.join("old-upper");
-        std::fs::rename(vdir.join("upper"), &old).at("moving aside", vdir.join("upper"))?;
-        std::fs::rename(&upper, vdir.join("upper")).at("installing", vdir.join("upper"))?;
+        exchange(&upper, &vdir.join("upper"))?;
         let resume = Resume {
             images,
             console_key: meta.facts.console_key.clone(),
@@ -83,10 +100,31 @@ impl Agent {
                 if let Err(e2) = self.teardown(&name).await {
                     tracing::error!(error = %e2, "cleanup after failed restore");
                 }
-                let _ = std::fs::remove_dir_all(vdir.join("upper"));
-                let _ = std::fs::rename(&old, vdir.join("upper"));
+                if let Err(e2) = exchange(&upper, &vdir.join("upper")) {
+                    // Keep the old files where they are rather than lose them.
+                    let keep = vdir.join(format!("upper-before-restore-{}", super::now_unix()));
+                    let _ = std::fs::rename(&upper, &keep);
+                    tracing::error!(error = %e2, kept = %keep.display(), "could not put the VPS's files back after a failed restore");
+                }
                 Err(e)
             }
         }
     }
+}
+
+/// Swaps two directories in one step (`renameat2(RENAME_EXCHANGE)`).
+fn exchange(a: &Path, b: &Path) -> Result<()> {
+    nix::fcntl::renameat2(
+        nix::fcntl::AT_FDCWD,
+        a,
+        nix::fcntl::AT_FDCWD,
+        b,
+        nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+    )
+    .map_err(|e| {
+        AgentError::io(
+            format!("swapping {} and {}", a.display(), b.display()),
+            e.into(),
+        )
+    })
 }

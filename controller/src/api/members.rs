@@ -35,7 +35,7 @@ pub(crate) async fn leader_client(
     let ch = ferry_proto::addr::connect(&a)
         .await
         .map_err(|e| ControllerError::Unavailable(format!("leader {a}: {e}")))?;
-    Ok(Some(ControllerServiceClient::new(ch)))
+    Ok(Some(ferry_proto::limits::controller_client(ch)))
 }
 
 pub(crate) fn from_status(s: tonic::Status) -> ControllerError {

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_proto::agent::v1 as apb;
-use ferry_proto::agent::v1::agent_service_client::AgentServiceClient;
 use ferry_proto::controller::v1 as cpb;
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -126,7 +125,7 @@ async fn start_on_source(
         .await
         .map_err(|_| unreachable("timed out".into()))?
         .map_err(|e| unreachable(e.to_string()))?;
-    AgentServiceClient::new(ch)
+    ferry_proto::limits::agent_client(ch)
         .migrate_vps(req)
         .await
         .map(|r| r.into_inner())

@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_proto::agent::v1 as apb;
-use ferry_proto::agent::v1::agent_service_client::AgentServiceClient;
 
 use crate::host::Controller;
 use crate::state::{ClusterState, Desired};
@@ -208,7 +207,7 @@ async fn run(step: &Step) -> Result<(), String> {
     let ch = ferry_proto::addr::connect(&a)
         .await
         .map_err(|e| format!("agent {a}: {e}"))?;
-    let mut c = AgentServiceClient::new(ch);
+    let mut c = ferry_proto::limits::agent_client(ch);
     let name = step.vps.clone();
     let r = match &step.action {
         Action::Create { spec, start } => c

@@ -9,6 +9,7 @@
 //! see [`send::Compress`]).
 
 pub mod apply;
+pub mod beneath;
 pub mod digest;
 pub mod plan;
 pub mod scan;
@@ -27,6 +28,9 @@ pub enum TreeError {
     },
     #[error("{0}")]
     Invalid(String),
+    /// Over a byte, entry or size cap.
+    #[error("{0}")]
+    TooLarge(String),
     #[error("receiver gone: {0}")]
     Closed(String),
 }
@@ -60,6 +64,12 @@ pub fn path_bytes(p: &Path) -> Vec<u8> {
 /// A wire path back to a relative path; refuses anything that could leave the tree.
 pub fn wire_path(b: &[u8]) -> Result<std::path::PathBuf, TreeError> {
     use std::os::unix::ffi::OsStrExt;
+    if b.contains(&0) {
+        return Err(TreeError::Invalid(format!(
+            "path {:?} holds a NUL byte",
+            String::from_utf8_lossy(b)
+        )));
+    }
     let p = Path::new(std::ffi::OsStr::from_bytes(b));
     for c in p.components() {
         match c {

@@ -256,7 +256,10 @@ pub fn send(
             let mut worth = true;
             let mut off = from;
             while off < size {
-                let n = read_full(&file, &mut buf, off).map_err(|e| TreeError::io(&full, e))?;
+                // Never past the size the entry declared: the receiver refuses that.
+                let want = ((size - off) as usize).min(BLOCK);
+                let n =
+                    read_full(&file, &mut buf[..want], off).map_err(|e| TreeError::io(&full, e))?;
                 if n == 0 {
                     break;
                 }
