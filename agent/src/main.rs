@@ -75,6 +75,10 @@ struct ServeArgs {
     /// bytes (an upload must also leave 1 GiB free on the data dir).
     #[arg(long, default_value_t = 64 << 30)]
     max_upload_bytes: u64,
+    /// The only directory `template import --on-node` reads archives from
+    /// (regular files in it, no symlinks); default <data-dir>/import.
+    #[arg(long)]
+    import_dir: Option<PathBuf>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -145,6 +149,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(ferry_agent::criu::Criu::default_path),
             expedite_rcu: args.expedite_rcu,
             max_upload_bytes: args.max_upload_bytes,
+            import_dir: args.import_dir,
         };
         let agent = Agent::open(cfg).await.context("starting the agent")?;
         agent.spawn_reaper();

@@ -2,6 +2,7 @@
 //!
 //! `data_dir` (persistent, default /var/lib/ferry):
 //! - `templates/<name>/rootfs`, `templates/<name>/template.json`
+//! - `import/`: archives `template import --on-node` may read (`--import-dir`)
 //! - `vps/<name>/config.json` (spec and network identity), `vps/<name>/upper` and `work`
 //!   (the VPS's own files over its template), `vps/<name>/rootfs` (overlay mount point)
 //!
@@ -50,6 +51,10 @@ impl Paths {
     }
     pub fn template(&self, name: &str) -> PathBuf {
         self.templates().join(name)
+    }
+    /// Where `ImportTemplatePath` reads archives from by default.
+    pub fn import(&self) -> PathBuf {
+        self.data_dir.join("import")
     }
     pub fn staging(&self) -> PathBuf {
         self.data_dir.join("staging")

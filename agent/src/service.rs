@@ -118,11 +118,8 @@ impl AgentService for Service {
         let header = req
             .header
             .ok_or_else(|| Status::invalid_argument("header: missing"))?;
-        if !req.path.starts_with('/') {
-            return Err(AgentError::invalid("path", "must be an absolute path on the node").into());
-        }
-        let file = std::fs::File::open(&req.path)
-            .map_err(|e| AgentError::invalid("path", format!("cannot open {}: {e}", req.path)))?;
+        self.agent.check_import(&header)?;
+        let file = self.agent.open_import_file(&req.path)?;
         let agent = Arc::clone(&self.agent);
         let meta = tokio::task::spawn_blocking(move || {
             agent.import_blocking(&header, file, req.path.clone())

@@ -171,6 +171,11 @@ pub struct Capacity {
     pub memory_bytes: u64,
 }
 
+/// The kernel's largest `pid_max`: no VPS can have more tasks.
+pub const MAX_PIDS: u32 = 4 << 20;
+/// Swap beyond this many times the node's memory is a typo, not a plan.
+pub const MAX_SWAP_FACTOR: u64 = 4;
+
 pub fn validate_limits(l: &LimitsConfig, cap: Capacity) -> Result<()> {
     if l.memory_bytes < MIN_MEMORY {
         return Err(AgentError::invalid(
@@ -207,6 +212,22 @@ pub fn validate_limits(l: &LimitsConfig, cap: Capacity) -> Result<()> {
     }
     if l.pids < 8 {
         return Err(AgentError::invalid("limits.pids", "at least 8 tasks"));
+    }
+    if l.pids > MAX_PIDS {
+        return Err(AgentError::invalid(
+            "limits.pids",
+            format!("{} is over the kernel's most ({MAX_PIDS})", l.pids),
+        ));
+    }
+    let max_swap = cap.memory_bytes.saturating_mul(MAX_SWAP_FACTOR);
+    if l.swap_bytes > max_swap {
+        return Err(AgentError::invalid(
+            "limits.swap_bytes",
+            format!(
+                "{} is over {MAX_SWAP_FACTOR} times the node's memory ({max_swap} bytes)",
+                l.swap_bytes
+            ),
+        ));
     }
     Ok(())
 }
@@ -311,13 +332,15 @@ fn validate_net(name: &str, n: &pb::NetConfig, bridge: ipnet::Ipv4Net) -> Result
             format!("{ip} is the node bridge's own address"),
         ));
     }
+    // Only the node network's addresses: an address outside it (the host's
+    // own, another network's) is not the VPS's to claim.
+    if !bridge.contains(&ip) {
+        return Err(AgentError::invalid(
+            "net.ip",
+            format!("{ip} is outside this node's VPS network {bridge}"),
+        ));
+    }
     let gateway = if n.gateway.is_empty() {
-        if !bridge.contains(&ip) {
-            return Err(AgentError::invalid(
-                "net.gateway",
-                format!("{ip} is outside the bridge network {bridge}; give a gateway"),
-            ));
-        }
         bridge.addr()
     } else {
         n.gateway.parse().map_err(|_| {
@@ -465,7 +488,25 @@ mod tests {
             ),
             (
                 Box::new(|s| s.net.as_mut().unwrap().ip = "192.168.9.9".into()),
-                "net.gateway",
+                "net.ip",
+            ),
+            // Outside the node network even with a gateway of its own.
+            (
+                Box::new(|s| {
+                    let n = s.net.as_mut().unwrap();
+                    n.ip = "192.168.9.9".into();
+                    n.prefix_len = 24;
+                    n.gateway = "192.168.9.1".into();
+                }),
+                "net.ip",
+            ),
+            (
+                Box::new(|s| s.limits.as_mut().unwrap().pids = u32::MAX),
+                "limits.pids",
+            ),
+            (
+                Box::new(|s| s.limits.as_mut().unwrap().swap_bytes = u64::MAX),
+                "limits.swap_bytes",
             ),
             (
                 Box::new(|s| s.net.as_mut().unwrap().mac = "01:00:00:00:00:01".into()),

@@ -56,6 +56,35 @@ async fn bad_specs_are_refused_cleanly() {
         let mut s = spec("nolimits", None);
         s.limits = None;
         cases.push((s, Code::InvalidArgument, "limits"));
+        // Another VPS's MAC: two bridge ports with one MAC steal frames.
+        let taken_mac = get(&mut c, "taken")
+            .await
+            .spec
+            .and_then(|s| s.net)
+            .map(|n| n.mac)
+            .expect("taken's MAC");
+        let mut s = spec("dupmac", Some("10.77.0.62"));
+        if let Some(n) = s.net.as_mut() {
+            n.mac = taken_mac;
+        }
+        cases.push((s, Code::AlreadyExists, "net.mac"));
+        // An address outside the node network, even with its own gateway.
+        let mut s = spec("outsideip", Some("192.168.50.5"));
+        if let Some(n) = s.net.as_mut() {
+            n.prefix_len = 24;
+            n.gateway = "192.168.50.1".into();
+        }
+        cases.push((s, Code::InvalidArgument, "net.ip"));
+        let mut s = spec("manypids", None);
+        if let Some(l) = s.limits.as_mut() {
+            l.pids = u32::MAX;
+        }
+        cases.push((s, Code::InvalidArgument, "limits.pids"));
+        let mut s = spec("hugeswap", None);
+        if let Some(l) = s.limits.as_mut() {
+            l.swap_bytes = u64::MAX;
+        }
+        cases.push((s, Code::InvalidArgument, "limits.swap_bytes"));
 
         for (s, code, word) in cases {
             let name = s.name.clone();
@@ -200,8 +229,8 @@ async fn templates_import_list_delete_and_hostile_archives() {
         use sha2::Digest;
         assert_eq!(t.sha256, hex::encode(sha2::Sha256::digest(&zst)));
         assert!(t.file_count > 200 && t.size_bytes > 1_000_000, "{t:?}");
-        // The same archive from a path on the node, as plain tar.
-        let p = h.dir.join("bb.tar");
+        // The same archive from a path on the node (in its import dir), as plain tar.
+        let p = h.data_dir().join("import/bb.tar");
         std::fs::write(&p, &tarball).unwrap();
         let t3 = c
             .import_template_path(pb::ImportTemplatePathRequest {

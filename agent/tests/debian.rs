@@ -53,12 +53,18 @@ async fn debian_template_boots_sysvinit() {
         };
         let h = Host::new().await;
         let mut c = h.client().await;
+        // As an operator does for --on-node: the archive goes into the
+        // node's import dir, the only place the agent reads one from.
+        let staged = h.data_dir().join("import/debian12.tar.zst");
+        if std::fs::hard_link(archive, &staged).is_err() {
+            std::fs::copy(archive, &staged).expect("copying the archive into the import dir");
+        }
         c.import_template_path(pb::ImportTemplatePathRequest {
             header: Some(pb::ImportTemplateHeader {
                 name: "debian12".into(),
                 ..Default::default()
             }),
-            path: archive.into(),
+            path: "debian12.tar.zst".into(),
         })
         .await
         .unwrap();

@@ -25,12 +25,18 @@ pub enum TemplateCmd {
         name: String,
         /// Archive file; "-" reads standard input.
         file: String,
-        /// The file is already on the node: the agent reads it there.
+        /// The file is already in the node's import dir (ferry-agent
+        /// --import-dir, default <data-dir>/import): a name there, or an
+        /// absolute path inside it. The agent reads it there.
         #[arg(long)]
         on_node: bool,
-        /// Replace a template of the same name (refused while VPSes use it).
+        /// Replace a template of the same name.
         #[arg(long)]
         replace: bool,
+        /// With --replace: also replace the built-in template or one that
+        /// VPSes use (they keep the old tree until they restart).
+        #[arg(long, requires = "replace")]
+        force: bool,
     },
     /// List templates.
     Ls {
@@ -215,14 +221,17 @@ pub async fn template(c: &mut AgentServiceClient<Channel>, cmd: TemplateCmd) -> 
             file,
             on_node,
             replace,
+            force,
         } => {
             let header = pb::ImportTemplateHeader {
                 name,
                 format: pb::ArchiveFormat::Auto as i32,
                 replace,
+                force,
             };
             let t = if on_node {
-                let path = std::path::absolute(&file)?.to_string_lossy().into_owned();
+                // As given: the agent resolves it in its import dir.
+                let path = file.clone();
                 c.import_template_path(pb::ImportTemplatePathRequest {
                     header: Some(header),
                     path,

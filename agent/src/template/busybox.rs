@@ -124,5 +124,5 @@ fn build(paths: &Paths, busybox: &Path, staged: &Path) -> Result<()> {
         imported_unix: unix_now(),
         file_count: count,
     };
-    install(paths, staged, &meta, false)
+    install(paths, staged, &meta, false).map(|_| ())
 }

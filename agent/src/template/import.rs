@@ -89,15 +89,23 @@ pub fn unpack<R: Read>(
             hash: Sha256::new(),
         },
     );
-    let format = match format {
-        Some(f) => f,
-        None => {
-            use std::io::BufRead;
-            let head = input
-                .fill_buf()
-                .map_err(|e| AgentError::io("reading archive", e))?
-                .to_vec();
-            detect_format(&head)?
+    // Sniffed even when the caller names the format: a file that is not an
+    // archive never reaches the tar parser, so nothing of it (a host file's
+    // first bytes) can surface in an error.
+    let format = {
+        use std::io::BufRead;
+        let head = input
+            .fill_buf()
+            .map_err(|e| AgentError::io("reading archive", e))?
+            .to_vec();
+        let found = detect_format(&head)?;
+        match format {
+            Some(f) if f != found => {
+                return Err(AgentError::BadArchive(format!(
+                    "the archive is {found:?}, not the {f:?} the request named"
+                )))
+            }
+            _ => found,
         }
     };
     let (bytes, entries) = {
@@ -159,27 +167,24 @@ fn unpack_tar(reader: impl Read, dest: &Path, limits: ImportLimits) -> Result<(u
             EntryType::Directory | EntryType::Symlink | EntryType::Fifo => {}
             EntryType::Link => {
                 let target = entry.link_name().map_err(bad)?.ok_or_else(|| {
-                    AgentError::BadArchive(format!("hard link {} has no target", raw.display()))
+                    AgentError::BadArchive(format!("hard link {} has no target", show(&raw)))
                 })?;
                 let t = clean_path(&target)?.ok_or_else(|| {
-                    AgentError::BadArchive(format!(
-                        "hard link {} points at the root",
-                        raw.display()
-                    ))
+                    AgentError::BadArchive(format!("hard link {} points at the root", show(&raw)))
                 })?;
                 check_no_symlink_parents(dest, &t, &raw)?;
                 let full = dest.join(&t);
                 let meta = std::fs::symlink_metadata(&full).map_err(|_| {
                     AgentError::BadArchive(format!(
                         "hard link {} -> {}: target is not in the archive",
-                        raw.display(),
+                        show(&raw),
                         t.display()
                     ))
                 })?;
                 if meta.is_dir() {
                     return Err(AgentError::BadArchive(format!(
                         "hard link {} points at a directory",
-                        raw.display()
+                        show(&raw)
                     )));
                 }
                 // Linked here, from the checked in-tree path: the tar crate's own
@@ -188,7 +193,7 @@ fn unpack_tar(reader: impl Read, dest: &Path, limits: ImportLimits) -> Result<(u
                 let target = dest.join(&rel);
                 let _ = std::fs::remove_file(&target);
                 std::fs::hard_link(&full, &target).map_err(|e| {
-                    AgentError::BadArchive(format!("hard link {}: {e}", raw.display()))
+                    AgentError::BadArchive(format!("hard link {}: {e}", show(&raw)))
                 })?;
                 continue;
             }
@@ -198,7 +203,7 @@ fn unpack_tar(reader: impl Read, dest: &Path, limits: ImportLimits) -> Result<(u
                 }
                 return Err(AgentError::BadArchive(format!(
                     "device node {} outside /dev is not allowed in a template",
-                    raw.display()
+                    show(&raw)
                 )));
             }
             EntryType::XGlobalHeader
@@ -208,7 +213,7 @@ fn unpack_tar(reader: impl Read, dest: &Path, limits: ImportLimits) -> Result<(u
             other => {
                 return Err(AgentError::BadArchive(format!(
                     "entry {} has unsupported type {other:?}",
-                    raw.display()
+                    show(&raw)
                 )))
             }
         }
@@ -226,9 +231,19 @@ fn unpack_tar(reader: impl Read, dest: &Path, limits: ImportLimits) -> Result<(u
         }
         entry
             .unpack(&target)
-            .map_err(|e| AgentError::BadArchive(format!("unpacking {}: {e}", raw.display())))?;
+            .map_err(|e| AgentError::BadArchive(format!("unpacking {}: {e}", show(&raw))))?;
     }
     Ok((total, count))
+}
+
+/// An entry's name for a message: quoted, escaped, at most 100 characters.
+fn show(p: &Path) -> String {
+    let s = format!("{:?}", p.to_string_lossy());
+    if s.chars().count() > 100 {
+        format!("{}...", s.chars().take(100).collect::<String>())
+    } else {
+        s
+    }
 }
 
 /// Normalizes an archive path to a relative one: drops `.` and a leading `/`,
@@ -242,7 +257,7 @@ fn clean_path(p: &Path) -> Result<Option<PathBuf>> {
             Component::ParentDir | Component::Prefix(_) => {
                 return Err(AgentError::BadArchive(format!(
                     "entry {} leaves the tree (..)",
-                    p.display()
+                    show(p)
                 )))
             }
         }
@@ -260,14 +275,14 @@ fn check_no_symlink_parents(dest: &Path, rel: &Path, raw: &Path) -> Result<()> {
             Ok(m) if m.file_type().is_symlink() => {
                 return Err(AgentError::BadArchive(format!(
                     "entry {} would be written through the symlink {}",
-                    raw.display(),
+                    show(raw),
                     cur.strip_prefix(dest).unwrap_or(&cur).display()
                 )))
             }
             Ok(m) if !m.is_dir() => {
                 return Err(AgentError::BadArchive(format!(
                     "entry {}: a parent is not a directory",
-                    raw.display()
+                    show(raw)
                 )))
             }
             _ => {}

@@ -19,6 +19,9 @@ use crate::error::{AgentError, IoContext, Result};
 use crate::paths::Paths;
 
 pub const META_FILE: &str = "template.json";
+/// Under `templates/`: replaced templates' trees, kept for the VPSes that
+/// still run on them.
+pub const RETIRED: &str = ".retired";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TemplateMeta {
@@ -71,8 +74,14 @@ pub fn list(paths: &Paths) -> Result<Vec<TemplateMeta>> {
     Ok(out)
 }
 
-/// Moves a finished staging dir (holding `rootfs/`) into place as template `name`.
-pub fn install(paths: &Paths, staged: &Path, meta: &TemplateMeta, replace: bool) -> Result<()> {
+/// Moves a finished staging dir (holding `rootfs/`) into place as template
+/// `name`; returns where a replaced template's tree went.
+pub fn install(
+    paths: &Paths,
+    staged: &Path,
+    meta: &TemplateMeta,
+    replace: bool,
+) -> Result<Option<PathBuf>> {
     let json = serde_json::to_vec_pretty(meta).map_err(|e| AgentError::Internal(e.to_string()))?;
     std::fs::write(staged.join(META_FILE), json).at("writing", staged.join(META_FILE))?;
     let dest = paths.template(&meta.name);
@@ -81,16 +90,19 @@ pub fn install(paths: &Paths, staged: &Path, meta: &TemplateMeta, replace: bool)
         if !replace {
             return Err(AgentError::exists("template", &meta.name));
         }
-        let old = paths
-            .staging()
-            .join(format!("old-{}-{}", meta.name, std::process::id()));
+        // Kept, not removed: a VPS running on the old tree keeps it as its
+        // overlay's lower layer until it restarts (replacing one in use needs
+        // force). `ls` skips the dir, which holds no template.json at its top.
+        let retired = paths.templates().join(RETIRED);
+        std::fs::create_dir_all(&retired).at("creating", &retired)?;
+        let old = retired.join(format!("{}-{}", meta.name, unix_now()));
         std::fs::rename(&dest, &old).at("moving aside", &dest)?;
         std::fs::rename(staged, &dest).at("installing template", &dest)?;
-        remove_tree(&old)?;
+        Ok(Some(old))
     } else {
         std::fs::rename(staged, &dest).at("installing template", &dest)?;
+        Ok(None)
     }
-    Ok(())
 }
 
 /// Removes a directory tree without following symlinks (template trees hold

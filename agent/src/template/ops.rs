@@ -28,13 +28,90 @@ impl Agent {
     pub fn check_import(&self, h: &pb::ImportTemplateHeader) -> Result<Option<Format>> {
         validate_name("name", &h.name)?;
         let fmt = format_from_pb(h.format)?;
+        if h.force && !h.replace {
+            return Err(AgentError::invalid("force", "goes with replace"));
+        }
         if !h.replace && self.paths.template(&h.name).exists() {
             return Err(AgentError::exists("template", &h.name));
         }
-        if h.replace {
-            self.ensure_template_unused(&h.name)?;
+        if h.replace && !h.force {
+            if h.name == super::busybox::NAME {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "template {} is built in; replacing it needs force (--force)",
+                    h.name
+                )));
+            }
+            self.ensure_template_unused(&h.name)
+                .map_err(|e| AgentError::FailedPrecondition(format!(
+                    "{e}; force (--force) replaces it, and they keep the old tree until they restart"
+                )))?;
         }
         Ok(fmt)
+    }
+
+    /// The only directory `ImportTemplatePath` reads from.
+    pub fn import_dir(&self) -> std::path::PathBuf {
+        self.cfg
+            .import_dir
+            .clone()
+            .unwrap_or_else(|| self.paths.import())
+    }
+
+    /// Opens an archive for `ImportTemplatePath`: `path` is relative to the
+    /// import dir or absolute inside it, reached without following a
+    /// symlink, and a regular file (a device, a fifo or a directory is
+    /// refused before a byte is read). Nothing of its content is echoed.
+    pub fn open_import_file(&self, path: &str) -> Result<std::fs::File> {
+        use nix::fcntl::OFlag;
+        let dir = self.import_dir();
+        let p = std::path::Path::new(path);
+        let rel = if p.is_absolute() {
+            p.strip_prefix(&dir).map_err(|_| {
+                AgentError::invalid(
+                    "path",
+                    format!(
+                        "{path:?} is not in this node's import dir {} (ferry-agent --import-dir)",
+                        dir.display()
+                    ),
+                )
+            })?
+        } else {
+            p
+        };
+        let plain = rel
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !plain || rel.as_os_str().is_empty() {
+            return Err(AgentError::invalid(
+                "path",
+                format!("{path:?} must name a file in the import dir, without '..'"),
+            ));
+        }
+        let not_ok = |why: String| AgentError::invalid("path", format!("{path:?}: {why}"));
+        let beneath = ferry_migrate::tree::beneath::Beneath::open(&dir)
+            .map_err(|e| AgentError::io(format!("opening the import dir {}", dir.display()), e))?;
+        let file = beneath
+            .place(rel)
+            .and_then(|pl| {
+                pl.open(
+                    OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY,
+                    nix::sys::stat::Mode::empty(),
+                )
+            })
+            .map_err(|e| {
+                if ferry_migrate::tree::beneath::is_escape(&e) {
+                    not_ok("reached through a symlink (refused)".into())
+                } else {
+                    not_ok(e.to_string())
+                }
+            })?;
+        let md = file
+            .metadata()
+            .map_err(|e| AgentError::io("reading the archive's type", e))?;
+        if !md.file_type().is_file() {
+            return Err(not_ok("not a regular file".into()));
+        }
+        Ok(file)
     }
 
     /// Unpacks an archive into staging and installs it. Blocking: call from a
@@ -54,7 +131,10 @@ impl Agent {
         let res = (|| {
             std::fs::create_dir_all(&root)
                 .map_err(|e| AgentError::io(format!("creating {}", root.display()), e))?;
-            let u = unpack(input, fmt, &root, self.cfg.import_limits)?;
+            let mut limits = self.cfg.import_limits;
+            // The unpacked tree must fit the data dir too, less a reserve.
+            limits.max_bytes = limits.max_bytes.min(self.free_room());
+            let u = unpack(input, fmt, &root, limits)?;
             let (size, count) = tree_usage(&root);
             let meta = TemplateMeta {
                 name: h.name.clone(),
@@ -64,7 +144,14 @@ impl Agent {
                 imported_unix: unix_now(),
                 file_count: count,
             };
-            install(&self.paths, &staged, &meta, h.replace)?;
+            if let Some(old) = install(&self.paths, &staged, &meta, h.replace)? {
+                if self.ensure_template_unused(&h.name).is_ok() {
+                    super::remove_tree(&old)?;
+                } else {
+                    tracing::warn!(template = %h.name, kept = %old.display(),
+                        "template replaced while VPSes use it: they keep the old tree until they restart");
+                }
+            }
             Ok(meta)
         })();
         if res.is_err() {

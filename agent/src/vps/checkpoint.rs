@@ -188,16 +188,22 @@ impl Agent {
     /// How much a restore may upload, and what sets that: the configured
     /// most, or the data dir's free space less 1 GiB.
     pub fn upload_room(&self) -> (u64, &'static str) {
-        const RESERVE: u64 = 1 << 30;
-        let free = nix::sys::statvfs::statvfs(&self.paths.data_dir)
-            .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
-            .unwrap_or(u64::MAX);
-        let fits = free.saturating_sub(RESERVE);
+        let fits = self.free_room();
         if fits < self.cfg.max_upload_bytes {
             (fits, "the data dir's free space less 1 GiB")
         } else {
             (self.cfg.max_upload_bytes, "--max-upload-bytes")
         }
+    }
+
+    /// The data dir's free space less a 1 GiB reserve: what one stream
+    /// (an upload, a push, an import) may write at most.
+    pub fn free_room(&self) -> u64 {
+        const RESERVE: u64 = 1 << 30;
+        nix::sys::statvfs::statvfs(&self.paths.data_dir)
+            .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
+            .unwrap_or(u64::MAX)
+            .saturating_sub(RESERVE)
     }
 
     /// A fresh scratch directory under `<data>/work`.

@@ -40,19 +40,35 @@ impl Agent {
         let Some(net) = &config.net else {
             return Ok(());
         };
-        let holder = std::fs::read_dir(self.paths.vps_root())
+        let others: Vec<_> = std::fs::read_dir(self.paths.vps_root())
             .into_iter()
             .flatten()
             .flatten()
             .filter_map(|e| e.file_name().to_str().and_then(|n| self.record(n).ok()))
-            .find(|r| r.config.net.as_ref().map(|n| n.ip) == Some(net.ip));
-        match holder {
-            Some(other) => Err(AgentError::AlreadyExists {
+            .collect();
+        let held = |f: &dyn Fn(&crate::spec::NetConfig) -> bool| {
+            others
+                .iter()
+                .find(|r| r.config.net.as_ref().is_some_and(f))
+                .map(|r| r.config.name.clone())
+        };
+        if let Some(other) = held(&|n| n.ip == net.ip) {
+            return Err(AgentError::AlreadyExists {
                 kind: "net.ip",
-                name: format!("{} (held by VPS {})", net.ip, other.config.name),
-            }),
-            None => Ok(()),
+                name: format!("{} (held by VPS {other})", net.ip),
+            });
         }
+        // Two ports with one MAC on the bridge would take each other's frames.
+        if let Some(other) = held(&|n| n.mac == net.mac) {
+            return Err(AgentError::AlreadyExists {
+                kind: "net.mac",
+                name: format!(
+                    "{} (held by VPS {other})",
+                    crate::spec::format_mac(&net.mac)
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Lays down a new VPS's directories and record. Built in a hidden dir and

@@ -56,6 +56,9 @@ pub struct AgentConfig {
     pub expedite_rcu: bool,
     /// The largest checkpoint archive a restore may upload.
     pub max_upload_bytes: u64,
+    /// The only directory `ImportTemplatePath` reads from (None:
+    /// `<data_dir>/import`).
+    pub import_dir: Option<PathBuf>,
 }
 
 /// The persistent record of a VPS (`vps/<name>/config.json`).
@@ -108,6 +111,15 @@ impl Agent {
             paths.run_dir.clone(),
         ] {
             std::fs::create_dir_all(&d).at("creating", &d)?;
+        }
+        let import_dir = cfg.import_dir.clone().unwrap_or_else(|| paths.import());
+        if !import_dir.exists() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&import_dir)
+                .at("creating", &import_dir)?;
         }
         // Leftovers of interrupted imports.
         if let Ok(rd) = std::fs::read_dir(paths.staging()) {
