@@ -179,6 +179,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // Migration pushes stream hundreds of MB: HTTP/2's default 64 KiB
         // window would have the target grant more every few frames.
         let router = tonic::transport::Server::builder()
+            .layer(ferry_proto::addr::server_layer())
             .initial_stream_window_size(ferry_proto::addr::STREAM_WINDOW)
             .initial_connection_window_size(ferry_proto::addr::CONNECTION_WINDOW)
             .max_frame_size(ferry_proto::addr::MAX_FRAME)

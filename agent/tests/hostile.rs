@@ -421,3 +421,74 @@ async fn template_import_reads_only_regular_files_in_the_import_dir() {
     })
     .await;
 }
+
+/// Sends bytes as they are: a message no client library would send.
+#[derive(Clone, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use prost::bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use prost::bytes::Buf;
+        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_that_does_not_decode_is_invalid_argument() {
+    bounded(30, async {
+        let h = Host::new().await;
+        let addr: ferry_proto::addr::Addr = format!("unix:{}", h.sock().display())
+            .parse()
+            .expect("addr");
+        let ch = ferry_proto::addr::connect(&addr).await.expect("connect");
+        let mut g = tonic::client::Grpc::new(ch);
+        g.ready().await.expect("ready");
+        // An unterminated varint where a field tag should be.
+        let e = g
+            .unary(
+                tonic::Request::new(vec![0xff, 0xff, 0xff]),
+                tonic::codegen::http::uri::PathAndQuery::from_static(
+                    "/ferry.agent.v1.AgentService/GetVps",
+                ),
+                RawCodec,
+            )
+            .await
+            .expect_err("garbage was decoded");
+        assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+        let mut c = h.client().await;
+        c.get_node(pb::GetNodeRequest {}).await.expect("healthy");
+    })
+    .await;
+}

@@ -97,6 +97,7 @@ fn main() -> anyhow::Result<()> {
         .context("starting the controller")?;
         tracing::info!(listen = %cli.listen, advertise = %advertise, "controller serving");
         let router = tonic::transport::Server::builder()
+            .layer(ferry_proto::addr::server_layer())
             .add_service(
                 RaftServiceServer::new(RaftServer { ctl: ctl.clone() })
                     .max_decoding_message_size(ferry_proto::limits::RAFT_MESSAGE)

@@ -81,8 +81,14 @@ pub async fn connect(addr: &Addr) -> Result<Channel, tonic::transport::Error> {
 }
 
 /// Serves `router` on `addr` until SIGINT or SIGTERM: TCP on `HOST:PORT` (an IP
-/// address), or a unix socket (a stale socket file is replaced).
-pub async fn serve(router: tonic::transport::server::Router, addr: &Addr) -> Result<(), String> {
+/// address), or a unix socket (a stale socket file is replaced). The router
+/// is built with [`server_layer`], as every Ferry daemon's is.
+pub async fn serve(
+    router: tonic::transport::server::Router<
+        tower::layer::util::Stack<ServerLayer, tower::layer::util::Identity>,
+    >,
+    addr: &Addr,
+) -> Result<(), String> {
     match addr {
         Addr::Tcp(h) => {
             let sa: std::net::SocketAddr = h
@@ -109,6 +115,40 @@ pub async fn serve(router: tonic::transport::server::Router, addr: &Addr) -> Res
                 .map_err(|e| format!("serving on {}: {e}", p.display()))
         }
     }
+}
+
+/// A server layer: a request message that does not decode is the caller's
+/// bad input. tonic answers it `Internal` (gRPC's table says so for a
+/// server's own parse failures); Ferry's daemons answer `InvalidArgument`,
+/// as for any other malformed field.
+pub fn decode_failures_are_invalid_argument<B>(
+    mut resp: tonic::codegen::http::Response<B>,
+) -> tonic::codegen::http::Response<B> {
+    let h = resp.headers();
+    let internal = h.get("grpc-status").is_some_and(|v| v == "13");
+    let decode = h
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|m| m.contains("decode"));
+    if internal && decode {
+        resp.headers_mut().insert(
+            "grpc-status",
+            tonic::codegen::http::HeaderValue::from_static("3"),
+        );
+    }
+    resp
+}
+
+/// [`decode_failures_are_invalid_argument`] as a layer for
+/// `Server::builder().layer(..)`.
+pub type ServerLayer = tower::util::MapResponseLayer<
+    fn(
+        tonic::codegen::http::Response<tonic::body::Body>,
+    ) -> tonic::codegen::http::Response<tonic::body::Body>,
+>;
+
+pub fn server_layer() -> ServerLayer {
+    tower::util::MapResponseLayer::new(decode_failures_are_invalid_argument::<tonic::body::Body>)
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -1,5 +1,10 @@
 //! Unpacking a rootfs archive without trusting it.
 //!
+//! Every entry is made with `*at` calls relative to its parent directory,
+//! reached beneath the staging root with no symlink followed
+//! ([`ferry_migrate::tree::beneath`]); its data, owner, mode, xattrs and mtime
+//! are set through the new file's descriptor.
+//!
 //! Refused, with the entry named: paths with `..` components; entries that would
 //! be written through a symlink (so `evil -> /etc` followed by `evil/passwd`
 //! cannot reach the host); hard links to anything outside the tree; device nodes
@@ -11,6 +16,9 @@
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
+use ferry_migrate::tree::beneath::{self, Beneath, Place};
+use nix::fcntl::OFlag;
+use nix::sys::stat::{Mode, SFlag};
 use sha2::{Digest, Sha256};
 use tar::EntryType;
 
@@ -132,11 +140,8 @@ pub fn unpack<R: Read>(
 
 fn unpack_tar(reader: impl Read, dest: &Path, limits: ImportLimits) -> Result<(u64, u64)> {
     let mut ar = tar::Archive::new(reader);
-    ar.set_preserve_permissions(true);
-    ar.set_preserve_ownerships(true);
-    ar.set_preserve_mtime(true);
-    ar.set_unpack_xattrs(true);
-    ar.set_overwrite(true);
+    let root = Beneath::open(dest)
+        .map_err(|e| AgentError::io(format!("opening {}", dest.display()), e))?;
     let mut total = 0u64;
     let mut count = 0u64;
     let bad = |e: std::io::Error| AgentError::BadArchive(e.to_string());
@@ -164,39 +169,7 @@ fn unpack_tar(reader: impl Read, dest: &Path, limits: ImportLimits) -> Result<(u
                     )));
                 }
             }
-            EntryType::Directory | EntryType::Symlink | EntryType::Fifo => {}
-            EntryType::Link => {
-                let target = entry.link_name().map_err(bad)?.ok_or_else(|| {
-                    AgentError::BadArchive(format!("hard link {} has no target", show(&raw)))
-                })?;
-                let t = clean_path(&target)?.ok_or_else(|| {
-                    AgentError::BadArchive(format!("hard link {} points at the root", show(&raw)))
-                })?;
-                check_no_symlink_parents(dest, &t, &raw)?;
-                let full = dest.join(&t);
-                let meta = std::fs::symlink_metadata(&full).map_err(|_| {
-                    AgentError::BadArchive(format!(
-                        "hard link {} -> {}: target is not in the archive",
-                        show(&raw),
-                        t.display()
-                    ))
-                })?;
-                if meta.is_dir() {
-                    return Err(AgentError::BadArchive(format!(
-                        "hard link {} points at a directory",
-                        show(&raw)
-                    )));
-                }
-                // Linked here, from the checked in-tree path: the tar crate's own
-                // unpack would resolve the link's source against our cwd.
-                check_no_symlink_parents(dest, &rel, &raw)?;
-                let target = dest.join(&rel);
-                let _ = std::fs::remove_file(&target);
-                std::fs::hard_link(&full, &target).map_err(|e| {
-                    AgentError::BadArchive(format!("hard link {}: {e}", show(&raw)))
-                })?;
-                continue;
-            }
+            EntryType::Directory | EntryType::Symlink | EntryType::Fifo | EntryType::Link => {}
             EntryType::Char | EntryType::Block => {
                 if rel.starts_with("dev") {
                     continue;
@@ -217,23 +190,207 @@ fn unpack_tar(reader: impl Read, dest: &Path, limits: ImportLimits) -> Result<(u
                 )))
             }
         }
-        check_no_symlink_parents(dest, &rel, &raw)?;
-        let target = dest.join(&rel);
-        // A symlink or file already there is replaced, never written through.
-        if let Ok(m) = std::fs::symlink_metadata(&target) {
-            if m.file_type().is_symlink() || (!m.is_dir() && kind != EntryType::Directory) {
-                let _ = std::fs::remove_file(&target);
-            }
-        }
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| AgentError::io(format!("creating {}", parent.display()), e))?;
-        }
-        entry
-            .unpack(&target)
-            .map_err(|e| AgentError::BadArchive(format!("unpacking {}: {e}", show(&raw))))?;
+        let place = make_parents(&root, &rel, &raw)?;
+        write_entry(&root, &place, &mut entry, kind, &raw)?;
     }
     Ok((total, count))
+}
+
+/// The entry's place, its missing parent directories made (an archive may
+/// list a file before, or without, its directory). Every component is
+/// reached beneath the root with no symlink followed.
+fn make_parents(root: &Beneath, rel: &Path, raw: &Path) -> Result<Place> {
+    let mut cur = PathBuf::new();
+    let comps: Vec<_> = rel.components().collect();
+    for c in &comps[..comps.len().saturating_sub(1)] {
+        cur.push(c);
+        let p = root.place(&cur).map_err(|e| lookup_err(e, raw))?;
+        match p
+            .lstat()
+            .map_err(|e| AgentError::io("inspecting the tree", e))?
+        {
+            None => p
+                .mkdir(Mode::from_bits_truncate(0o755))
+                .map_err(|e| AgentError::io(format!("creating {}", cur.display()), e))?,
+            Some(st) if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR => {
+            }
+            Some(st) if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFLNK => {
+                return Err(AgentError::BadArchive(format!(
+                    "entry {} would be written through the symlink {}",
+                    show(raw),
+                    show(&cur)
+                )))
+            }
+            Some(_) => {
+                return Err(AgentError::BadArchive(format!(
+                    "entry {}: a parent is not a directory",
+                    show(raw)
+                )))
+            }
+        }
+    }
+    root.place(rel).map_err(|e| lookup_err(e, raw))
+}
+
+fn lookup_err(e: std::io::Error, raw: &Path) -> AgentError {
+    if beneath::is_escape(&e) {
+        AgentError::BadArchive(format!(
+            "entry {} would be written through a symlink or a non-directory",
+            show(raw)
+        ))
+    } else {
+        AgentError::io(format!("resolving {}", show(raw)), e)
+    }
+}
+
+/// Makes one entry at `place` (what was there goes first, a directory
+/// excepted when the entry is one), then its owner, mode, xattrs and mtime:
+/// all through `*at` calls or the new file's descriptor, never a path.
+fn write_entry<R: Read>(
+    root: &Beneath,
+    place: &Place,
+    entry: &mut tar::Entry<'_, R>,
+    kind: EntryType,
+    raw: &Path,
+) -> Result<()> {
+    use std::os::fd::AsFd;
+    let h = entry.header();
+    let (uid, gid) = (
+        h.uid()
+            .map_err(|e| AgentError::BadArchive(format!("{}: uid: {e}", show(raw))))?
+            as u32,
+        h.gid()
+            .map_err(|e| AgentError::BadArchive(format!("{}: gid: {e}", show(raw))))?
+            as u32,
+    );
+    let mode = Mode::from_bits_truncate(h.mode().unwrap_or(0o644) & 0o7777);
+    let mtime = nix::sys::time::TimeSpec::new(h.mtime().unwrap_or(0) as i64, 0);
+    let fail = |what: &str, e: std::io::Error| {
+        AgentError::BadArchive(format!("unpacking {}: {what}: {e}", show(raw)))
+    };
+    let existing = place.lstat().map_err(|e| fail("inspecting", e))?;
+    let is_dir = existing
+        .is_some_and(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR);
+    if existing.is_some() && !(is_dir && kind == EntryType::Directory) {
+        place.remove_all().map_err(|e| fail("replacing", e))?;
+    }
+    let xattrs: Vec<(String, Vec<u8>)> = match entry.pax_extensions() {
+        Ok(Some(exts)) => exts
+            .flatten()
+            .filter_map(|x| {
+                let k = x.key().ok()?.strip_prefix("SCHILY.xattr.")?.to_string();
+                Some((k, x.value_bytes().to_vec()))
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    match kind {
+        EntryType::Directory => {
+            if !is_dir {
+                place
+                    .mkdir(Mode::from_bits_truncate(0o700))
+                    .map_err(|e| fail("mkdir", e))?;
+            }
+            let d = place
+                .open(OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty())
+                .map_err(|e| fail("opening", e))?;
+            fd_meta(d.as_fd(), uid, gid, mode, &xattrs, &mtime).map_err(|e| fail("metadata", e))
+        }
+        EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
+            let mut f = place
+                .open(
+                    OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL,
+                    Mode::from_bits_truncate(0o600),
+                )
+                .map_err(|e| fail("creating", e))?;
+            std::io::copy(entry, &mut f).map_err(|e| fail("writing", e))?;
+            fd_meta(f.as_fd(), uid, gid, mode, &xattrs, &mtime).map_err(|e| fail("metadata", e))
+        }
+        EntryType::Symlink => {
+            let target = link_target(entry, "symlink", raw)?;
+            place
+                .symlink(target.as_os_str())
+                .map_err(|e| fail("symlink", e))?;
+            place.chown(uid, gid).map_err(|e| fail("owner", e))?;
+            place.set_times(&mtime).map_err(|e| fail("mtime", e))
+        }
+        EntryType::Link => {
+            let target = link_target(entry, "hard link", raw)?;
+            let t = clean_path(&target)?.ok_or_else(|| {
+                AgentError::BadArchive(format!("hard link {} points at the root", show(raw)))
+            })?;
+            let missing = || {
+                AgentError::BadArchive(format!(
+                    "hard link {} -> {}: target is not in the archive",
+                    show(raw),
+                    show(&t)
+                ))
+            };
+            let src = match root.place(&t) {
+                Ok(p) => p,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(missing()),
+                Err(e) => return Err(lookup_err(e, raw)),
+            };
+            match src.lstat().map_err(|e| fail("inspecting", e))? {
+                None => Err(missing()),
+                Some(st)
+                    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR =>
+                {
+                    Err(AgentError::BadArchive(format!(
+                        "hard link {} points at a directory",
+                        show(raw)
+                    )))
+                }
+                Some(_) => place.link_from(&src).map_err(|e| fail("link", e)),
+            }
+        }
+        EntryType::Fifo => {
+            place
+                .mknod(SFlag::S_IFIFO, Mode::from_bits_truncate(0o600), 0)
+                .map_err(|e| fail("mkfifo", e))?;
+            place.chown(uid, gid).map_err(|e| fail("owner", e))?;
+            place.chmod(mode).map_err(|e| fail("mode", e))?;
+            place.set_times(&mtime).map_err(|e| fail("mtime", e))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A link entry's target; `what` names the kind in the error.
+fn link_target<R: Read>(entry: &tar::Entry<'_, R>, what: &str, raw: &Path) -> Result<PathBuf> {
+    entry
+        .link_name()
+        .map_err(|e| AgentError::BadArchive(e.to_string()))?
+        .map(|t| t.into_owned())
+        .ok_or_else(|| AgentError::BadArchive(format!("{what} {} has no target", show(raw))))
+}
+
+/// Owner, then mode (chown clears setuid), xattrs, then mtime, through `fd`.
+fn fd_meta(
+    fd: std::os::fd::BorrowedFd<'_>,
+    uid: u32,
+    gid: u32,
+    mode: Mode,
+    xattrs: &[(String, Vec<u8>)],
+    mtime: &nix::sys::time::TimeSpec,
+) -> std::io::Result<()> {
+    nix::unistd::fchown(fd, Some(uid.into()), Some(gid.into()))?;
+    nix::sys::stat::fchmod(fd, mode)?;
+    for (k, v) in xattrs {
+        let name = std::ffi::CString::new(k.as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: `name` is a NUL-terminated string and `v` a live buffer of
+        // `v.len()` bytes for the duration of the call; `fd` is open.
+        let r = unsafe {
+            libc::fsetxattr(fd.as_raw_fd(), name.as_ptr(), v.as_ptr().cast(), v.len(), 0)
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    nix::sys::stat::futimens(fd, mtime, mtime)?;
+    Ok(())
 }
 
 /// An entry's name for a message: quoted, escaped, at most 100 characters.
@@ -263,32 +420,6 @@ fn clean_path(p: &Path) -> Result<Option<PathBuf>> {
         }
     }
     Ok((!out.as_os_str().is_empty()).then_some(out))
-}
-
-/// Every ancestor of `rel` below `dest` must be a real directory (or absent).
-fn check_no_symlink_parents(dest: &Path, rel: &Path, raw: &Path) -> Result<()> {
-    let mut cur = dest.to_path_buf();
-    let comps: Vec<_> = rel.components().collect();
-    for c in &comps[..comps.len().saturating_sub(1)] {
-        cur.push(c);
-        match std::fs::symlink_metadata(&cur) {
-            Ok(m) if m.file_type().is_symlink() => {
-                return Err(AgentError::BadArchive(format!(
-                    "entry {} would be written through the symlink {}",
-                    show(raw),
-                    cur.strip_prefix(dest).unwrap_or(&cur).display()
-                )))
-            }
-            Ok(m) if !m.is_dir() => {
-                return Err(AgentError::BadArchive(format!(
-                    "entry {}: a parent is not a directory",
-                    show(raw)
-                )))
-            }
-            _ => {}
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
