@@ -48,8 +48,20 @@ pub struct Step {
     pub action: Action,
 }
 
+/// How long after a committed move its target may go on not listing the
+/// VPS before the reconciler takes it for lost: the decision clears the
+/// migration record before the target's finish has run, and an arriving VPS
+/// is not in the target's reports until then (a create in that window
+/// cold-booted a second copy over the real restore).
+pub const SETTLE: Duration = Duration::from_secs(30);
+
 /// What to do, from the state and the latest reports (pure; tested alone).
-pub fn plan(s: &ClusterState, seen: &HashMap<String, super::Seen>) -> Vec<Step> {
+/// `settling`: VPSes just moved by a migration, within [`SETTLE`].
+pub fn plan(
+    s: &ClusterState,
+    seen: &HashMap<String, super::Seen>,
+    settling: &HashSet<String>,
+) -> Vec<Step> {
     let mut steps = Vec::new();
     for v in s.vps.values() {
         let Some(node) = s.nodes.get(&v.node) else {
@@ -67,6 +79,8 @@ pub fn plan(s: &ClusterState, seen: &HashMap<String, super::Seen>) -> Vec<Step> 
             continue;
         }
         let action = match (report.vps.get(&v.spec.name), v.desired) {
+            // Moved here just now: the target is still finishing it.
+            (None, _) if settling.contains(&v.spec.name) => None,
             (None, d) => Some(Action::Create {
                 spec: Box::new(v.spec.to_pb(v.generation)),
                 start: d == Desired::Running,
@@ -118,6 +132,9 @@ pub fn plan(s: &ClusterState, seen: &HashMap<String, super::Seen>) -> Vec<Step> 
 }
 
 pub struct Reconciler {
+    /// VPS → (generation, when this leader first saw it) for VPSes whose
+    /// last migration moved them.
+    moved: HashMap<String, (u64, Instant)>,
     inflight: Arc<Mutex<HashSet<String>>>,
     backoff: Arc<Mutex<HashMap<String, (Instant, Duration)>>>,
     limit: Arc<tokio::sync::Semaphore>,
@@ -126,6 +143,7 @@ pub struct Reconciler {
 impl Default for Reconciler {
     fn default() -> Self {
         Self {
+            moved: Default::default(),
             inflight: Default::default(),
             backoff: Default::default(),
             limit: Arc::new(tokio::sync::Semaphore::new(PARALLEL)),
@@ -137,7 +155,28 @@ impl Reconciler {
     pub async fn tick(&mut self, ctl: &Controller) {
         let Ok(m) = ctl.member().await else { return };
         let seen = ctl.leader.snapshot();
-        let steps = m.sm.read(|a| plan(&a.state, &seen));
+        let now = Instant::now();
+        let moved = &mut self.moved;
+        let settling = m.sm.read(|a| {
+            moved.retain(|name, _| a.state.vps.contains_key(name));
+            let mut settling = HashSet::new();
+            for v in a.state.vps.values() {
+                if !v.last_migration.as_ref().is_some_and(|o| o.moved) {
+                    continue;
+                }
+                let e = moved
+                    .entry(v.spec.name.clone())
+                    .or_insert((v.generation, now));
+                if e.0 != v.generation {
+                    *e = (v.generation, now);
+                }
+                if now.duration_since(e.1) < SETTLE {
+                    settling.insert(v.spec.name.clone());
+                }
+            }
+            settling
+        });
+        let steps = m.sm.read(|a| plan(&a.state, &seen, &settling));
         for step in steps {
             let key = format!("{}/{}", step.node_addr, step.vps);
             {
@@ -204,7 +243,7 @@ fn short(a: &Action) -> &'static str {
 
 async fn run(step: &Step) -> Result<(), String> {
     let a: ferry_proto::addr::Addr = step.node_addr.parse()?;
-    let ch = ferry_proto::addr::connect(&a)
+    let ch = ferry_proto::addr::connect_node(&a)
         .await
         .map_err(|e| format!("agent {a}: {e}"))?;
     let mut c = ferry_proto::limits::agent_client(ch);
@@ -318,17 +357,20 @@ mod tests {
                 .map(|s| (s.vps, short(&s.action)))
                 .collect::<Vec<_>>()
         };
-        assert_eq!(kinds(plan(&s, &seen(&[]))), [("v".to_string(), "create")]);
         assert_eq!(
-            kinds(plan(&s, &seen(&[("v", 1, "stopped")]))),
+            kinds(plan(&s, &seen(&[]), &HashSet::new())),
+            [("v".to_string(), "create")]
+        );
+        assert_eq!(
+            kinds(plan(&s, &seen(&[("v", 1, "stopped")]), &HashSet::new())),
             [("v".to_string(), "start")]
         );
-        assert!(plan(&s, &seen(&[("v", 1, "running")])).is_empty());
+        assert!(plan(&s, &seen(&[("v", 1, "running")]), &HashSet::new()).is_empty());
         // A newer generation than the node holds (limits changed): sync.
         let mut newer = s.clone();
         newer.vps.get_mut("v").unwrap().generation = 2;
         assert_eq!(
-            kinds(plan(&newer, &seen(&[("v", 1, "running")]))),
+            kinds(plan(&newer, &seen(&[("v", 1, "running")]), &HashSet::new())),
             [("v".to_string(), "sync")]
         );
         // Deleted from the cluster: destroyed. Made node-local (generation 0): untouched.
@@ -339,7 +381,8 @@ mod tests {
                     ("v", 1, "running"),
                     ("old", 3, "running"),
                     ("mine", 0, "running")
-                ])
+                ]),
+                &HashSet::new()
             )),
             [("old".to_string(), "destroy")]
         );
@@ -352,12 +395,21 @@ mod tests {
             phase: "rootfs".into(),
             started_ms: 0,
         });
-        assert!(plan(&moving, &seen(&[("v", 1, "stopped")])).is_empty());
-        assert!(plan(&moving, &seen(&[])).is_empty());
+        assert!(plan(&moving, &seen(&[("v", 1, "stopped")]), &HashSet::new()).is_empty());
+        assert!(plan(&moving, &seen(&[]), &HashSet::new()).is_empty());
         // No report from the node yet, or the node down: nothing.
-        assert!(plan(&s, &HashMap::new()).is_empty());
+        assert!(plan(&s, &HashMap::new(), &HashSet::new()).is_empty());
+        // Just moved here by a migration: the target's report may predate its
+        // finish, so no create until it settles (then a lost VPS is made again).
+        let settling: HashSet<String> = ["v".to_string()].into();
+        assert!(plan(&s, &seen(&[]), &settling).is_empty());
+        assert_eq!(
+            kinds(plan(&s, &seen(&[("v", 1, "stopped")]), &settling)),
+            [("v".to_string(), "start")],
+            "a report that lists it is acted on"
+        );
         let mut down = s.clone();
         down.nodes.get_mut("a").unwrap().down = true;
-        assert!(plan(&down, &seen(&[])).is_empty());
+        assert!(plan(&down, &seen(&[]), &HashSet::new()).is_empty());
     }
 }
