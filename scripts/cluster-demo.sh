@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The main job: a local Ferry cluster on this one machine. Three "hosts", each
 # a network namespace with its own address on a LAN bridge and its own data
-# dirs, each running a controller replica and an agent. The controllers form
-# a Raft cluster; the agents join it; VPSes are created across the nodes; then
+# dirs, each running a controller replica and an agent. Every channel is mutual
+# TLS: the first replica's --init makes the cluster CA and the first admin's
+# credentials; the other replicas and the agents join with single-use tokens.
+# The controllers form a Raft cluster; the agents join it; VPSes are created
+# across the nodes; then
 # one VPS serving HTTP is live-migrated to another node while a client polls
 # it, and the downtime is printed as Ferry measured it and as the client saw it.
 # Cleans up after itself, even when interrupted. Root required.
@@ -15,6 +18,7 @@ DIR=/var/tmp/ferry-cluster
 BIN=$PWD/target/release
 LAN=fbrlan
 CTRL=10.88.0.11:7800,10.88.0.12:7800,10.88.0.13:7800
+ADMIN=$DIR/h1/controller/pki/admin.pem
 
 down() {
   set +e
@@ -68,40 +72,50 @@ for i in 1 2 3; do
 done
 
 on() { local i=$1; shift; nsenter --net=/run/netns/ferry-h$i -- "$@"; }
-ctl() { echo "\$ ferryctl $*" >&2; "$BIN/ferryctl" --controller "$CTRL" "$@"; }
+ctl() { echo "\$ ferryctl $*" >&2; "$BIN/ferryctl" --credentials "$ADMIN" --controller "$CTRL" "$@"; }
+q() { "$BIN/ferryctl" --credentials "$ADMIN" --controller "$CTRL" "$@"; }
 
-for i in 1 2 3; do
-  init=()
-  [ "$i" = 1 ] && init=(--init --ip-pool 10.88.1.0/24)
-  on "$i" "$BIN/ferry-controller" --listen "10.88.0.1$i:7800" --data-dir "$DIR/h$i/controller" "${init[@]}" \
-    >"$DIR/controller$i.log" 2>&1 &
+on 1 "$BIN/ferry-controller" --listen 10.88.0.11:7800 --data-dir "$DIR/h1/controller" \
+  --init --ip-pool 10.88.1.0/24 >"$DIR/controller1.log" 2>&1 &
+for _ in $(seq 100); do [ -f "$ADMIN" ] && q cluster status >/dev/null 2>&1 && break; sleep 0.1; done
+echo "== mutual TLS: the cluster CA and the first admin's credentials are in $DIR/h1/controller/pki"
+for i in 2 3; do
+  token=$(q controller join-token --ttl 5m 2>/dev/null)
+  on "$i" "$BIN/ferry-controller" --listen "10.88.0.1$i:7800" --data-dir "$DIR/h$i/controller" \
+    --join "$token" --via 10.88.0.11:7800 >"$DIR/controller$i.log" 2>&1 &
+  for _ in $(seq 100); do [ -f "$DIR/h$i/controller/pki/controller.pem" ] && break; sleep 0.1; done
+  ctl controller add "10.88.0.1$i:7800"
 done
-for _ in $(seq 100); do "$BIN/ferryctl" --controller 10.88.0.11:7800 cluster status >/dev/null 2>&1 && break; sleep 0.1; done
-ctl controller add 10.88.0.12:7800
-ctl controller add 10.88.0.13:7800
 ctl cluster status
 
 for i in 1 2 3; do
+  token=$(q node join-token --ttl 5m 2>/dev/null)
   on "$i" "$BIN/ferry-agent" --listen "10.88.0.1$i:7700" --data-dir "$DIR/h$i/agent" --run-dir "$DIR/h$i/run" \
     --bridge ferrybr0 --bridge-cidr "10.88.0.1$i/16" --uplink uplink \
-    --controller "$CTRL" --node-name "node$i" --label "zone=z$i" >"$DIR/agent$i.log" 2>&1 &
+    --controller "$CTRL" --node-name "node$i" --label "zone=z$i" --join "$token" >"$DIR/agent$i.log" 2>&1 &
 done
 for _ in $(seq 100); do
-  [ "$("$BIN/ferryctl" --controller "$CTRL" node ls 2>/dev/null | grep -c ready)" = 3 ] && break; sleep 0.2
+  [ "$(q node ls 2>/dev/null | grep -c ready)" = 3 ] && break; sleep 0.2
 done
 ctl node ls
+echo "without credentials, nothing is served:"
+"$BIN/ferryctl" --controller "$CTRL" node ls 2>&1 | sed 's/^/  /' || true
+ctl user add demo-viewer --role viewer --out "$DIR/viewer.pem"
+echo "a viewer reads, and may not change anything:"
+"$BIN/ferryctl" --credentials "$DIR/viewer.pem" --controller "$CTRL" node ls | sed 's/^/  /'
+"$BIN/ferryctl" --credentials "$DIR/viewer.pem" --controller "$CTRL" node cordon node1 2>&1 | sed 's/^/  /' || true
 
 # Three web VPSes, one per node (anti-affinity), and two more where they fit best.
 for n in 1 2 3; do ctl vps create "demo-web$n" --cpu 250m --memory 64M --anti-affinity web --start; done
 ctl vps create demo-db --cpu 500m --memory 128M --selector zone=z2 --start
 ctl vps create demo-cache --cpu 250m --memory 64M --start
 for _ in $(seq 150); do
-  [ "$("$BIN/ferryctl" --controller "$CTRL" vps ls 2>/dev/null | grep -c ' running ')" = 5 ] && break; sleep 0.2
+  [ "$(q vps ls 2>/dev/null | grep -c ' running ')" = 5 ] && break; sleep 0.2
 done
 ctl vps ls
 ctl node ls
 
-field() { "$BIN/ferryctl" --controller "$CTRL" vps show "$1" -o json | grep "\"$2\"" | head -1 | cut -d'"' -f4; }
+field() { q vps show "$1" -o json | grep "\"$2\"" | head -1 | cut -d'"' -f4; }
 web1_ip=$(field demo-web1 ip)
 echo; echo "demo-web1 serves HTTP at $web1_ip on $(field demo-web1 node):"
 curl -s -m 3 "http://$web1_ip/"
@@ -130,5 +144,5 @@ awk '$2 == "ok" { if (last && $1 - last > gap) gap = $1 - last; last = $1; ok++ 
   "$DIR/poll.log"
 echo "(a poll caught by the freeze waits for its 0.5 s timeout: TCP would resend its SYN only after 1 s)"
 if [ "${1:-}" = --keep ]; then
-  echo; echo "left running. Try: $BIN/ferryctl --controller $CTRL vps ls; tear down with: scripts/cluster-demo.sh down"
+  echo; echo "left running. Try: $BIN/ferryctl --credentials $ADMIN --controller $CTRL vps ls; tear down with: scripts/cluster-demo.sh down"
 fi

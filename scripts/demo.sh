@@ -49,7 +49,7 @@ down
 mkdir -p "$DIR"
 ip netns add "$NS"
 ip -n "$NS" link set lo up
-nsenter --net=/run/netns/$NS -- "$BIN/ferry-agent" --listen "unix:$SOCK" --data-dir "$DIR/data" \
+nsenter --net=/run/netns/$NS -- "$BIN/ferry-agent" --insecure-dev --listen "unix:$SOCK" --data-dir "$DIR/data" \
   --run-dir "$DIR/run" --bridge ferrybr0 --bridge-cidr 10.77.0.1/16 >"$DIR/agent.log" 2>&1 &
 for _ in $(seq 100); do [ -S "$SOCK" ] && break; sleep 0.1; done
 ctl() { echo "\$ ferryctl $*" >&2; "$BIN/ferryctl" --agent "unix:$SOCK" "$@"; }

@@ -26,8 +26,11 @@ pub struct ClusterLink {
 
 async fn connect(addrs: &[Addr]) -> Option<ControllerServiceClient<Channel>> {
     for a in addrs {
-        if let Ok(Ok(ch)) =
-            tokio::time::timeout(Duration::from_secs(2), ferry_proto::addr::connect(a)).await
+        if let Ok(Ok(ch)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            ferry_proto::addr::connect_controller(a),
+        )
+        .await
         {
             return Some(ferry_proto::limits::controller_client(ch));
         }
@@ -134,7 +137,7 @@ pub async fn decide_migration(
     loop {
         for a in &addrs {
             let call = async {
-                let ch = ferry_proto::addr::connect(a)
+                let ch = ferry_proto::addr::connect_controller(a)
                     .await
                     .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
                 ferry_proto::limits::controller_client(ch)

@@ -16,6 +16,8 @@ pub enum AgentError {
     FailedPrecondition(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("archive rejected: {0}")]
     BadArchive(String),
     #[error("{context}: {source}")]
@@ -105,6 +107,7 @@ impl From<AgentError> for tonic::Status {
             AgentError::AlreadyExists { .. } => Status::already_exists(msg),
             AgentError::FailedPrecondition(_) => Status::failed_precondition(msg),
             AgentError::ResourceExhausted(_) => Status::resource_exhausted(msg),
+            AgentError::PermissionDenied(_) => Status::permission_denied(msg),
             _ => Status::internal(msg),
         }
     }

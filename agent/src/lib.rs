@@ -1,6 +1,7 @@
 //! The Ferry node agent: runs VPSes (system containers) on one node.
 //!
 //! # Layout
+//! - [`authz`]: who may call what (mutual TLS), and who may drive a migration.
 //! - [`service`]: the gRPC `ferry.agent.v1.AgentService`, a thin layer over [`vps::Agent`].
 //! - [`vps`]: the VPS lifecycle, one file per step (create, start, stop, destroy,
 //!   set, exec, console, query), start-up adoption of running VPSes, and both
@@ -18,6 +19,7 @@
 //! - [`spec`]: validation of wire specs into stored configs.
 //! - [`paths`], [`error`].
 
+pub mod authz;
 pub mod cgroup;
 pub mod cluster;
 pub mod criu;

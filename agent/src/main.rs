@@ -79,6 +79,14 @@ struct ServeArgs {
     /// (regular files in it, no symlinks); default <data-dir>/import.
     #[arg(long)]
     import_dir: Option<PathBuf>,
+    /// Join the cluster at --controller with a token from `ferryctl node
+    /// join-token`: the node gets its certificate (kept in <data-dir>/pki).
+    #[arg(long, env = "FERRY_JOIN_TOKEN")]
+    join: Option<String>,
+    /// Development only: no TLS, every caller may do everything. Refused
+    /// unless --listen is a loopback address or a unix socket.
+    #[arg(long)]
+    insecure_dev: bool,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -149,18 +157,38 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(ferry_agent::criu::Criu::default_path),
             expedite_rcu: args.expedite_rcu,
             max_upload_bytes: args.max_upload_bytes,
-            import_dir: args.import_dir,
+            import_dir: args.import_dir.clone(),
+        };
+        let node_name = match args.node_name.clone() {
+            Some(n) => n,
+            None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+        };
+        ferry_proto::names::check_dns_label(&node_name)
+            .map_err(anyhow::Error::msg)
+            .context("--node-name")?;
+        let server_tls = if args.insecure_dev {
+            check_insecure_listen(&args.listen)?;
+            tracing::warn!("--insecure-dev: plaintext, no authentication");
+            None
+        } else {
+            let creds = load_or_join(
+                args.join.as_deref(),
+                &args.controller,
+                &cfg.data_dir,
+                &node_name,
+            )
+            .await?;
+            ferry_proto::addr::use_credentials(&creds).map_err(anyhow::Error::msg)?;
+            Some(ferry_proto::tls::ServerTls::new(&creds)?)
+        };
+        let policy: Option<std::sync::Arc<dyn ferry_proto::tls::authz::Policy>> = match &server_tls
+        {
+            Some(_) => Some(std::sync::Arc::new(ferry_agent::authz::AgentPolicy)),
+            None => None,
         };
         let agent = Agent::open(cfg).await.context("starting the agent")?;
         agent.spawn_reaper();
         if !args.controller.is_empty() {
-            let node_name = match args.node_name.clone() {
-                Some(n) => n,
-                None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
-            };
-            ferry_proto::names::check_dns_label(&node_name)
-                .map_err(anyhow::Error::msg)
-                .context("--node-name")?;
             let link = ferry_agent::cluster::ClusterLink {
                 controllers: args.controller.clone(),
                 node_name,
@@ -179,15 +207,77 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // Migration pushes stream hundreds of MB: HTTP/2's default 64 KiB
         // window would have the target grant more every few frames.
         let router = tonic::transport::Server::builder()
-            .layer(ferry_proto::addr::server_layer())
+            .layer(ferry_proto::addr::server_layer(policy))
             .initial_stream_window_size(ferry_proto::addr::STREAM_WINDOW)
             .initial_connection_window_size(ferry_proto::addr::CONNECTION_WINDOW)
             .max_frame_size(ferry_proto::addr::MAX_FRAME)
             .add_service(svc);
-        ferry_proto::addr::serve(router, &args.listen)
+        ferry_proto::addr::serve(router, &args.listen, server_tls)
             .await
             .map_err(anyhow::Error::msg)?;
         tracing::info!("shutting down; VPSes keep running");
         Ok(())
     })
+}
+
+/// This node's credentials (`<data-dir>/pki/node.pem`), got by joining with
+/// `--join` the first time.
+async fn load_or_join(
+    join: Option<&str>,
+    controllers: &[ferry_proto::addr::Addr],
+    data_dir: &std::path::Path,
+    node_name: &str,
+) -> anyhow::Result<ferry_proto::tls::Credentials> {
+    use ferry_proto::tls::{Credentials, Role};
+    let path = data_dir.join("pki").join("node.pem");
+    if path.exists() {
+        let c = Credentials::load(&path)?;
+        let role = c.identity()?.role;
+        if role != Role::Node(node_name.to_string()) {
+            anyhow::bail!(
+                "{} holds the credentials of {role}, not node {node_name} (--node-name)",
+                path.display()
+            );
+        }
+        return Ok(c);
+    }
+    let Some(token) = join else {
+        anyhow::bail!(
+            "no credentials in {}: join the cluster with --join TOKEN --controller ADDR \
+             (ferryctl node join-token), or run plaintext on loopback with --insecure-dev",
+            path.display()
+        );
+    };
+    let mut last = String::from("no --controller to join through");
+    for via in controllers {
+        match ferry_proto::tls::join::join(
+            via,
+            token,
+            ferry_proto::controller::v1::JoinKind::Node,
+            node_name,
+        )
+        .await
+        {
+            Ok(j) => {
+                j.creds.save(&path)?;
+                tracing::info!(node = node_name, "joined the cluster");
+                return Ok(j.creds);
+            }
+            Err(e) => last = format!("{via}: {e}"),
+        }
+    }
+    anyhow::bail!("joining the cluster: {last}")
+}
+
+/// Plaintext only where nobody else can reach: loopback or a unix socket.
+fn check_insecure_listen(a: &ferry_proto::addr::Addr) -> anyhow::Result<()> {
+    match a {
+        ferry_proto::addr::Addr::Unix(_) => Ok(()),
+        ferry_proto::addr::Addr::Tcp(h) => match h.parse::<std::net::SocketAddr>() {
+            Ok(sa) if sa.ip().is_loopback() => Ok(()),
+            _ => anyhow::bail!(
+                "--insecure-dev serves plaintext: only on a loopback address or a unix socket, not {h}"
+            ),
+        },
+    }
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use ferry_proto::agent::v1 as pb;
 use ferry_proto::agent::v1::agent_service_server::AgentService;
+use ferry_proto::tls::Identity;
 use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -302,8 +303,11 @@ impl AgentService for Service {
         &self,
         req: Request<pb::MigratePrepareRequest>,
     ) -> R<pb::MigratePrepareResponse> {
+        let caller = req.extensions().get::<Identity>().cloned();
         Ok(Response::new(
-            self.agent.migrate_prepare(req.into_inner()).await?,
+            self.agent
+                .migrate_prepare(req.into_inner(), caller.as_ref())
+                .await?,
         ))
     }
 
@@ -311,8 +315,11 @@ impl AgentService for Service {
         &self,
         req: Request<Streaming<pb::MigrateChunk>>,
     ) -> R<pb::MigratePushResponse> {
+        let caller = req.extensions().get::<Identity>().cloned();
         Ok(Response::new(
-            self.agent.migrate_push(req.into_inner()).await?,
+            self.agent
+                .migrate_push(req.into_inner(), caller.as_ref())
+                .await?,
         ))
     }
 
@@ -320,6 +327,10 @@ impl AgentService for Service {
         &self,
         req: Request<pb::MigrateRestoreRequest>,
     ) -> R<pb::MigrateRestoreResponse> {
+        let caller = req.extensions().get::<Identity>();
+        self.agent
+            .check_driver(&req.get_ref().migration_id, caller)
+            .await?;
         Ok(Response::new(
             self.agent.migrate_restore(req.into_inner()).await?,
         ))
@@ -329,12 +340,32 @@ impl AgentService for Service {
         &self,
         req: Request<pb::MigrateFinishRequest>,
     ) -> R<pb::MigrateFinishResponse> {
+        let caller = req.extensions().get::<Identity>();
+        self.agent
+            .check_driver(&req.get_ref().migration_id, caller)
+            .await?;
         Ok(Response::new(
             self.agent.migrate_finish(req.into_inner()).await?,
         ))
     }
 
     async fn tree_digest(&self, req: Request<pb::TreeDigestRequest>) -> R<pb::TreeDigestResponse> {
+        // A node may read only the tree of a migration it drives.
+        if let Some(caller) = req.extensions().get::<Identity>() {
+            if matches!(caller.role, ferry_proto::tls::Role::Node(_)) {
+                let id = req
+                    .get_ref()
+                    .tree
+                    .strip_prefix("incoming:")
+                    .ok_or_else(|| {
+                        Status::permission_denied(format!(
+                            "{} may read only the tree of a migration it drives",
+                            caller.role
+                        ))
+                    })?;
+                self.agent.check_driver(id, Some(caller)).await?;
+            }
+        }
         Ok(Response::new(
             self.agent.tree_digest(&req.into_inner().tree).await?,
         ))

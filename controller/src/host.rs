@@ -26,6 +26,8 @@ pub struct Controller {
     member: RwLock<Option<Arc<Member>>>,
     /// The leader's in-memory view of node heartbeats.
     pub leader: crate::leader::LeaderState,
+    /// The CA and this replica's credentials (None: --insecure-dev).
+    pub pki: Option<Arc<crate::api::trust::ControllerPki>>,
 }
 
 impl Controller {
@@ -38,12 +40,14 @@ impl Controller {
         init: bool,
         ip_pool: Option<ipnet::Ipv4Net>,
         sched: crate::scheduler::SchedConfig,
+        pki: Option<Arc<crate::api::trust::ControllerPki>>,
     ) -> Result<Arc<Controller>, ControllerError> {
         let c = Arc::new(Controller {
             dir,
             addr,
             member: RwLock::new(None),
             leader: Default::default(),
+            pki,
         });
         let ident_path = c.dir.join("member.json");
         if let Ok(bytes) = std::fs::read(&ident_path) {
@@ -120,6 +124,18 @@ impl Controller {
                 self.addr
             ))
         })
+    }
+
+    /// Whether the certificate with `fingerprint` is revoked, by this
+    /// replica's applied state (checked on every call).
+    pub fn revoked(&self, fingerprint: &str) -> bool {
+        match self.member.try_read() {
+            Ok(g) => g.as_ref().is_some_and(|m| {
+                m.sm.read(|a| a.state.security.revoked.contains(fingerprint))
+            }),
+            // Joining right now: nothing to have revoked yet.
+            Err(_) => false,
+        }
     }
 
     pub async fn shutdown(&self) {

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
+use ferry_controller::api::trust::{ControllerPki, ControllerPolicy};
 use ferry_controller::api::Api;
 use ferry_controller::host::Controller;
 use ferry_controller::raft_service::RaftServer;
@@ -50,6 +51,91 @@ struct Cli {
     /// With --init: allowed sum of memory limits per node, as a multiple of its memory.
     #[arg(long, default_value_t = 1.0)]
     memory_overcommit: f64,
+    /// Join an existing cluster's trust: a token from `ferryctl controller
+    /// join-token`, presented to the replica at --via.
+    #[arg(long, env = "FERRY_JOIN_TOKEN", requires = "via")]
+    join: Option<String>,
+    /// With --join: a replica of the cluster to join through.
+    #[arg(long)]
+    via: Option<Addr>,
+    /// Development only: no TLS, every caller may do everything. Refused
+    /// unless --listen is a loopback address or a unix socket.
+    #[arg(long)]
+    insecure_dev: bool,
+}
+
+/// Where a replica keeps the CA and its credentials.
+fn pki_dir(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("pki")
+}
+
+/// Loads this replica's CA and credentials; `--init` makes them (and the
+/// first admin's bundle), `--join` gets them from the cluster.
+async fn load_or_make_pki(cli: &Cli) -> anyhow::Result<ControllerPki> {
+    use ferry_proto::tls::pki::CERT_VALIDITY;
+    use ferry_proto::tls::{Ca, Credentials, Role, UserRole};
+    let dir = pki_dir(&cli.data_dir);
+    let own = dir.join("controller.pem");
+    if own.exists() {
+        return Ok(ControllerPki {
+            ca: Ca::load(&dir)?,
+            creds: Credentials::load(&own)?,
+        });
+    }
+    if let Some(token) = &cli.join {
+        let via = cli.via.as_ref().context("--join needs --via")?;
+        let j = ferry_proto::tls::join::join(
+            via,
+            token,
+            ferry_proto::controller::v1::JoinKind::Controller,
+            "",
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+        let key = j
+            .ca_key_pem
+            .context("the cluster did not send its CA key to this replica")?;
+        let ca = Ca::from_pem(j.creds.ca_pem.clone(), key);
+        ca.save(&dir)?;
+        j.creds.save(&own)?;
+        tracing::info!(dir = %dir.display(), "joined the cluster's trust");
+        return Ok(ControllerPki { ca, creds: j.creds });
+    }
+    if cli.init && !cli.data_dir.join("member.json").exists() {
+        let ca = Ca::generate(&cli.data_dir.display().to_string())?;
+        ca.save(&dir)?;
+        let creds = ca.issue(&Role::Controller, CERT_VALIDITY)?;
+        creds.save(&own)?;
+        let admin = ca.issue(
+            &Role::User {
+                name: "admin".into(),
+                role: UserRole::Admin,
+            },
+            CERT_VALIDITY,
+        )?;
+        let admin_path = dir.join("admin.pem");
+        admin.save(&admin_path)?;
+        tracing::info!(admin = %admin_path.display(), "made the cluster CA; the first admin's credentials: ferryctl --credentials {}", admin_path.display());
+        return Ok(ControllerPki { ca, creds });
+    }
+    anyhow::bail!(
+        "no credentials in {}: start the first replica with --init, join others with --join TOKEN --via ADDR \
+         (ferryctl controller join-token), or run plaintext on loopback with --insecure-dev",
+        dir.display()
+    )
+}
+
+/// Plaintext only where nobody else can reach: loopback or a unix socket.
+fn check_insecure_listen(a: &Addr) -> anyhow::Result<()> {
+    match a {
+        Addr::Unix(_) => Ok(()),
+        Addr::Tcp(h) => match h.parse::<std::net::SocketAddr>() {
+            Ok(sa) if sa.ip().is_loopback() => Ok(()),
+            _ => anyhow::bail!(
+                "--insecure-dev serves plaintext: only on a loopback address or a unix socket, not {h}"
+            ),
+        },
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -84,6 +170,19 @@ fn main() -> anyhow::Result<()> {
             cpu_overcommit: cli.cpu_overcommit,
             memory_overcommit: cli.memory_overcommit,
         };
+        let pki = if cli.insecure_dev {
+            check_insecure_listen(&cli.listen)?;
+            tracing::warn!("--insecure-dev: plaintext, no authentication");
+            None
+        } else {
+            let p = load_or_make_pki(&cli).await.context("the cluster's TLS")?;
+            ferry_proto::addr::use_credentials(&p.creds).map_err(anyhow::Error::msg)?;
+            Some(std::sync::Arc::new(p))
+        };
+        let server_tls = match &pki {
+            Some(p) => Some(ferry_proto::tls::ServerTls::new(&p.creds)?),
+            None => None,
+        };
         // Opening never waits on other replicas: a member starts its Raft, a
         // fresh `--init` commits alone as the only voter.
         let ctl = Controller::open(
@@ -92,12 +191,17 @@ fn main() -> anyhow::Result<()> {
             cli.init,
             Some(cli.ip_pool),
             sched,
+            pki.clone(),
         )
         .await
         .context("starting the controller")?;
+        let policy: Option<std::sync::Arc<dyn ferry_proto::tls::authz::Policy>> = match &pki {
+            Some(_) => Some(std::sync::Arc::new(ControllerPolicy { ctl: ctl.clone() })),
+            None => None,
+        };
         tracing::info!(listen = %cli.listen, advertise = %advertise, "controller serving");
         let router = tonic::transport::Server::builder()
-            .layer(ferry_proto::addr::server_layer())
+            .layer(ferry_proto::addr::server_layer(policy))
             .add_service(
                 RaftServiceServer::new(RaftServer { ctl: ctl.clone() })
                     .max_decoding_message_size(ferry_proto::limits::RAFT_MESSAGE)
@@ -108,7 +212,7 @@ fn main() -> anyhow::Result<()> {
                     .max_decoding_message_size(ferry_proto::limits::CONTROLLER_MESSAGE)
                     .max_encoding_message_size(ferry_proto::limits::CONTROLLER_MESSAGE),
             );
-        ferry_proto::addr::serve(router, &cli.listen)
+        ferry_proto::addr::serve(router, &cli.listen, server_tls)
             .await
             .map_err(anyhow::Error::msg)?;
         ctl.shutdown().await;

@@ -61,10 +61,13 @@ pub struct Conn {
 /// Connects lazily; a failed connection is dropped so the next call redials.
 pub async fn raft_client(addr: &str) -> Result<RaftServiceClient<Channel>, String> {
     let a: ferry_proto::addr::Addr = addr.parse()?;
-    let ch = tokio::time::timeout(Duration::from_secs(2), ferry_proto::addr::connect(&a))
-        .await
-        .map_err(|_| format!("connecting to {addr} timed out"))?
-        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    let ch = tokio::time::timeout(
+        Duration::from_secs(2),
+        ferry_proto::addr::connect_controller(&a),
+    )
+    .await
+    .map_err(|_| format!("connecting to {addr} timed out"))?
+    .map_err(|e| format!("connecting to {addr}: {e}"))?;
     Ok(ferry_proto::limits::raft_client(ch))
 }
 

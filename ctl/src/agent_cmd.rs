@@ -208,7 +208,7 @@ pub enum VpsCmd {
 
 pub async fn connect(addr: &str) -> Result<AgentServiceClient<Channel>> {
     let a: ferry_proto::addr::Addr = addr.parse().map_err(anyhow::Error::msg)?;
-    let ch = ferry_proto::addr::connect(&a)
+    let ch = ferry_proto::addr::connect_node(&a)
         .await
         .with_context(|| format!("cannot reach the agent at {a} (is ferry-agent running?)"))?;
     Ok(ferry_proto::limits::agent_client(ch))

@@ -21,6 +21,91 @@ pub enum ControllerCmd {
     Add { addr: String },
     /// Remove a replica by id (its id is never used again).
     Remove { id: u64 },
+    /// A single-use token for a new replica: `ferry-controller --join TOKEN
+    /// --via ADDR` (it gets its certificate and the CA).
+    JoinToken {
+        /// How long it stays valid: 90s, 30m, 1h, 2d (at most 7d).
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum UserCmd {
+    /// Credentials for an operator: admin (every call) or viewer (reads).
+    Add {
+        name: String,
+        #[arg(long, value_parser = ["admin", "viewer"])]
+        role: String,
+        /// Where to write the bundle (0600); default ./NAME.pem.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+    /// Revoke every certificate issued to NAME, on every controller at once.
+    Revoke { name: String },
+}
+
+/// `90s`, `30m`, `1h`, `2d` as seconds.
+fn parse_ttl(s: &str) -> Result<u32> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u32 = n
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--ttl {s:?}: use 90s, 30m, 1h or 2d"))?;
+    let mul = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => bail!("--ttl {s:?}: use 90s, 30m, 1h or 2d"),
+    };
+    n.checked_mul(mul)
+        .ok_or_else(|| anyhow::anyhow!("--ttl {s:?} is too long"))
+}
+
+async fn join_token(
+    c: &mut ControllerServiceClient<Channel>,
+    kind: cpb::JoinKind,
+    ttl: &str,
+) -> Result<()> {
+    let r = c
+        .create_join_token(cpb::CreateJoinTokenRequest {
+            kind: kind as i32,
+            ttl_secs: parse_ttl(ttl)?,
+        })
+        .await?
+        .into_inner();
+    println!("{}", r.token);
+    eprintln!(
+        "single use, valid for {ttl} (until unix time {})",
+        r.expires_unix
+    );
+    Ok(())
+}
+
+pub async fn user(c: &mut ControllerServiceClient<Channel>, cmd: UserCmd) -> Result<()> {
+    match cmd {
+        UserCmd::Add { name, role, out } => {
+            let r = c
+                .add_user(cpb::AddUserRequest {
+                    name: name.clone(),
+                    role: role.clone(),
+                })
+                .await?
+                .into_inner();
+            let path = out.unwrap_or_else(|| format!("{name}.pem").into());
+            ferry_proto::tls::pki::write_private(&path, &r.bundle)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("{name} ({role}): {}", path.display());
+        }
+        UserCmd::Revoke { name } => {
+            let r = c
+                .revoke_user(cpb::RevokeUserRequest { name: name.clone() })
+                .await?
+                .into_inner();
+            println!("{name}: {} certificate(s) revoked", r.revoked);
+        }
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -42,6 +127,13 @@ pub enum NodeCmd {
     Uncordon {
         name: String,
     },
+    /// A single-use token for a new node: `ferry-agent --join TOKEN
+    /// --controller ADDR --node-name NAME` (it gets its certificate).
+    JoinToken {
+        /// How long it stays valid: 90s, 30m, 1h, 2d (at most 7d).
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
 }
 
 /// Connects to the first controller of the list that answers.
@@ -49,7 +141,7 @@ pub async fn connect(addrs: &str) -> Result<ControllerServiceClient<Channel>> {
     let mut last = None;
     for a in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
         let addr: ferry_proto::addr::Addr = a.parse().map_err(anyhow::Error::msg)?;
-        match ferry_proto::addr::connect(&addr).await {
+        match ferry_proto::addr::connect_controller(&addr).await {
             Ok(ch) => return Ok(ferry_proto::limits::controller_client(ch)),
             Err(e) => last = Some(format!("{addr}: {e}")),
         }
@@ -106,6 +198,9 @@ pub async fn controller(
     cmd: ControllerCmd,
 ) -> Result<()> {
     let s = match cmd {
+        ControllerCmd::JoinToken { ttl } => {
+            return join_token(c, cpb::JoinKind::Controller, &ttl).await
+        }
         ControllerCmd::Add { addr } => c
             .add_member(cpb::AddMemberRequest { addr })
             .await?
@@ -265,6 +360,7 @@ pub async fn node(c: &mut ControllerServiceClient<Channel>, cmd: NodeCmd) -> Res
             .await?;
             println!("uncordoned node {name}");
         }
+        NodeCmd::JoinToken { ttl } => join_token(c, cpb::JoinKind::Node, &ttl).await?,
     }
     Ok(())
 }

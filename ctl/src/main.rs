@@ -24,6 +24,11 @@ struct Cli {
     /// Controller addresses (any replica; comma-separated for failover): cluster mode.
     #[arg(long, global = true, env = "FERRY_CONTROLLER")]
     controller: Option<String>,
+    /// Your credentials bundle (CA, certificate, key): mutual TLS to the
+    /// cluster's controllers and agents. The first admin's is
+    /// <controller data dir>/pki/admin.pem; `ferryctl user add` makes more.
+    #[arg(long, global = true, env = "FERRY_CREDENTIALS")]
+    credentials: Option<std::path::PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -47,6 +52,9 @@ enum Cmd {
     /// Controller replicas (--controller).
     #[command(subcommand)]
     Controller(cluster_cmd::ControllerCmd),
+    /// Operators' credentials (--controller).
+    #[command(subcommand)]
+    User(cluster_cmd::UserCmd),
     /// What happened in the cluster (UTC times); --follow keeps watching.
     Events {
         #[arg(long, short)]
@@ -79,7 +87,8 @@ async fn main() {
 }
 
 /// Defaults from `$FERRY_CONFIG` or `~/.config/ferry/config`: lines of
-/// `controller=ADDR[,ADDR...]` and `agent=ADDR` (`#` starts a comment). Flags
+/// `controller=ADDR[,ADDR...]`, `agent=ADDR` and `credentials=PATH` (`#`
+/// starts a comment). Flags
 /// and environment variables win over the file.
 fn config_file() -> std::collections::HashMap<String, String> {
     let path = std::env::var_os("FERRY_CONFIG")
@@ -101,6 +110,14 @@ async fn run(mut cli: Cli) -> anyhow::Result<i32> {
     let file = config_file();
     if cli.controller.is_none() {
         cli.controller = file.get("controller").cloned();
+    }
+    if cli.credentials.is_none() {
+        cli.credentials = file.get("credentials").map(std::path::PathBuf::from);
+    }
+    if let Some(p) = &cli.credentials {
+        let creds = ferry_proto::tls::Credentials::load(p)
+            .map_err(|e| anyhow::anyhow!("--credentials: {e}"))?;
+        ferry_proto::addr::use_credentials(&creds).map_err(anyhow::Error::msg)?;
     }
     let agent = cli
         .agent
@@ -129,6 +146,9 @@ async fn run(mut cli: Cli) -> anyhow::Result<i32> {
                 .await
                 .map(|_| 0)
         }
+        Cmd::User(u) => cluster_cmd::user(&mut cluster_cmd::connect(cluster()?).await?, u)
+            .await
+            .map(|_| 0),
         Cmd::Controller(c) => {
             cluster_cmd::controller(&mut cluster_cmd::connect(cluster()?).await?, c)
                 .await
@@ -180,8 +200,18 @@ async fn run(mut cli: Cli) -> anyhow::Result<i32> {
 
 /// A gRPC error reads as its message, not as a debug dump.
 fn describe(e: &anyhow::Error) -> String {
-    if let Some(s) = e.downcast_ref::<tonic::Status>() {
-        return format!("{} ({:?})", s.message(), s.code());
+    let text = match e.downcast_ref::<tonic::Status>() {
+        Some(s) => format!("{} ({:?})", s.message(), s.code()),
+        None => format!("{e:#}"),
+    };
+    // Plaintext against a TLS daemon fails at the HTTP/2 layer: say what
+    // is most likely missing.
+    if !ferry_proto::addr::tls_enabled()
+        && (text.contains("h2 protocol") || text.contains("transport error"))
+    {
+        return format!(
+            "{text}\n  the daemon may need mutual TLS: give --credentials FILE (or FERRY_CREDENTIALS)"
+        );
     }
-    format!("{e:#}")
+    text
 }

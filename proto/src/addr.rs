@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use tonic::transport::{Channel, Endpoint};
 
+use crate::tls::{ClientTls, Peer, PeerInfo, ServerTls};
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Addr {
     Tcp(String),
@@ -52,50 +54,237 @@ pub const CONNECTION_WINDOW: u32 = 16 << 20;
 /// in one frame instead of 64 of the default 16 KiB.
 pub const MAX_FRAME: u32 = 1 << 20;
 
+/// A plaintext connection (tests, and daemons in the development mode).
 pub async fn connect(addr: &Addr) -> Result<Channel, tonic::transport::Error> {
-    match addr {
-        Addr::Tcp(h) => {
-            Endpoint::from_shared(format!("http://{h}"))?
-                .initial_stream_window_size(STREAM_WINDOW)
-                .initial_connection_window_size(CONNECTION_WINDOW)
-                .connect()
-                .await
+    connect_with(addr, None).await
+}
+
+/// This process's identity for the connections it makes: set once at start
+/// by a daemon (or ferryctl) that has credentials. Without it, connections
+/// are plaintext (the development mode).
+static CLIENT_TLS: std::sync::OnceLock<ClientTls> = std::sync::OnceLock::new();
+
+/// Makes every later [`connect_controller`] and [`connect_node`] mutual TLS
+/// with `creds`.
+pub fn use_credentials(creds: &crate::tls::Credentials) -> Result<(), String> {
+    let t = ClientTls::new(creds, crate::tls::pki::CONTROLLER_SERVER_NAME)
+        .map_err(|e| e.to_string())?;
+    CLIENT_TLS
+        .set(t)
+        .map_err(|_| "credentials are set once per process".to_string())
+}
+
+/// Whether this process connects with mutual TLS.
+pub fn tls_enabled() -> bool {
+    CLIENT_TLS.get().is_some()
+}
+
+/// Connects to a controller (its certificate must name a controller).
+pub async fn connect_controller(addr: &Addr) -> Result<Channel, tonic::transport::Error> {
+    let t = CLIENT_TLS.get();
+    connect_with(addr, t).await
+}
+
+/// Connects to a node's agent (its certificate must name a node).
+pub async fn connect_node(addr: &Addr) -> Result<Channel, tonic::transport::Error> {
+    let t = CLIENT_TLS
+        .get()
+        .map(|t| t.for_server(crate::tls::pki::NODE_SERVER_NAME));
+    connect_with(addr, t.as_ref()).await
+}
+
+/// Connects a gRPC channel to `addr`, over TLS when `tls` is given (the
+/// handshake is ours: tonic sees an HTTP/2 byte stream).
+pub async fn connect_with(
+    addr: &Addr,
+    tls: Option<&ClientTls>,
+) -> Result<Channel, tonic::transport::Error> {
+    let tls = tls.cloned();
+    let ep = match addr {
+        Addr::Tcp(h) => Endpoint::from_shared(format!("http://{h}"))?,
+        // The URI is a placeholder: the connector below decides where to go.
+        Addr::Unix(_) => Endpoint::from_static("http://localhost"),
+    }
+    .initial_stream_window_size(STREAM_WINDOW)
+    .initial_connection_window_size(CONNECTION_WINDOW);
+    let addr = addr.clone();
+    ep.connect_with_connector(tower::service_fn(move |_| {
+        let (addr, tls) = (addr.clone(), tls.clone());
+        async move {
+            let io: Box<dyn Io> = match &addr {
+                Addr::Tcp(h) => {
+                    let s = tokio::net::TcpStream::connect(h.as_str()).await?;
+                    let _ = s.set_nodelay(true);
+                    Box::new(s)
+                }
+                Addr::Unix(p) => Box::new(tokio::net::UnixStream::connect(p).await?),
+            };
+            let io: Box<dyn Io> = match &tls {
+                Some(t) => Box::new(t.connect(io).await?),
+                None => io,
+            };
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(io))
         }
-        Addr::Unix(p) => {
-            let p = p.clone();
-            // The URI is a placeholder: the connector below decides where to go.
-            Endpoint::from_static("http://localhost")
-                .initial_stream_window_size(STREAM_WINDOW)
-                .initial_connection_window_size(CONNECTION_WINDOW)
-                .connect_with_connector(tower::service_fn(move |_| {
-                    let p = p.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                            tokio::net::UnixStream::connect(p).await?,
-                        ))
-                    }
-                }))
-                .await
-        }
+    }))
+    .await
+}
+
+/// A byte stream a connection runs on.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+/// An accepted connection and who is on the other end.
+pub struct Conn {
+    io: Box<dyn Io>,
+    info: PeerInfo,
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
     }
 }
 
+impl tokio::io::AsyncRead for Conn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Conn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut *self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut *self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// How long a client may take over its TLS handshake.
+const HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Accepts connections in a task of its own: each TLS handshake runs on its
+/// own, so a slow or silent client holds up nobody.
+fn incoming<L, F>(
+    accept: L,
+    tls: Option<ServerTls>,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<Conn>>
+where
+    L: FnMut() -> F + Send + 'static,
+    F: std::future::Future<Output = std::io::Result<(Box<dyn Io>, Option<std::net::SocketAddr>)>>
+        + Send,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut accept = accept;
+        loop {
+            let (io, remote) = match accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            if tx.is_closed() {
+                return;
+            }
+            let Some(tls) = tls.clone() else {
+                let info = PeerInfo {
+                    peer: std::sync::Arc::new(Peer::Plain),
+                    remote,
+                };
+                if tx.send(Ok(Conn { io, info })).await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE, tls.accept(io)).await {
+                    Ok(Ok((s, peer))) => {
+                        let info = PeerInfo {
+                            peer: std::sync::Arc::new(peer),
+                            remote,
+                        };
+                        let _ = tx
+                            .send(Ok(Conn {
+                                io: Box::new(s),
+                                info,
+                            }))
+                            .await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(?remote, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(?remote, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
 /// Serves `router` on `addr` until SIGINT or SIGTERM: TCP on `HOST:PORT` (an IP
-/// address), or a unix socket (a stale socket file is replaced). The router
-/// is built with [`server_layer`], as every Ferry daemon's is.
+/// address), or a unix socket (a stale socket file is replaced); over TLS
+/// when `tls` is given. The router is built with [`server_layer`], as every
+/// Ferry daemon's is.
 pub async fn serve(
     router: tonic::transport::server::Router<
         tower::layer::util::Stack<ServerLayer, tower::layer::util::Identity>,
     >,
     addr: &Addr,
+    tls: Option<ServerTls>,
 ) -> Result<(), String> {
     match addr {
         Addr::Tcp(h) => {
             let sa: std::net::SocketAddr = h
                 .parse()
                 .map_err(|_| format!("{h}: listen needs IP:PORT"))?;
+            let l = std::sync::Arc::new(
+                tokio::net::TcpListener::bind(sa)
+                    .await
+                    .map_err(|e| format!("binding {h}: {e}"))?,
+            );
+            let conns = incoming(
+                move || {
+                    let l = l.clone();
+                    async move {
+                        let (s, remote) = l.accept().await?;
+                        let _ = s.set_nodelay(true);
+                        Ok((Box::new(s) as Box<dyn Io>, Some(remote)))
+                    }
+                },
+                tls,
+            );
             router
-                .serve_with_shutdown(sa, shutdown_signal())
+                .serve_with_incoming_shutdown(conns, shutdown_signal())
                 .await
                 .map_err(|e| format!("serving on {h}: {e}"))
         }
@@ -104,13 +293,22 @@ pub async fn serve(
             if let Some(d) = p.parent() {
                 std::fs::create_dir_all(d).map_err(|e| format!("creating {}: {e}", d.display()))?;
             }
-            let l = tokio::net::UnixListener::bind(p)
-                .map_err(|e| format!("binding {}: {e}", p.display()))?;
+            let l = std::sync::Arc::new(
+                tokio::net::UnixListener::bind(p)
+                    .map_err(|e| format!("binding {}: {e}", p.display()))?,
+            );
+            let conns = incoming(
+                move || {
+                    let l = l.clone();
+                    async move {
+                        let (s, _) = l.accept().await?;
+                        Ok((Box::new(s) as Box<dyn Io>, None))
+                    }
+                },
+                tls,
+            );
             router
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::UnixListenerStream::new(l),
-                    shutdown_signal(),
-                )
+                .serve_with_incoming_shutdown(conns, shutdown_signal())
                 .await
                 .map_err(|e| format!("serving on {}: {e}", p.display()))
         }
@@ -139,16 +337,13 @@ pub fn decode_failures_are_invalid_argument<B>(
     resp
 }
 
-/// [`decode_failures_are_invalid_argument`] as a layer for
-/// `Server::builder().layer(..)`.
-pub type ServerLayer = tower::util::MapResponseLayer<
-    fn(
-        tonic::codegen::http::Response<tonic::body::Body>,
-    ) -> tonic::codegen::http::Response<tonic::body::Body>,
->;
+/// Every Ferry server's layer: authorization by `policy` (None: anyone may
+/// call anything, the development mode) and decode failures answered
+/// `InvalidArgument`.
+pub type ServerLayer = crate::tls::authz::FerryLayer;
 
-pub fn server_layer() -> ServerLayer {
-    tower::util::MapResponseLayer::new(decode_failures_are_invalid_argument::<tonic::body::Body>)
+pub fn server_layer(policy: Option<std::sync::Arc<dyn crate::tls::authz::Policy>>) -> ServerLayer {
+    crate::tls::authz::FerryLayer::new(policy)
 }
 
 /// Resolves on SIGINT or SIGTERM.

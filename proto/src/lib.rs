@@ -8,6 +8,8 @@
 //! - `proto/ferry/controller/v1/raft.proto`: Raft between controller replicas.
 //!
 //! - [`names`]: naming rules both sides enforce.
+//! - [`tls`]: mutual TLS: the cluster CA and identities, the TLS transport,
+//!   per-call authorization.
 //! - [`limits`]: gRPC message size limits and clients built with them.
 //! - [`addr`]: service addresses (`HOST:PORT`, `unix:/path`) and connecting to them.
 //!
@@ -16,6 +18,7 @@
 pub mod addr;
 pub mod limits;
 pub mod names;
+pub mod tls;
 
 pub mod agent {
     pub mod v1 {

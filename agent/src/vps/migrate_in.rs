@@ -30,6 +30,9 @@ pub struct Incoming {
     lazy: Option<crate::criu::lazy::LazyDaemon>,
     /// Where the decision lives in a cluster (empty: node-local).
     controllers: Vec<String>,
+    /// Who prepared it (mutual TLS): only it, a controller or an admin may
+    /// push, restore or finish it.
+    owner: Option<ferry_proto::tls::Role>,
 }
 
 impl Agent {
@@ -39,6 +42,7 @@ impl Agent {
     pub async fn migrate_prepare(
         &self,
         req: pb::MigratePrepareRequest,
+        caller: Option<&ferry_proto::tls::Identity>,
     ) -> Result<pb::MigratePrepareResponse> {
         crate::spec::validate_name("migration_id", &req.migration_id)?;
         crate::cluster::check_controllers(&req.controllers)?;
@@ -98,6 +102,7 @@ impl Agent {
                 held: None,
                 lazy: None,
                 controllers: req.controllers.clone(),
+                owner: caller.map(|c| c.role.clone()),
             },
         );
         Ok(pb::MigratePrepareResponse {
@@ -150,9 +155,25 @@ impl Agent {
         })
     }
 
+    /// Whether `caller` may drive migration `id` (see [`crate::authz::may_drive`]).
+    pub async fn check_driver(
+        &self,
+        id: &str,
+        caller: Option<&ferry_proto::tls::Identity>,
+    ) -> Result<()> {
+        let owner = self
+            .incoming
+            .lock()
+            .await
+            .get(id)
+            .and_then(|i| i.owner.clone());
+        crate::authz::may_drive(owner.as_ref(), caller, id)
+    }
+
     pub async fn migrate_push(
         &self,
         mut stream: tonic::Streaming<pb::MigrateChunk>,
+        caller: Option<&ferry_proto::tls::Identity>,
     ) -> Result<pb::MigratePushResponse> {
         let first = match stream.next().await {
             Some(Ok(c)) => c,
@@ -164,6 +185,7 @@ impl Agent {
             let i = inc
                 .get(&first.migration_id)
                 .ok_or_else(|| AgentError::not_found("migration", &first.migration_id))?;
+            crate::authz::may_drive(i.owner.as_ref(), caller, &first.migration_id)?;
             match first.area.as_str() {
                 "rootfs" => self.paths.vps(&i.name).join("upper"),
                 "images" => i.images.clone(),

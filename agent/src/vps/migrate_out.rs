@@ -350,7 +350,7 @@ impl Agent {
             m.insert(req.name.clone(), id.clone());
         }
         let setup = async {
-            let ch = ferry_proto::addr::connect(&addr).await.map_err(|e| {
+            let ch = ferry_proto::addr::connect_node(&addr).await.map_err(|e| {
                 AgentError::FailedPrecondition(format!(
                     "target agent {} is unreachable: {e}",
                     req.target_addr

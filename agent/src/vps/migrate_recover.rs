@@ -255,7 +255,7 @@ impl Agent {
             return;
         };
         let call = async {
-            let ch = ferry_proto::addr::connect(&addr).await.ok()?;
+            let ch = ferry_proto::addr::connect_node(&addr).await.ok()?;
             let mut c = ferry_proto::limits::agent_client(ch);
             c.migrate_finish(pb::MigrateFinishRequest {
                 migration_id: j.migration_id.clone(),

@@ -13,6 +13,8 @@ use super::AGENT;
 pub struct Controllers {
     pub dir: tempfile::TempDir,
     children: Vec<Option<Child>>,
+    /// Mutual TLS: replica 0 made the CA; this process speaks as its admin.
+    pub tls: bool,
 }
 
 impl Drop for Controllers {
@@ -43,7 +45,64 @@ impl Controllers {
             .collect::<Vec<_>>()
             .join(",")
     }
+    /// Plaintext replicas (`--insecure-dev` on their unix sockets).
     pub async fn start() -> Controllers {
+        Self::start_with(false).await
+    }
+
+    /// Replicas with mutual TLS, as an operator sets them up: replica 0
+    /// `--init` (the CA, the first admin's bundle), the others `--join` with
+    /// controller tokens. This test process then speaks as that admin.
+    pub async fn start_tls() -> Controllers {
+        Self::start_with(true).await
+    }
+
+    /// The first admin's credentials (TLS).
+    pub fn admin_pem(&self) -> PathBuf {
+        self.dir.path().join("c0/pki/admin.pem")
+    }
+
+    /// Flags that make an agent join these TLS controllers as node `name`,
+    /// with a fresh node token.
+    pub async fn join_args(&self, name: &str) -> Vec<String> {
+        let mut a = self.agent_args(name);
+        a.extend(["--join".to_string(), self.token(cpb::JoinKind::Node).await]);
+        a
+    }
+
+    pub async fn token(&self, kind: cpb::JoinKind) -> String {
+        self.client(0)
+            .await
+            .create_join_token(cpb::CreateJoinTokenRequest {
+                kind: kind as i32,
+                ttl_secs: 600,
+            })
+            .await
+            .expect("join token")
+            .into_inner()
+            .token
+    }
+
+    fn spawn(&self, i: usize, extra: &[String]) -> Child {
+        let bin = Path::new(AGENT).with_file_name("ferry-controller");
+        let log = std::fs::File::create(self.dir.path().join(format!("c{i}.log"))).unwrap();
+        let mut cmd = Command::new(&bin);
+        cmd.args(["--listen", &format!("unix:{}", self.sock(i).display())])
+            .args([
+                "--data-dir",
+                self.dir.path().join(format!("c{i}")).to_str().unwrap(),
+            ])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        if !self.tls {
+            cmd.arg("--insecure-dev");
+        }
+        cmd.spawn().unwrap()
+    }
+
+    async fn start_with(tls: bool) -> Controllers {
         let bin = Path::new(AGENT).with_file_name("ferry-controller");
         assert!(
             bin.exists(),
@@ -61,22 +120,21 @@ impl Controllers {
                 .tempdir_in(super::ROOT)
                 .expect("controllers' dir"),
             children: Vec::new(),
+            tls,
         };
-        for i in 0..3 {
-            let log = std::fs::File::create(c.dir.path().join(format!("c{i}.log"))).unwrap();
-            let mut cmd = Command::new(&bin);
-            cmd.args(["--listen", &format!("unix:{}", c.sock(i).display())])
-                .args([
-                    "--data-dir",
-                    c.dir.path().join(format!("c{i}")).to_str().unwrap(),
-                ])
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log);
-            if i == 0 {
-                cmd.arg("--init");
+        let first_child = c.spawn(0, &["--init".to_string()]);
+        c.children.push(Some(first_child));
+        if tls {
+            let end = Instant::now() + Duration::from_secs(10);
+            while !c.admin_pem().exists() {
+                assert!(Instant::now() < end, "no admin credentials: {}", c.log(0));
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            c.children.push(Some(cmd.spawn().unwrap()));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let admin = ferry_proto::tls::Credentials::load(&c.admin_pem()).expect("admin.pem");
+            // Once per process; a second TLS cluster in one test binary
+            // would need its own process.
+            let _ = ferry_proto::addr::use_credentials(&admin);
         }
         let mut first = c.client(0).await;
         let end = Instant::now() + Duration::from_secs(10);
@@ -91,6 +149,18 @@ impl Controllers {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         for i in 1..3 {
+            let extra = if tls {
+                vec![
+                    "--join".to_string(),
+                    c.token(cpb::JoinKind::Controller).await,
+                    "--via".to_string(),
+                    format!("unix:{}", c.sock(0).display()),
+                ]
+            } else {
+                Vec::new()
+            };
+            let child = c.spawn(i, &extra);
+            c.children.push(Some(child));
             let _ = c.client(i).await;
             first
                 .add_member(cpb::AddMemberRequest {
@@ -105,8 +175,10 @@ impl Controllers {
         let end = Instant::now() + Duration::from_secs(10);
         loop {
             if self.sock(i).exists() {
-                if let Ok(ch) =
-                    ferry_proto::addr::connect(&ferry_proto::addr::Addr::Unix(self.sock(i))).await
+                if let Ok(ch) = ferry_proto::addr::connect_controller(
+                    &ferry_proto::addr::Addr::Unix(self.sock(i)),
+                )
+                .await
                 {
                     return ControllerServiceClient::new(ch);
                 }
@@ -165,8 +237,10 @@ impl Controllers {
                 if self.children[i].is_none() {
                     continue;
                 }
-                let Ok(ch) =
-                    ferry_proto::addr::connect(&ferry_proto::addr::Addr::Unix(self.sock(i))).await
+                let Ok(ch) = ferry_proto::addr::connect_controller(&ferry_proto::addr::Addr::Unix(
+                    self.sock(i),
+                ))
+                .await
                 else {
                     continue;
                 };
@@ -197,8 +271,15 @@ impl Controllers {
         std::fs::read_to_string(self.dir.path().join(format!("c{i}.log"))).unwrap_or_default()
     }
 
-    /// `ferryctl --controller <all replicas> ARGS`: exit code, stdout, stderr.
+    /// `ferryctl --controller <all replicas> ARGS`: exit code, stdout,
+    /// stderr; as the first admin when the cluster runs TLS.
     pub fn ferryctl(&self, args: &[&str]) -> (i32, String, String) {
-        super::run_ferryctl("--controller", &self.addrs(), args)
+        if !self.tls {
+            return super::run_ferryctl("--controller", &self.addrs(), args);
+        }
+        let admin = self.admin_pem();
+        let mut all = vec!["--credentials", admin.to_str().unwrap_or_default()];
+        all.extend_from_slice(args);
+        super::run_ferryctl("--controller", &self.addrs(), &all)
     }
 }

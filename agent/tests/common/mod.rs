@@ -169,6 +169,8 @@ impl Host {
             .args(["--data-dir", self.data_dir().to_str().unwrap()])
             .args(["--run-dir", self.run_dir().to_str().unwrap()])
             .args(["--bridge", BRIDGE, "--bridge-cidr", &self.bridge_cidr])
+            // Plaintext on its unix socket, unless the test joins a TLS cluster.
+            .args((!self.extra_args.iter().any(|a| a == "--join")).then_some("--insecure-dev"))
             .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -210,7 +212,7 @@ impl Host {
     }
 
     async fn try_client(&self) -> Option<AgentServiceClient<Channel>> {
-        let ch = ferry_proto::addr::connect(&ferry_proto::addr::Addr::Unix(self.sock()))
+        let ch = ferry_proto::addr::connect_node(&ferry_proto::addr::Addr::Unix(self.sock()))
             .await
             .ok()?;
         Some(AgentServiceClient::new(ch))

@@ -32,7 +32,7 @@ pub(crate) async fn leader_client(
         .leader_addr
         .parse()
         .map_err(ControllerError::Unavailable)?;
-    let ch = ferry_proto::addr::connect(&a)
+    let ch = ferry_proto::addr::connect_controller(&a)
         .await
         .map_err(|e| ControllerError::Unavailable(format!("leader {a}: {e}")))?;
     Ok(Some(ferry_proto::limits::controller_client(ch)))

@@ -6,6 +6,7 @@ mod events;
 pub(crate) mod members;
 mod migrate;
 mod nodes;
+pub mod trust;
 mod vps;
 
 use std::sync::Arc;
@@ -64,6 +65,7 @@ impl ControllerService for Api {
         ))
     }
     async fn register_node(&self, req: Request<cpb::RegisterNodeRequest>) -> R<cpb::Node> {
+        trust::node_speaks_for(req.extensions().get(), &req.get_ref().name)?;
         Ok(Response::new(
             nodes::register(&self.ctl, req.into_inner()).await?,
         ))
@@ -82,6 +84,7 @@ impl ControllerService for Api {
         ))
     }
     async fn heartbeat(&self, req: Request<cpb::HeartbeatRequest>) -> R<cpb::HeartbeatResponse> {
+        trust::node_speaks_for(req.extensions().get(), &req.get_ref().node)?;
         nodes::heartbeat(&self.ctl, req.into_inner()).await?;
         Ok(Response::new(cpb::HeartbeatResponse {}))
     }
@@ -135,6 +138,11 @@ impl ControllerService for Api {
         &self,
         req: Request<cpb::DecideMigrationRequest>,
     ) -> R<cpb::DecideMigrationResponse> {
+        let caller = req
+            .extensions()
+            .get::<ferry_proto::tls::Identity>()
+            .cloned();
+        trust::node_in_migration(&self.ctl, caller.as_ref(), req.get_ref()).await?;
         Ok(Response::new(
             migrate::decide(&self.ctl, req.into_inner()).await?,
         ))
@@ -151,5 +159,36 @@ impl ControllerService for Api {
     async fn delete_vps(&self, req: Request<cpb::DeleteVpsRequest>) -> R<cpb::DeleteVpsResponse> {
         vps::delete(&self.ctl, &req.into_inner().name).await?;
         Ok(Response::new(cpb::DeleteVpsResponse {}))
+    }
+    async fn create_join_token(
+        &self,
+        req: Request<cpb::CreateJoinTokenRequest>,
+    ) -> R<cpb::CreateJoinTokenResponse> {
+        Ok(Response::new(
+            trust::create_token(&self.ctl, req.into_inner()).await?,
+        ))
+    }
+    async fn join_node(&self, req: Request<cpb::JoinRequest>) -> R<cpb::JoinResponse> {
+        Ok(Response::new(
+            trust::join_node(&self.ctl, req.into_inner()).await?,
+        ))
+    }
+    async fn join_controller(&self, req: Request<cpb::JoinRequest>) -> R<cpb::JoinResponse> {
+        Ok(Response::new(
+            trust::join_controller(&self.ctl, req.into_inner()).await?,
+        ))
+    }
+    async fn add_user(&self, req: Request<cpb::AddUserRequest>) -> R<cpb::AddUserResponse> {
+        Ok(Response::new(
+            trust::add_user(&self.ctl, req.into_inner()).await?,
+        ))
+    }
+    async fn revoke_user(
+        &self,
+        req: Request<cpb::RevokeUserRequest>,
+    ) -> R<cpb::RevokeUserResponse> {
+        Ok(Response::new(
+            trust::revoke_user(&self.ctl, req.into_inner()).await?,
+        ))
     }
 }

@@ -8,6 +8,7 @@ pub mod ippool;
 pub mod members;
 pub mod migration;
 pub mod nodes;
+pub mod security;
 pub mod vps;
 
 use std::collections::BTreeMap;
@@ -34,6 +35,9 @@ pub struct ClusterState {
     pub members: Members,
     pub events: EventLog,
     pub sched: SchedConfig,
+    /// Join tokens, operators' certificates, revocations.
+    #[serde(default)]
+    pub security: security::Security,
     /// Per-node sums of the VPSes placed there, kept as VPSes come and go so
     /// placement never scans every VPS (derived: not in snapshots).
     #[serde(skip)]
@@ -60,6 +64,7 @@ pub enum Request {
     Vps(VpsCmd),
     Migration(MigrationCmd),
     Member(members::MemberCmd),
+    Security(security::SecurityCmd),
     /// Cluster settings, proposed once at bootstrap.
     Configure {
         ip_pool: Option<ipnet::Ipv4Net>,
@@ -86,6 +91,8 @@ pub enum Response {
     Node(NodeRecord),
     Vps(Box<VpsRecord>),
     MemberId(u64),
+    /// How many certificates a revocation took.
+    Revoked(u32),
     /// The command changed nothing, for this reason.
     Rejected {
         code: RejectCode,
@@ -163,6 +170,7 @@ impl ClusterState {
             Request::Vps(c) => self.apply_vps(c),
             Request::Migration(c) => self.apply_migration(c),
             Request::Member(c) => self.apply_member(c),
+            Request::Security(c) => self.apply_security(c),
             Request::Batch(reqs) => {
                 Response::Batch(reqs.into_iter().map(|r| self.apply(r)).collect())
             }

@@ -38,6 +38,7 @@ impl Replica {
             .unwrap();
         let mut cmd = Command::new(BIN);
         cmd.args([
+            "--insecure-dev",
             "--listen",
             &self.addr,
             "--data-dir",
