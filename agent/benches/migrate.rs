@@ -16,8 +16,14 @@
 //!    full pass and its no-op final pass, beside `rsync -aHAX` to a loopback
 //!    rsync daemon (full, then no-op), and bytes on the wire against `rsync -z`.
 //!
+//! 3. Mutual TLS against plaintext in the same run: 256 MiB moved stop-copy
+//!    A->B and post-copy B->A between two plaintext agents, then between two
+//!    agents with node certificates (agent-to-agent TLS, the client TLS too),
+//!    alternating, FERRY_BENCH_TLS_ROUNDS rounds (default 3).
+//!
 //! `cargo bench -p ferry-agent --bench migrate`. FERRY_BENCH_SIZES_MIB picks the
 //! sizes (default "64,256,1024"); FERRY_BENCH_SKIP_ROOTFS=1 skips part 2;
+//! FERRY_BENCH_ONLY_TLS=1 runs part 3 alone;
 //! FERRY_BENCH_PHASES=1 prints every migration's phase times.
 
 #[path = "../tests/common/mod.rs"]
@@ -576,16 +582,124 @@ async fn rootfs_bench(a: &Host, b: &Host) -> Vec<String> {
     rows
 }
 
+/// Part 3: the same 256 MiB moves between plaintext agents and between TLS
+/// agents, alternating.
+async fn tls_vs_plaintext(lan: &Lan, a: &Host, b: &Host) -> Vec<String> {
+    use ferry_proto::tls::{pki::CERT_VALIDITY, Ca, Role, UserRole};
+    let ca = Ca::generate("bench").expect("ca");
+    let admin = ca
+        .issue(
+            &Role::User {
+                name: "bench".into(),
+                role: UserRole::Admin,
+            },
+            CERT_VALIDITY,
+        )
+        .expect("admin");
+    ferry_proto::addr::use_credentials(&admin).expect("credentials");
+    let node = |n: &str| {
+        ca.issue(&Role::Node(n.into()), CERT_VALIDITY)
+            .expect("node")
+    };
+    let c = Host::on_lan_tls(lan, "10.77.0.63/16", "bench-c", &node("bench-c")).await;
+    let d = Host::on_lan_tls(lan, "10.77.0.64/16", "bench-d", &node("bench-d")).await;
+    let rounds: usize = std::env::var("FERRY_BENCH_TLS_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let bytes: u64 = 256 << 20;
+    println!("\n== mutual TLS against plaintext, 256 MiB, {rounds} rounds alternating");
+    // (tls, mode) -> [(downtime, total)]
+    let mut got: std::collections::BTreeMap<(bool, String), Vec<(u64, u64)>> = Default::default();
+    for round in 0..rounds {
+        for (tls, x, y) in [(false, a, b), (true, &c, &d)] {
+            let name = format!("bt{round}{}", if tls { "t" } else { "p" });
+            let ip = format!("10.77.9.{}", 10 + round * 2 + tls as usize);
+            let mut cx = x.client().await;
+            let mut s = spec(&name, Some(&ip));
+            s.limits.as_mut().expect("limits").memory_bytes = 2 * bytes + (128 << 20);
+            create_started(&mut cx, s).await;
+            spawn_in(
+                &mut cx,
+                &name,
+                &format!("awk '{}'", memhog_awk(bytes).replace('\'', "")),
+            )
+            .await;
+            wait_memory(&mut cx, &name, bytes, 300).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let mut at = x;
+            for (mode, from, to) in [
+                (pb::MigrationMode::StopCopy, x, y),
+                (pb::MigrationMode::PostCopy, y, x),
+            ] {
+                let ev = migrate(&mut from.client().await, &name, to, mode).await;
+                if ev.error.is_empty() {
+                    at = to;
+                    got.entry((tls, ev.mode.clone()))
+                        .or_default()
+                        .push((ev.downtime_ms, ev.total_ms));
+                    println!(
+                        "round {round} {:<9} {:>10}: downtime {} ms, total {} ms",
+                        if tls { "TLS" } else { "plaintext" },
+                        ev.mode,
+                        ev.downtime_ms,
+                        ev.total_ms
+                    );
+                } else {
+                    println!("round {round} tls={tls}: {} failed: {}", ev.mode, ev.error);
+                }
+                wait_memory(&mut at.client().await, &name, bytes, 60).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let _ = at
+                .client()
+                .await
+                .destroy_vps(pb::DestroyVpsRequest {
+                    name: name.clone(),
+                    force: true,
+                    ..Default::default()
+                })
+                .await;
+        }
+    }
+    let mut rows = Vec::new();
+    for ((tls, mode), v) in &got {
+        let stat = |f: &dyn Fn(&(u64, u64)) -> u64| {
+            let mut x: Vec<u64> = v.iter().map(f).collect();
+            x.sort();
+            format!("{}/{}/{}", x[0], x[x.len() / 2], x[x.len() - 1])
+        };
+        let row = format!(
+            "256 MiB {:>10} {:<9} downtime min/median/max {} ms, total {} ms ({} runs)",
+            mode,
+            if *tls { "TLS" } else { "plaintext" },
+            stat(&|p| p.0),
+            stat(&|p| p.1),
+            v.len()
+        );
+        println!("{row}");
+        rows.push(row);
+    }
+    rows
+}
+
 fn main() {
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     rt.block_on(async {
         let lan = Lan::new();
         let a = Host::on_lan(&lan, "10.77.0.61/16", vec![]).await;
         let b = Host::on_lan(&lan, "10.77.0.62/16", vec![]).await;
+        if std::env::var("FERRY_BENCH_ONLY_TLS").as_deref() == Ok("1") {
+            for r in tls_vs_plaintext(&lan, &a, &b).await {
+                println!("{r}");
+            }
+            return;
+        }
         let mut rows = memory_bench(&lan, &a, &b).await;
         if std::env::var("FERRY_BENCH_SKIP_ROOTFS").as_deref() != Ok("1") {
             rows.extend(rootfs_bench(&a, &b).await);
         }
+        rows.extend(tls_vs_plaintext(&lan, &a, &b).await);
         println!("\n== summary");
         for r in rows {
             println!("{r}");

@@ -83,21 +83,20 @@ fn scheduling() {
     );
 }
 
-async fn writes_and_failover() {
-    let writers = env_n("FERRY_BENCH_WRITERS", 64);
-    let secs = env_n("FERRY_BENCH_SECS", 5) as u64;
-    println!("\n== Committed writes, 3 voters on loopback, {writers} concurrent writers for {secs} s (RegisterNode, sent to the leader)");
-    let mut cl = Cluster::start(3).await;
+/// One timed write run against a fresh 3-voter cluster: (writes, p50, p99).
+async fn writes(tls: bool, writers: usize, secs: u64) -> (usize, Duration, Duration) {
+    let cl = Cluster::start_with(3, tls).await;
     let leader = cl.leader(&[0, 1, 2]).await;
     let addr = cl.replicas[leader].addr.clone();
+    let admin = cl.replicas[0].admin.clone();
     let end = Instant::now() + Duration::from_secs(secs);
     let mut tasks = Vec::new();
     for w in 0..writers {
-        let addr = addr.clone();
+        let (addr, admin) = (addr.clone(), admin.clone());
         tasks.push(tokio::spawn(async move {
             let a: ferry_proto::addr::Addr = addr.parse().unwrap();
             let mut c = ferry_proto::controller::v1::controller_service_client::ControllerServiceClient::new(
-                ferry_proto::addr::connect(&a).await.unwrap(),
+                ferry_proto::addr::connect_with(&a, admin.as_ref()).await.unwrap(),
             );
             let mut lat = Vec::new();
             let mut i = 0u32;
@@ -122,14 +121,43 @@ async fn writes_and_failover() {
         lat.extend(t.await.unwrap());
     }
     lat.sort();
+    if lat.is_empty() {
+        return (0, Duration::ZERO, Duration::ZERO);
+    }
     let p = |q: f64| lat[((lat.len() as f64 - 1.0) * q) as usize];
-    println!(
-        "{} writes committed: {:.0} writes/s (target >= 5,000); latency p50 {:.1} ms, p99 {:.1} ms",
-        lat.len(),
-        lat.len() as f64 / secs as f64,
-        ms(p(0.5)),
-        ms(p(0.99))
-    );
+    (lat.len(), p(0.5), p(0.99))
+}
+
+async fn writes_and_failover() {
+    let writers = env_n("FERRY_BENCH_WRITERS", 64);
+    let secs = env_n("FERRY_BENCH_SECS", 5) as u64;
+    let rounds = env_n("FERRY_BENCH_ROUNDS", 3);
+    println!("\n== Committed writes, 3 voters on loopback, {writers} concurrent writers for {secs} s (RegisterNode, sent to the leader); plaintext and mutual TLS alternate, {rounds} rounds each");
+    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..rounds {
+        for tls in [false, true] {
+            let (n, p50, p99) = writes(tls, writers, secs).await;
+            let rate = n as f64 / secs as f64;
+            println!(
+                "round {round} {:<9} {n} writes committed: {rate:.0} writes/s (target >= 5,000); latency p50 {:.1} ms, p99 {:.1} ms",
+                if tls { "TLS" } else { "plaintext" },
+                ms(p50),
+                ms(p99)
+            );
+            rates[tls as usize].push(rate);
+        }
+    }
+    for (i, what) in ["plaintext", "TLS"].iter().enumerate() {
+        let mut r = rates[i].clone();
+        r.sort_by(|a, b| a.total_cmp(b));
+        println!(
+            "{what:<9} writes/s: min {:.0}, median {:.0}, max {:.0}",
+            r[0],
+            r[r.len() / 2],
+            r[r.len() - 1]
+        );
+    }
+    let mut cl = Cluster::start(3).await;
 
     println!("\n== Leader failover: SIGKILL the leader, time to the first write accepted by a survivor (5 runs)");
     let mut runs = Vec::new();

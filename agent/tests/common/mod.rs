@@ -37,6 +37,9 @@ pub struct Host {
     pub extra_args: Vec<String>,
     /// The bridge's address on this host.
     pub bridge_cidr: String,
+    /// Its agent speaks mutual TLS (this process's clients use the
+    /// credentials set with `ferry_proto::addr::use_credentials`).
+    pub tls: bool,
 }
 
 /// A LAN shared by hosts (a bridge in the root namespace) with a client host
@@ -98,16 +101,33 @@ impl Host {
     }
 
     pub async fn with_args(extra_args: Vec<String>) -> Host {
-        Self::make(None, BRIDGE_CIDR, extra_args).await
+        Self::make(None, BRIDGE_CIDR, extra_args, None).await
     }
 
     /// A host whose bridge is plugged into `lan`, with bridge address `addr`
     /// (e.g. "10.77.0.11/16").
     pub async fn on_lan(lan: &Lan, addr: &str, extra_args: Vec<String>) -> Host {
-        Self::make(Some(lan), addr, extra_args).await
+        Self::make(Some(lan), addr, extra_args, None).await
     }
 
-    async fn make(lan: Option<&Lan>, bridge_cidr: &str, mut extra_args: Vec<String>) -> Host {
+    /// [`Host::on_lan`] with mutual TLS: node `node`'s credentials (from a
+    /// CA the test made) are in place before the agent starts.
+    pub async fn on_lan_tls(
+        lan: &Lan,
+        addr: &str,
+        node: &str,
+        creds: &ferry_proto::tls::Credentials,
+    ) -> Host {
+        let args = vec!["--node-name".to_string(), node.to_string()];
+        Self::make(Some(lan), addr, args, Some(creds)).await
+    }
+
+    async fn make(
+        lan: Option<&Lan>,
+        bridge_cidr: &str,
+        mut extra_args: Vec<String>,
+        creds: Option<&ferry_proto::tls::Credentials>,
+    ) -> Host {
         SWEEP.call_once(sweep_leftovers);
         let id = format!(
             "ft{}x{}",
@@ -136,7 +156,12 @@ impl Host {
             agent: None,
             extra_args,
             bridge_cidr: bridge_cidr.into(),
+            tls: creds.is_some(),
         };
+        if let Some(c) = creds {
+            c.save(&h.data_dir().join("pki/node.pem"))
+                .expect("writing the node's credentials");
+        }
         h.start_agent().await;
         h
     }
@@ -170,7 +195,10 @@ impl Host {
             .args(["--run-dir", self.run_dir().to_str().unwrap()])
             .args(["--bridge", BRIDGE, "--bridge-cidr", &self.bridge_cidr])
             // Plaintext on its unix socket, unless the test joins a TLS cluster.
-            .args((!self.extra_args.iter().any(|a| a == "--join")).then_some("--insecure-dev"))
+            .args(
+                (!self.tls && !self.extra_args.iter().any(|a| a == "--join"))
+                    .then_some("--insecure-dev"),
+            )
             .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -212,10 +240,14 @@ impl Host {
     }
 
     async fn try_client(&self) -> Option<AgentServiceClient<Channel>> {
-        let ch = ferry_proto::addr::connect_node(&ferry_proto::addr::Addr::Unix(self.sock()))
-            .await
-            .ok()?;
-        Some(AgentServiceClient::new(ch))
+        let a = ferry_proto::addr::Addr::Unix(self.sock());
+        let joined = self.extra_args.iter().any(|x| x == "--join");
+        let ch = if self.tls || joined {
+            ferry_proto::addr::connect_node(&a).await.ok()?
+        } else {
+            ferry_proto::addr::connect(&a).await.ok()?
+        };
+        Some(ferry_proto::limits::agent_client(ch))
     }
 
     pub async fn client(&self) -> AgentServiceClient<Channel> {

@@ -17,6 +17,12 @@ pub struct Replica {
     pub addr: String,
     pub dir: PathBuf,
     child: Option<Child>,
+    /// Mutual TLS as this admin (None: --insecure-dev).
+    pub admin: Option<ferry_proto::tls::ClientTls>,
+    /// Flags for the next spawn (a replica joining: --join TOKEN --via ADDR).
+    pub extra: Vec<String>,
+    /// Mutual TLS (else --insecure-dev on its loopback port).
+    pub tls: bool,
 }
 
 impl Replica {
@@ -27,6 +33,9 @@ impl Replica {
             addr: format!("127.0.0.1:{}", free_port()),
             dir,
             child: None,
+            admin: None,
+            extra: Vec::new(),
+            tls: false,
         }
     }
 
@@ -38,12 +47,13 @@ impl Replica {
             .unwrap();
         let mut cmd = Command::new(BIN);
         cmd.args([
-            "--insecure-dev",
             "--listen",
             &self.addr,
             "--data-dir",
             self.dir.join("data").to_str().unwrap(),
         ])
+        .args((!self.tls).then_some("--insecure-dev"))
+        .args(&self.extra)
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log);
@@ -70,7 +80,7 @@ impl Replica {
         let end = Instant::now() + Duration::from_secs(10);
         loop {
             let a: ferry_proto::addr::Addr = self.addr.parse().unwrap();
-            if let Ok(ch) = ferry_proto::addr::connect(&a).await {
+            if let Ok(ch) = ferry_proto::addr::connect_with(&a, self.admin.as_ref()).await {
                 return ControllerServiceClient::new(ch);
             }
             assert!(
@@ -122,11 +132,59 @@ fn free_port() -> u16 {
 impl Cluster {
     /// `n` replicas: the first bootstraps, the others are added one by one.
     pub async fn start(n: usize) -> Cluster {
+        Self::start_with(n, false).await
+    }
+
+    /// The same with mutual TLS: the first replica makes the CA, the others
+    /// join with tokens, and this process's clients speak as the admin.
+    pub async fn start_with(n: usize, tls: bool) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let mut replicas = Vec::new();
-        for i in 0..n {
+        let mut first = Replica::new(dir.path().join("c0"));
+        first.tls = tls;
+        first.spawn(true);
+        if tls {
+            let pem = first.dir.join("data/pki/admin.pem");
+            let end = Instant::now() + Duration::from_secs(10);
+            while !pem.exists() {
+                assert!(Instant::now() < end, "no admin.pem: {}", first.log());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let admin = ferry_proto::tls::Credentials::load(&pem).expect("admin.pem");
+            first.admin = Some(
+                ferry_proto::tls::ClientTls::new(
+                    &admin,
+                    ferry_proto::tls::pki::CONTROLLER_SERVER_NAME,
+                )
+                .expect("admin tls"),
+            );
+        }
+        replicas.push(first);
+        for i in 1..n {
             let mut r = Replica::new(dir.path().join(format!("c{i}")));
-            r.spawn(i == 0);
+            if tls {
+                let token = replicas[0]
+                    .client()
+                    .await
+                    .create_join_token(cpb::CreateJoinTokenRequest {
+                        kind: cpb::JoinKind::Controller as i32,
+                        ttl_secs: 600,
+                    })
+                    .await
+                    .expect("token")
+                    .into_inner()
+                    .token;
+                r.extra = vec![
+                    "--join".into(),
+                    token,
+                    "--via".into(),
+                    replicas[0].addr.clone(),
+                ];
+                r.admin = replicas[0].admin.clone();
+                r.tls = true;
+            }
+            r.spawn(false);
             replicas.push(r);
         }
         let c = Cluster {
