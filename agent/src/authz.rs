@@ -1,5 +1,6 @@
 //! Who may call what on an agent (with mutual TLS; `--insecure-dev` has no
-//! rule). Controllers give the orders; admins may do anything, viewers only
+//! rule). Revoked certificates are refused here too, by the list the
+//! controller sends with every heartbeat answer. Controllers give the orders; admins may do anything, viewers only
 //! read; another node may only drive a migration into this one, and only the
 //! one it prepared ([`crate::vps::Agent::migrate_prepare`] records who).
 
@@ -17,11 +18,37 @@ const MIGRATION_TARGET: &[&str] = &[
     "TreeDigest",
 ];
 
+/// Fingerprints of revoked certificates, as the controller last sent them
+/// (with each heartbeat answer; a node-local agent has none).
+static REVOKED: std::sync::RwLock<std::collections::BTreeSet<String>> =
+    std::sync::RwLock::new(std::collections::BTreeSet::new());
+
+/// Replaces the revocation list.
+pub fn set_revoked(list: Vec<String>) {
+    let mut g = REVOKED.write().unwrap_or_else(|p| p.into_inner());
+    if g.len() != list.len() || list.iter().any(|f| !g.contains(f)) {
+        *g = list.into_iter().collect();
+    }
+}
+
+fn revoked(fingerprint: &str) -> bool {
+    REVOKED
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(fingerprint)
+}
+
 pub struct AgentPolicy;
 
 impl Policy for AgentPolicy {
     fn check(&self, path: &str, peer: &Peer) -> std::result::Result<(), tonic::Status> {
         let id = authz::verified(peer)?;
+        if revoked(&id.fingerprint) {
+            return Err(tonic::Status::unauthenticated(format!(
+                "the certificate of {} is revoked",
+                id.role
+            )));
+        }
         let m = authz::method(path);
         let ok = match &id.role {
             Role::Controller => true,

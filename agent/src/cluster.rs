@@ -81,9 +81,12 @@ pub fn spawn(agent: Arc<Agent>, link: ClusterLink) -> tokio::task::JoinHandle<()
                     usage: Some(usage),
                 });
                 req.set_timeout(Duration::from_secs(5));
-                if let Err(e) = c.heartbeat(req).await {
-                    tracing::warn!(error = %e.message(), "heartbeat failed; reconnecting");
-                    break;
+                match c.heartbeat(req).await {
+                    Ok(r) => crate::authz::set_revoked(r.into_inner().revoked),
+                    Err(e) => {
+                        tracing::warn!(error = %e.message(), "heartbeat failed; reconnecting");
+                        break;
+                    }
                 }
                 tokio::time::sleep(HEARTBEAT_EVERY).await;
             }

@@ -323,6 +323,10 @@ async fn a_tls_cluster_joins_migrates_and_refuses_every_wrong_caller() {
             &["node", "cordon", "tls-a"],
         );
         assert!(code != 0 && err.contains("PermissionDenied"), "{err}");
+        // On an agent too: a viewer reads there.
+        let agent_b = format!("unix:{}", b.sock().display());
+        let (code, out, err) = ferryctl_as(&viewer, "--agent", &agent_b, &["vps", "ls"]);
+        assert_eq!(code, 0, "{out}{err}");
         let (code, out, err) = ctl.ferryctl(&["user", "revoke", "vic"]);
         assert_eq!(code, 0, "{out}{err}");
         for i in 0..3 {
@@ -339,6 +343,19 @@ async fn a_tls_cluster_joins_migrates_and_refuses_every_wrong_caller() {
                 );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+        }
+        // The agents learn it with their next heartbeat answer.
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let (code, _, err) = ferryctl_as(&viewer, "--agent", &agent_b, &["vps", "ls"]);
+            if code != 0 && err.contains("revoked") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < end,
+                "tls-b still serves a revoked viewer: {err}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         // No certificate: refused with a status, not served.
         let anon = ClientTls::pinned(

@@ -86,7 +86,13 @@ impl ControllerService for Api {
     async fn heartbeat(&self, req: Request<cpb::HeartbeatRequest>) -> R<cpb::HeartbeatResponse> {
         trust::node_speaks_for(req.extensions().get(), &req.get_ref().node)?;
         nodes::heartbeat(&self.ctl, req.into_inner()).await?;
-        Ok(Response::new(cpb::HeartbeatResponse {}))
+        let revoked = self
+            .ctl
+            .member()
+            .await?
+            .sm
+            .read(|a| a.state.security.revoked.iter().cloned().collect());
+        Ok(Response::new(cpb::HeartbeatResponse { revoked }))
     }
     async fn start_vps(&self, req: Request<cpb::SetDesiredRequest>) -> R<cpb::ClusterVps> {
         Ok(Response::new(
