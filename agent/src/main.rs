@@ -179,6 +179,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             )
             .await?;
             ferry_proto::addr::use_credentials(&creds).map_err(anyhow::Error::msg)?;
+            // CRIU's own page-server socket (post-copy) too.
+            ferry_agent::criu::tls::enable(&cfg.data_dir.join("pki/criu"), &creds)
+                .map_err(anyhow::Error::msg)?;
             Some(ferry_proto::tls::ServerTls::new(&creds)?)
         };
         let policy: Option<std::sync::Arc<dyn ferry_proto::tls::authz::Policy>> = match &server_tls

@@ -157,6 +157,41 @@ async fn a_tls_cluster_joins_migrates_and_refuses_every_wrong_caller() {
         let later = count(&mut cb, &name).await;
         assert!(after >= before && later > after, "{before} {after} {later}");
 
+        // Back by post-copy: the memory comes over CRIU's own page-server
+        // socket, which speaks TLS with the nodes' certificates too.
+        let (code, out, err) = ctl.ferryctl(&[
+            "vps",
+            "migrate",
+            &name,
+            "--to",
+            "tls-a",
+            "--mode",
+            "post-copy",
+        ]);
+        assert_eq!(
+            code,
+            0,
+            "{out}{err}\nA: {}\nB: {}",
+            a.agent_log(),
+            b.agent_log()
+        );
+        assert!(out.contains("post-copy"), "{out}");
+        wait_placed(&mut c, &name, "tls-a").await;
+        let after = count(&mut ca, &name).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let later2 = count(&mut ca, &name).await;
+        assert!(after >= later && later2 > after, "{later} {after} {later2}");
+        assert!(
+            b.agent_log().contains("page server over TLS"),
+            "{}",
+            b.agent_log()
+        );
+        assert!(
+            a.agent_log().contains("lazy pages over TLS"),
+            "{}",
+            a.agent_log()
+        );
+
         // A used token, an expired one: nothing joins.
         let used = ctl.token(cpb::JoinKind::Node).await;
         let scratch = tempfile::tempdir().expect("tempdir");
@@ -382,7 +417,7 @@ async fn a_tls_cluster_joins_migrates_and_refuses_every_wrong_caller() {
             .await
             .expect("get")
             .into_inner();
-        assert_eq!((v.node.as_str(), v.observed.as_str()), ("tls-b", "running"));
+        assert_eq!((v.node.as_str(), v.observed.as_str()), ("tls-a", "running"));
     })
     .await;
 }

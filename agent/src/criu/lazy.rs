@@ -112,6 +112,10 @@ pub async fn start_daemon(
         cmd.arg("--page-server")
             .args(["--address", &at.ip().to_string()])
             .args(["--port", &at.port().to_string()]);
+        if let Some(t) = super::tls::get() {
+            cmd.args(super::tls::args(t));
+            tracing::info!(page_server = %at, "lazy pages over TLS");
+        }
     }
     cmd.arg("-D")
         .arg(dir)
