@@ -180,3 +180,89 @@ pub async fn decide_migration(
         tokio::time::sleep(DECIDE_RETRY_PAUSE).await;
     }
 }
+
+/// Renews this node's certificate through the controllers when a third of
+/// its lifetime is left, and serves, dials and runs CRIU with the new one
+/// from then on: no restart.
+pub fn spawn_renewal(
+    path: std::path::PathBuf,
+    server: ferry_proto::tls::ServerTls,
+    controllers: Vec<Addr>,
+) {
+    use ferry_proto::tls::{pki::renewal_due, Credentials};
+    if controllers.is_empty() {
+        return;
+    }
+    tokio::spawn(async move {
+        loop {
+            let every = match Credentials::load(&path).and_then(|c| renewal_due(&c.cert_pem)) {
+                Ok((due, every)) => {
+                    if due {
+                        match renew(&path, &server, &controllers).await {
+                            Ok(()) => tracing::info!("certificate renewed"),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "renewing the certificate; retrying")
+                            }
+                        }
+                    }
+                    every
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "reading this node's certificate");
+                    Duration::from_secs(60)
+                }
+            };
+            tokio::time::sleep(every).await;
+        }
+    });
+}
+
+async fn renew(
+    path: &std::path::Path,
+    server: &ferry_proto::tls::ServerTls,
+    controllers: &[Addr],
+) -> Result<(), String> {
+    use ferry_proto::tls::{pki, Credentials};
+    let old = Credentials::load(path).map_err(|e| e.to_string())?;
+    let who = old.identity().map_err(|e| e.to_string())?.role;
+    let (key_pem, csr_pem) = pki::new_request().map_err(|e| e.to_string())?;
+    let mut last = String::from("no controller");
+    for a in controllers {
+        let ch = match ferry_proto::addr::connect_controller(a).await {
+            Ok(ch) => ch,
+            Err(e) => {
+                last = format!("{a}: {e}");
+                continue;
+            }
+        };
+        let r = ferry_proto::limits::controller_client(ch)
+            .renew_certificate(cpb::JoinRequest {
+                token: String::new(),
+                name: String::new(),
+                csr_pem: csr_pem.clone(),
+            })
+            .await;
+        let r = match r {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                last = format!("{a}: {}", s.message());
+                continue;
+            }
+        };
+        let new = Credentials {
+            ca_pem: r.ca_pem,
+            cert_pem: r.cert_pem,
+            key_pem: key_pem.clone(),
+        };
+        let got = new.identity().map_err(|e| e.to_string())?.role;
+        if got != who {
+            return Err(format!("the controller renewed {got}, not {who}"));
+        }
+        new.save(path).map_err(|e| e.to_string())?;
+        ferry_proto::addr::use_credentials(&new)?;
+        server.reload(&new).map_err(|e| e.to_string())?;
+        crate::criu::tls::refresh(&new)?;
+        return Ok(());
+    }
+    Err(last)
+}

@@ -189,6 +189,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Some(_) => Some(std::sync::Arc::new(ferry_agent::authz::AgentPolicy)),
             None => None,
         };
+        if let Some(t) = &server_tls {
+            ferry_agent::cluster::spawn_renewal(
+                cfg.data_dir.join("pki").join("node.pem"),
+                t.clone(),
+                args.controller.clone(),
+            );
+        }
         let agent = Agent::open(cfg).await.context("starting the agent")?;
         agent.spawn_reaper();
         if !args.controller.is_empty() {

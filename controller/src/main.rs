@@ -72,7 +72,7 @@ fn pki_dir(data_dir: &std::path::Path) -> PathBuf {
 /// Loads this replica's CA and credentials; `--init` makes them (and the
 /// first admin's bundle), `--join` gets them from the cluster.
 async fn load_or_make_pki(cli: &Cli) -> anyhow::Result<ControllerPki> {
-    use ferry_proto::tls::pki::CERT_VALIDITY;
+    use ferry_proto::tls::pki::{daemon_cert_validity, CERT_VALIDITY};
     use ferry_proto::tls::{Ca, Credentials, Role, UserRole};
     let dir = pki_dir(&cli.data_dir);
     let own = dir.join("controller.pem");
@@ -104,7 +104,7 @@ async fn load_or_make_pki(cli: &Cli) -> anyhow::Result<ControllerPki> {
     if cli.init && !cli.data_dir.join("member.json").exists() {
         let ca = Ca::generate(&cli.data_dir.display().to_string())?;
         ca.save(&dir)?;
-        let creds = ca.issue(&Role::Controller, CERT_VALIDITY)?;
+        let creds = ca.issue(&Role::Controller, daemon_cert_validity())?;
         creds.save(&own)?;
         let admin = ca.issue(
             &Role::User {
@@ -183,6 +183,9 @@ fn main() -> anyhow::Result<()> {
             Some(p) => Some(ferry_proto::tls::ServerTls::new(&p.creds)?),
             None => None,
         };
+        if let (Some(p), Some(t)) = (&pki, &server_tls) {
+            spawn_renewal(pki_dir(&cli.data_dir), p.clone(), t.clone());
+        }
         // Opening never waits on other replicas: a member starts its Raft, a
         // fresh `--init` commits alone as the only voter.
         let ctl = Controller::open(
@@ -218,4 +221,46 @@ fn main() -> anyhow::Result<()> {
         ctl.shutdown().await;
         Ok(())
     })
+}
+
+/// A replica renews its own certificate (it holds the CA) when a third of
+/// its lifetime is left, and serves and dials with the new one from then on:
+/// no restart.
+fn spawn_renewal(
+    dir: PathBuf,
+    pki: std::sync::Arc<ControllerPki>,
+    server: ferry_proto::tls::ServerTls,
+) {
+    use ferry_proto::tls::pki::{daemon_cert_validity, renewal_due};
+    use ferry_proto::tls::{Credentials, Role};
+    tokio::spawn(async move {
+        let own = dir.join("controller.pem");
+        loop {
+            let every = match Credentials::load(&own).and_then(|c| renewal_due(&c.cert_pem)) {
+                Ok((due, every)) => {
+                    if due {
+                        let renewed = pki
+                            .ca
+                            .issue(&Role::Controller, daemon_cert_validity())
+                            .and_then(|c| c.save(&own).map(|_| c))
+                            .map_err(|e| e.to_string())
+                            .and_then(|c| {
+                                ferry_proto::addr::use_credentials(&c)?;
+                                server.reload(&c).map_err(|e| e.to_string())
+                            });
+                        match renewed {
+                            Ok(()) => tracing::info!("certificate renewed"),
+                            Err(e) => tracing::error!(error = %e, "renewing the certificate"),
+                        }
+                    }
+                    every
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "reading this replica's certificate");
+                    std::time::Duration::from_secs(60)
+                }
+            };
+            tokio::time::sleep(every).await;
+        }
+    });
 }

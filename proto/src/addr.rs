@@ -62,34 +62,35 @@ pub async fn connect(addr: &Addr) -> Result<Channel, tonic::transport::Error> {
 /// This process's identity for the connections it makes: set once at start
 /// by a daemon (or ferryctl) that has credentials. Without it, connections
 /// are plaintext (the development mode).
-static CLIENT_TLS: std::sync::OnceLock<ClientTls> = std::sync::OnceLock::new();
+static CLIENT_TLS: std::sync::RwLock<Option<ClientTls>> = std::sync::RwLock::new(None);
 
 /// Makes every later [`connect_controller`] and [`connect_node`] mutual TLS
-/// with `creds`.
+/// with `creds` (called again with a renewed certificate, it replaces it).
 pub fn use_credentials(creds: &crate::tls::Credentials) -> Result<(), String> {
     let t = ClientTls::new(creds, crate::tls::pki::CONTROLLER_SERVER_NAME)
         .map_err(|e| e.to_string())?;
-    CLIENT_TLS
-        .set(t)
-        .map_err(|_| "credentials are set once per process".to_string())
+    *CLIENT_TLS.write().unwrap_or_else(|p| p.into_inner()) = Some(t);
+    Ok(())
+}
+
+fn client_tls() -> Option<ClientTls> {
+    CLIENT_TLS.read().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 /// Whether this process connects with mutual TLS.
 pub fn tls_enabled() -> bool {
-    CLIENT_TLS.get().is_some()
+    client_tls().is_some()
 }
 
 /// Connects to a controller (its certificate must name a controller).
 pub async fn connect_controller(addr: &Addr) -> Result<Channel, tonic::transport::Error> {
-    let t = CLIENT_TLS.get();
-    connect_with(addr, t).await
+    let t = client_tls();
+    connect_with(addr, t.as_ref()).await
 }
 
 /// Connects to a node's agent (its certificate must name a node).
 pub async fn connect_node(addr: &Addr) -> Result<Channel, tonic::transport::Error> {
-    let t = CLIENT_TLS
-        .get()
-        .map(|t| t.for_server(crate::tls::pki::NODE_SERVER_NAME));
+    let t = client_tls().map(|t| t.for_server(crate::tls::pki::NODE_SERVER_NAME));
     connect_with(addr, t.as_ref()).await
 }
 

@@ -40,6 +40,19 @@ pub fn enable(dir: &Path, creds: &ferry_proto::tls::Credentials) -> Result<(), S
         .map_err(|_| "CRIU's TLS is set once per process".to_string())
 }
 
+/// Rewrites the files with renewed credentials (CRIU reads them per run).
+pub fn refresh(creds: &ferry_proto::tls::Credentials) -> Result<(), String> {
+    let Some(t) = TLS.get() else { return Ok(()) };
+    for (p, text) in [
+        (&t.cacert, &creds.ca_pem),
+        (&t.cert, &creds.cert_pem),
+        (&t.key, &creds.key_pem),
+    ] {
+        ferry_proto::tls::pki::write_private(p, text).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 /// The files, when this agent runs with mutual TLS.
 pub fn get() -> Option<&'static CriuTls> {
     TLS.get()

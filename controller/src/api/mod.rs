@@ -184,6 +184,15 @@ impl ControllerService for Api {
             trust::join_controller(&self.ctl, req.into_inner()).await?,
         ))
     }
+    async fn renew_certificate(&self, req: Request<cpb::JoinRequest>) -> R<cpb::JoinResponse> {
+        let caller = req
+            .extensions()
+            .get::<ferry_proto::tls::Identity>()
+            .cloned();
+        Ok(Response::new(
+            trust::renew(&self.ctl, caller.as_ref(), req.into_inner()).await?,
+        ))
+    }
     async fn add_user(&self, req: Request<cpb::AddUserRequest>) -> R<cpb::AddUserResponse> {
         Ok(Response::new(
             trust::add_user(&self.ctl, req.into_inner()).await?,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use ferry_proto::controller::v1 as cpb;
 use ferry_proto::tls::authz::{self, Policy};
-use ferry_proto::tls::pki::CERT_VALIDITY;
+use ferry_proto::tls::pki::{daemon_cert_validity, CERT_VALIDITY};
 use ferry_proto::tls::{Ca, Credentials, Identity, JoinToken, Peer, Role, UserRole};
 
 use super::{applied, now_ms};
@@ -104,7 +104,7 @@ async fn join(
         ));
     }
     let cert_pem =
-        p.ca.sign_request(&role, &r.csr_pem, CERT_VALIDITY)
+        p.ca.sign_request(&role, &r.csr_pem, daemon_cert_validity())
             .map_err(|e| ControllerError::invalid("csr_pem", e.to_string()))?;
     let m = ctl.member().await?;
     applied(
@@ -165,6 +165,34 @@ pub async fn join_controller(
     .await?;
     resp.ca_key_pem = pki(ctl)?.ca.key_pem().to_string();
     Ok(resp)
+}
+
+/// A node or replica's new certificate for its own identity (the caller's,
+/// proven by the certificate it calls with), over its new key.
+pub async fn renew(
+    ctl: &Controller,
+    caller: Option<&Identity>,
+    r: cpb::JoinRequest,
+) -> Result<cpb::JoinResponse, ControllerError> {
+    let role = match caller.map(|c| &c.role) {
+        Some(r @ (Role::Node(_) | Role::Controller)) => r.clone(),
+        _ => {
+            return Err(ControllerError::Rejected {
+                code: RejectCode::FailedPrecondition,
+                message: "only a node or a replica renews its certificate this way".into(),
+            })
+        }
+    };
+    let p = pki(ctl)?;
+    let cert_pem =
+        p.ca.sign_request(&role, &r.csr_pem, daemon_cert_validity())
+            .map_err(|e| ControllerError::invalid("csr_pem", e.to_string()))?;
+    tracing::info!(%role, "certificate renewed");
+    Ok(cpb::JoinResponse {
+        cert_pem,
+        ca_pem: p.ca.cert_pem.clone(),
+        ca_key_pem: String::new(),
+    })
 }
 
 pub async fn add_user(
@@ -293,7 +321,10 @@ impl Policy for ControllerPolicy {
         let ok = match &id.role {
             Role::Controller => true,
             _ if raft => false,
-            Role::Node(_) => matches!(m, "RegisterNode" | "Heartbeat" | "DecideMigration"),
+            Role::Node(_) => matches!(
+                m,
+                "RegisterNode" | "Heartbeat" | "DecideMigration" | "RenewCertificate"
+            ),
             Role::User { .. } => {
                 authz::user_may(&id.role, m).unwrap_or(false) || m == "ClusterStatus"
             }

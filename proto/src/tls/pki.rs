@@ -159,8 +159,44 @@ pub fn identity_of(cert_der: &[u8]) -> Result<Identity, PkiError> {
     })
 }
 
+/// How far before its issue a certificate is valid: slack for clocks a few
+/// minutes apart.
+const BACKDATE: time::Duration = time::Duration::minutes(10);
+
 /// How long certificates the CA issues are valid.
 pub const CERT_VALIDITY: time::Duration = time::Duration::days(365);
+
+/// How long a daemon's (node's, replica's) certificate is valid: a year, or
+/// `FERRY_CERT_VALIDITY_SECS` (for tests of rotation: the daemons renew
+/// theirs when a third of it is left).
+pub fn daemon_cert_validity() -> time::Duration {
+    std::env::var("FERRY_CERT_VALIDITY_SECS")
+        .ok()
+        .and_then(|v| v.parse::<i64>().ok())
+        .filter(|s| *s >= 10)
+        .map(time::Duration::seconds)
+        .unwrap_or(CERT_VALIDITY)
+}
+
+/// A certificate's validity: (not before, not after), Unix seconds.
+pub fn validity(cert_pem: &str) -> Result<(i64, i64), PkiError> {
+    let der = pem_der(cert_pem)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| PkiError::Invalid(format!("unreadable certificate: {e}")))?;
+    let v = cert.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
+/// Whether a certificate is due for renewal: less than a third of its
+/// lifetime left. Also the interval to check at (a tenth of it, 1 s to 1 h).
+pub fn renewal_due(cert_pem: &str) -> Result<(bool, std::time::Duration), PkiError> {
+    let (from, until) = validity(cert_pem)?;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    // Measured from when it was issued, not from the back-dated start.
+    let life = (until - from - BACKDATE.whole_seconds()).max(1);
+    let every = std::time::Duration::from_secs(((life / 10).clamp(1, 3600)) as u64);
+    Ok((until - now < life / 3, every))
+}
 const CA_VALIDITY: time::Duration = time::Duration::days(3650);
 
 fn leaf_params(role: &Role, validity: time::Duration) -> Result<CertificateParams, PkiError> {
@@ -176,7 +212,7 @@ fn leaf_params(role: &Role, validity: time::Duration) -> Result<CertificateParam
     }
     let now = time::OffsetDateTime::now_utc();
     // A little slack for clocks a few minutes apart.
-    p.not_before = now - time::Duration::minutes(10);
+    p.not_before = now - BACKDATE;
     p.not_after = now + validity;
     p.is_ca = IsCa::ExplicitNoCa;
     p.key_usages = vec![

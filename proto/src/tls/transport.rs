@@ -125,14 +125,34 @@ impl ClientCertVerifier for JudgeLater {
 }
 
 /// A server's TLS: its config and the verifier that judges client chains.
+/// Clones share one slot, so [`ServerTls::reload`] swaps the certificate for
+/// every later connection without a restart.
 #[derive(Clone)]
 pub struct ServerTls {
+    inner: Arc<std::sync::RwLock<ServerInner>>,
+}
+
+#[derive(Clone)]
+struct ServerInner {
     acceptor: tokio_rustls::TlsAcceptor,
     judge: Arc<dyn ClientCertVerifier>,
 }
 
 impl ServerTls {
     pub fn new(creds: &Credentials) -> Result<ServerTls, TlsError> {
+        Ok(ServerTls {
+            inner: Arc::new(std::sync::RwLock::new(Self::build(creds)?)),
+        })
+    }
+
+    /// Serves new connections with `creds` from now on (a renewed certificate).
+    pub fn reload(&self, creds: &Credentials) -> Result<(), TlsError> {
+        let next = Self::build(creds)?;
+        *self.inner.write().unwrap_or_else(|p| p.into_inner()) = next;
+        Ok(())
+    }
+
+    fn build(creds: &Credentials) -> Result<ServerInner, TlsError> {
         let judge = WebPkiClientVerifier::builder_with_provider(
             Arc::new(roots(&creds.ca_pem)?),
             provider(),
@@ -147,7 +167,7 @@ impl ServerTls {
             .with_single_cert(chain, key)
             .map_err(cfg_err)?;
         cfg.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(ServerTls {
+        Ok(ServerInner {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
             judge,
         })
@@ -161,11 +181,12 @@ impl ServerTls {
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let s = self.acceptor.accept(io).await?;
+        let cur = self.inner.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let s = cur.acceptor.accept(io).await?;
         let peer = match s.get_ref().1.peer_certificates() {
             None | Some([]) => Peer::Anonymous,
             Some([leaf, rest @ ..]) => {
-                match self.judge.verify_client_cert(leaf, rest, UnixTime::now()) {
+                match cur.judge.verify_client_cert(leaf, rest, UnixTime::now()) {
                     Err(e) => Peer::Rejected(e.to_string()),
                     Ok(_) => match pki::identity_of(leaf) {
                         Ok(id) => Peer::Verified(id),
