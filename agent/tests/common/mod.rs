@@ -299,8 +299,10 @@ fn cgroup_mounts() -> Vec<PathBuf> {
 /// Removes everything a test host made, agent or no agent.
 pub fn cleanup(id: &str) {
     let dir = Path::new(ROOT).join(id);
-    let dir_s = dir.to_string_lossy().to_string();
-    // Agents and monitors name the dir on their command line.
+    // Agents and monitors name a path under the dir on their command line.
+    // With the slash: `ft1x1` must not match `ft1x1Ab3/`, a concurrent
+    // test's controllers (their dir shares the prefix), which it killed.
+    let dir_s = format!("{}/", dir.to_string_lossy());
     for p in pids_matching(|cmdline| cmdline.contains(&dir_s)) {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(p),
