@@ -200,15 +200,23 @@ async fn run(mut cli: Cli) -> anyhow::Result<i32> {
 
 /// A gRPC error reads as its message, not as a debug dump.
 fn describe(e: &anyhow::Error) -> String {
-    let text = match e.downcast_ref::<tonic::Status>() {
-        Some(s) => format!("{} ({:?})", s.message(), s.code()),
-        None => format!("{e:#}"),
+    let (text, transport) = match e.downcast_ref::<tonic::Status>() {
+        Some(s) => (
+            format!("{} ({:?})", s.message(), s.code()),
+            matches!(
+                s.code(),
+                tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Unknown
+            ) || s.message().contains("h2 protocol"),
+        ),
+        None => {
+            let t = format!("{e:#}");
+            let tls = t.contains("h2 protocol");
+            (t, tls)
+        }
     };
-    // Plaintext against a TLS daemon fails at the HTTP/2 layer: say what
-    // is most likely missing.
-    if !ferry_proto::addr::tls_enabled()
-        && (text.contains("h2 protocol") || text.contains("transport error"))
-    {
+    // Plaintext against a TLS daemon fails below gRPC (the HTTP/2 stream is
+    // cut, cancelled or reset): say what is most likely missing.
+    if !ferry_proto::addr::tls_enabled() && transport {
         return format!(
             "{text}\n  the daemon may need mutual TLS: give --credentials FILE (or FERRY_CREDENTIALS)"
         );
