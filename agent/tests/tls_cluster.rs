@@ -238,6 +238,14 @@ async fn a_tls_cluster_joins_migrates_and_refuses_every_wrong_caller() {
         let o = join(&short, "tls-e");
         let e = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && e.contains("expired"), "{e}");
+        // A made-up secret with this cluster's (public) CA fingerprint.
+        let fp = ferry_proto::tls::pki::fingerprint(
+            &ferry_proto::tls::pki::pem_der(&third.creds.ca_pem).expect("ca"),
+        );
+        let forged = format!("ferry1.{fp}.{}", "ab".repeat(32));
+        let o = join(&forged, "tls-f");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains("token: unknown"), "{e}");
         // A token for a name already registered, even a fresh one.
         let fresh = ctl.token(cpb::JoinKind::Node).await;
         let o = join(&fresh, "tls-a");
@@ -418,6 +426,13 @@ async fn a_tls_cluster_joins_migrates_and_refuses_every_wrong_caller() {
             .expect("get")
             .into_inner();
         assert_eq!((v.node.as_str(), v.observed.as_str()), ("tls-a", "running"));
+        // The first admin, made by --init, can be revoked too (last: this
+        // test speaks as it).
+        let (code, out, err) = ctl.ferryctl(&["user", "revoke", "admin"]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains("1 certificate"), "{out}");
+        let (code, _, err) = ctl.ferryctl(&["node", "ls"]);
+        assert!(code != 0 && err.contains("revoked"), "{err}");
     })
     .await;
 }

@@ -71,16 +71,21 @@ fn pki_dir(data_dir: &std::path::Path) -> PathBuf {
 
 /// Loads this replica's CA and credentials; `--init` makes them (and the
 /// first admin's bundle), `--join` gets them from the cluster.
-async fn load_or_make_pki(cli: &Cli) -> anyhow::Result<ControllerPki> {
+/// Also: the fingerprint of the first admin's certificate, when `--init`
+/// made it just now (recorded in Raft so `ferryctl user revoke admin` works).
+async fn load_or_make_pki(cli: &Cli) -> anyhow::Result<(ControllerPki, Option<String>)> {
     use ferry_proto::tls::pki::{daemon_cert_validity, CERT_VALIDITY};
     use ferry_proto::tls::{Ca, Credentials, Role, UserRole};
     let dir = pki_dir(&cli.data_dir);
     let own = dir.join("controller.pem");
     if own.exists() {
-        return Ok(ControllerPki {
-            ca: Ca::load(&dir)?,
-            creds: Credentials::load(&own)?,
-        });
+        return Ok((
+            ControllerPki {
+                ca: Ca::load(&dir)?,
+                creds: Credentials::load(&own)?,
+            },
+            None,
+        ));
     }
     if let Some(token) = &cli.join {
         let via = cli.via.as_ref().context("--join needs --via")?;
@@ -99,7 +104,7 @@ async fn load_or_make_pki(cli: &Cli) -> anyhow::Result<ControllerPki> {
         ca.save(&dir)?;
         j.creds.save(&own)?;
         tracing::info!(dir = %dir.display(), "joined the cluster's trust");
-        return Ok(ControllerPki { ca, creds: j.creds });
+        return Ok((ControllerPki { ca, creds: j.creds }, None));
     }
     if cli.init && !cli.data_dir.join("member.json").exists() {
         let ca = Ca::generate(&cli.data_dir.display().to_string())?;
@@ -116,7 +121,10 @@ async fn load_or_make_pki(cli: &Cli) -> anyhow::Result<ControllerPki> {
         let admin_path = dir.join("admin.pem");
         admin.save(&admin_path)?;
         tracing::info!(admin = %admin_path.display(), "made the cluster CA; the first admin's credentials: ferryctl --credentials {}", admin_path.display());
-        return Ok(ControllerPki { ca, creds });
+        return Ok((
+            ControllerPki { ca, creds },
+            Some(admin.identity()?.fingerprint),
+        ));
     }
     anyhow::bail!(
         "no credentials in {}: start the first replica with --init, join others with --join TOKEN --via ADDR \
@@ -170,12 +178,14 @@ fn main() -> anyhow::Result<()> {
             cpu_overcommit: cli.cpu_overcommit,
             memory_overcommit: cli.memory_overcommit,
         };
+        let mut first_admin = None;
         let pki = if cli.insecure_dev {
             check_insecure_listen(&cli.listen)?;
             tracing::warn!("--insecure-dev: plaintext, no authentication");
             None
         } else {
-            let p = load_or_make_pki(&cli).await.context("the cluster's TLS")?;
+            let (p, admin) = load_or_make_pki(&cli).await.context("the cluster's TLS")?;
+            first_admin = admin;
             ferry_proto::addr::use_credentials(&p.creds).map_err(anyhow::Error::msg)?;
             Some(std::sync::Arc::new(p))
         };
@@ -198,6 +208,18 @@ fn main() -> anyhow::Result<()> {
         )
         .await
         .context("starting the controller")?;
+        if let Some(fingerprint) = first_admin {
+            use ferry_controller::state::{security::SecurityCmd, Request};
+            ctl.member()
+                .await?
+                .propose(Request::Security(SecurityCmd::AddUser {
+                    name: "admin".into(),
+                    fingerprint,
+                    now_ms: ferry_controller::api::now_ms(),
+                }))
+                .await
+                .context("recording the first admin")?;
+        }
         let policy: Option<std::sync::Arc<dyn ferry_proto::tls::authz::Policy>> = match &pki {
             Some(_) => Some(std::sync::Arc::new(ControllerPolicy { ctl: ctl.clone() })),
             None => None,

@@ -25,7 +25,7 @@ pub struct Api {
 
 type R<T> = Result<Response<T>, Status>;
 
-pub(crate) fn now_ms() -> i64 {
+pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

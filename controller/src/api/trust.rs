@@ -80,14 +80,18 @@ pub async fn create_token(
     })
 }
 
-/// Checks a token against this cluster, signs the request, then takes the
-/// token in Raft: a refused join issues nothing and leaves the token as it was.
+/// Checks a token against this cluster and, in this replica's state (after
+/// a read barrier), the token's own record and `fits`; only then signs the
+/// request and takes the token in Raft. A made-up token, which anyone who
+/// reaches the port can send, costs no signature and no Raft entry; a refused
+/// join issues nothing and leaves the token as it was.
 async fn join(
     ctl: &Controller,
     r: &cpb::JoinRequest,
     kind: TokenKind,
     role: Role,
     by: String,
+    fits: impl FnOnce(&crate::state::ClusterState) -> Result<(), ControllerError>,
 ) -> Result<cpb::JoinResponse, ControllerError> {
     let token: JoinToken = r
         .token
@@ -103,10 +107,18 @@ async fn join(
             "it names another cluster's CA",
         ));
     }
+    let m = ctl.member().await?;
+    m.read_barrier().await?;
+    m.sm.read(|a| {
+        a.state
+            .security
+            .check_token(&token.secret_hash(), kind, now_ms())
+            .map_err(|(code, message)| ControllerError::Rejected { code, message })?;
+        fits(&a.state)
+    })?;
     let cert_pem =
         p.ca.sign_request(&role, &r.csr_pem, daemon_cert_validity())
             .map_err(|e| ControllerError::invalid("csr_pem", e.to_string()))?;
-    let m = ctl.member().await?;
     applied(
         m.propose(Request::Security(SecurityCmd::UseToken {
             hash: token.secret_hash(),
@@ -129,24 +141,24 @@ pub async fn join_node(
 ) -> Result<cpb::JoinResponse, ControllerError> {
     ferry_proto::names::check_dns_label(&r.name)
         .map_err(|e| ControllerError::invalid("name", e))?;
-    let m = ctl.member().await?;
-    m.read_barrier().await?;
+    let name = r.name.clone();
     // A token is for a new node: it may not take over a registered name.
-    if m.sm.read(|a| a.state.nodes.contains_key(&r.name)) {
-        return Err(ControllerError::Rejected {
-            code: RejectCode::AlreadyExists,
-            message: format!(
-                "node {:?} is registered already; join under a new name",
-                r.name
-            ),
-        });
-    }
+    let fits = |s: &crate::state::ClusterState| {
+        if s.nodes.contains_key(&name) {
+            return Err(ControllerError::Rejected {
+                code: RejectCode::AlreadyExists,
+                message: format!("node {name:?} is registered already; join under a new name"),
+            });
+        }
+        Ok(())
+    };
     join(
         ctl,
         &r,
         TokenKind::Node,
         Role::Node(r.name.clone()),
         r.name.clone(),
+        fits,
     )
     .await
 }
@@ -161,6 +173,7 @@ pub async fn join_controller(
         TokenKind::Controller,
         Role::Controller,
         "controller".into(),
+        |_| Ok(()),
     )
     .await?;
     resp.ca_key_pem = pki(ctl)?.ca.key_pem().to_string();

@@ -32,6 +32,40 @@ pub struct Security {
     pub revoked: BTreeSet<String>,
 }
 
+impl Security {
+    /// Whether token `hash` may be taken now for `kind`; the one rule, used
+    /// by the command and by the controller's check before any work.
+    pub fn check_token(
+        &self,
+        hash: &str,
+        kind: TokenKind,
+        now_ms: i64,
+    ) -> Result<(), (RejectCode, String)> {
+        let Some(t) = self.tokens.get(hash) else {
+            return Err((
+                RejectCode::NotFound,
+                "token: unknown (made by another cluster, or forgotten)".into(),
+            ));
+        };
+        if t.kind != kind {
+            return Err((
+                RejectCode::InvalidArgument,
+                format!("token: a {:?} token", t.kind),
+            ));
+        }
+        if let Some(u) = &t.used_by {
+            return Err((
+                RejectCode::FailedPrecondition,
+                format!("token: already used (by {u}); tokens are single-use"),
+            ));
+        }
+        if t.expires_ms <= now_ms {
+            return Err((RejectCode::FailedPrecondition, "token: expired".into()));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum SecurityCmd {
     AddToken {
@@ -96,28 +130,12 @@ impl ClusterState {
                 by,
                 now_ms,
             } => {
-                let Some(t) = self.security.tokens.get_mut(&hash) else {
-                    return reject(
-                        RejectCode::NotFound,
-                        "token: unknown (made by another cluster, or forgotten)",
-                    );
-                };
-                if t.kind != kind {
-                    return reject(
-                        RejectCode::InvalidArgument,
-                        format!("token: a {:?} token", t.kind),
-                    );
+                if let Err((code, msg)) = self.security.check_token(&hash, kind, now_ms) {
+                    return reject(code, msg);
                 }
-                if let Some(u) = &t.used_by {
-                    return reject(
-                        RejectCode::FailedPrecondition,
-                        format!("token: already used (by {u}); tokens are single-use"),
-                    );
+                if let Some(t) = self.security.tokens.get_mut(&hash) {
+                    t.used_by = Some(by.clone());
                 }
-                if t.expires_ms <= now_ms {
-                    return reject(RejectCode::FailedPrecondition, "token: expired");
-                }
-                t.used_by = Some(by.clone());
                 self.events.push(
                     now_ms,
                     "security",

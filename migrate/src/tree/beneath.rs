@@ -104,10 +104,6 @@ impl Beneath {
 }
 
 impl Place {
-    pub fn name(&self) -> &OsStr {
-        &self.name
-    }
-
     /// The verified parent directory (an `O_PATH` descriptor).
     pub fn dir_fd(&self) -> BorrowedFd<'_> {
         self.dir.as_fd()
