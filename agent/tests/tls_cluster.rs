@@ -291,6 +291,25 @@ async fn a_tls_cluster_joins_migrates_and_refuses_every_wrong_caller() {
             assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
         }
 
+        // A client that knows whom it dials (a controller does) checks that
+        // node's own name: tls-b's agent cannot pass for tls-a's.
+        let named = |node: &str| {
+            ClientTls::new(&admin, NODE_SERVER_NAME)
+                .expect("tls")
+                .for_server(&ferry_proto::tls::pki::node_server_name(node))
+        };
+        for (node, ok) in [("tls-a", false), ("tls-b", true)] {
+            let t = named(node);
+            let r = match addr::connect_with(&Addr::Unix(b.sock()), Some(&t)).await {
+                Ok(ch) => ferry_proto::limits::agent_client(ch)
+                    .get_node(apb::GetNodeRequest {})
+                    .await
+                    .is_ok(),
+                Err(_) => false,
+            };
+            assert_eq!(r, ok, "tls-b's agent dialled as {node}");
+        }
+
         // An agent takes orders from controllers and admins, not nodes; a
         // node may push only into a migration it prepared itself.
         let mut a_to_b = agent_as(&a_creds, &b).await;

@@ -94,6 +94,16 @@ pub async fn connect_node(addr: &Addr) -> Result<Channel, tonic::transport::Erro
     connect_with(addr, t.as_ref()).await
 }
 
+/// Connects to node `node`'s agent: its certificate must name that node,
+/// not just any node of the cluster.
+pub async fn connect_node_named(
+    addr: &Addr,
+    node: &str,
+) -> Result<Channel, tonic::transport::Error> {
+    let t = client_tls().map(|t| t.for_server(&crate::tls::pki::node_server_name(node)));
+    connect_with(addr, t.as_ref()).await
+}
+
 /// Connects a gRPC channel to `addr`, over TLS when `tls` is given (the
 /// handshake is ours: tonic sees an HTTP/2 byte stream).
 pub async fn connect_with(

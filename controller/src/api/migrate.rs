@@ -121,10 +121,13 @@ async fn start_on_source(
         message: format!("agent at {addr} is unreachable: {e}"),
     };
     let a: ferry_proto::addr::Addr = addr.parse().map_err(unreachable)?;
-    let ch = tokio::time::timeout(AGENT_CONNECT, ferry_proto::addr::connect_node(&a))
-        .await
-        .map_err(|_| unreachable("timed out".into()))?
-        .map_err(|e| unreachable(e.to_string()))?;
+    let ch = tokio::time::timeout(
+        AGENT_CONNECT,
+        ferry_proto::addr::connect_node_named(&a, node),
+    )
+    .await
+    .map_err(|_| unreachable("timed out".into()))?
+    .map_err(|e| unreachable(e.to_string()))?;
     ferry_proto::limits::agent_client(ch)
         .migrate_vps(req)
         .await

@@ -43,6 +43,8 @@ pub enum Action {
 /// One thing to do on one node.
 #[derive(Debug, Clone)]
 pub struct Step {
+    /// The node's name: its agent's certificate must carry it.
+    pub node: String,
     pub node_addr: String,
     pub vps: String,
     pub action: Action,
@@ -98,6 +100,7 @@ pub fn plan(
         };
         if let Some(action) = action {
             steps.push(Step {
+                node: v.node.clone(),
                 node_addr: node.addr.clone(),
                 vps: v.spec.name.clone(),
                 action,
@@ -119,6 +122,7 @@ pub fn plan(
             let migrating = s.vps.get(name).is_some_and(|v| v.migration.is_some());
             if *generation > 0 && !ours && !migrating {
                 steps.push(Step {
+                    node: node_name.clone(),
                     node_addr: node.addr.clone(),
                     vps: name.clone(),
                     action: Action::Destroy {
@@ -243,7 +247,7 @@ fn short(a: &Action) -> &'static str {
 
 async fn run(step: &Step) -> Result<(), String> {
     let a: ferry_proto::addr::Addr = step.node_addr.parse()?;
-    let ch = ferry_proto::addr::connect_node(&a)
+    let ch = ferry_proto::addr::connect_node_named(&a, &step.node)
         .await
         .map_err(|e| format!("agent {a}: {e}"))?;
     let mut c = ferry_proto::limits::agent_client(ch);

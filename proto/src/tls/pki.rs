@@ -7,8 +7,10 @@
 //! - `URI:ferry://user/<role>/<name>`: an operator, `admin` or `viewer`.
 //!
 //! Clients check a controller's certificate against the name
-//! [`CONTROLLER_SERVER_NAME`] and an agent's against [`NODE_SERVER_NAME`]:
-//! what a daemon listens on (an IP, a unix socket) plays no part.
+//! [`CONTROLLER_SERVER_NAME`] and an agent's against [`NODE_SERVER_NAME`],
+//! or, when they know which node they dial (a controller does), against that
+//! node's own [`node_server_name`]: what a daemon listens on (an IP, a unix
+//! socket) plays no part.
 
 use std::path::Path;
 
@@ -20,6 +22,12 @@ use sha2::{Digest, Sha256};
 
 pub const CONTROLLER_SERVER_NAME: &str = "controller.ferry";
 pub const NODE_SERVER_NAME: &str = "node.ferry";
+
+/// The name only node `node`'s certificate carries: what a controller,
+/// which knows whom it dials, checks.
+pub fn node_server_name(node: &str) -> String {
+    format!("{node}.{NODE_SERVER_NAME}")
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -209,6 +217,10 @@ fn leaf_params(role: &Role, validity: time::Duration) -> Result<CertificateParam
     if let Some(n) = role.server_name() {
         p.subject_alt_names
             .push(SanType::DnsName(ia5(n.to_string())?));
+    }
+    if let Role::Node(n) = role {
+        p.subject_alt_names
+            .push(SanType::DnsName(ia5(node_server_name(n))?));
     }
     let now = time::OffsetDateTime::now_utc();
     // A little slack for clocks a few minutes apart.

@@ -255,11 +255,11 @@ impl ClientTls {
         }
     }
 
-    /// The same trust and certificate, for a server of another kind.
-    pub fn for_server(&self, server_name: &'static str) -> ClientTls {
+    /// The same trust and certificate, for a server of another name.
+    pub fn for_server(&self, server_name: &str) -> ClientTls {
         ClientTls {
             connector: self.connector.clone(),
-            server_name: ServerName::try_from(server_name)
+            server_name: ServerName::try_from(server_name.to_string())
                 .unwrap_or_else(|_| self.server_name.clone()),
         }
     }
