@@ -87,6 +87,14 @@ struct ServeArgs {
     /// unless --listen is a loopback address or a unix socket.
     #[arg(long)]
     insecure_dev: bool,
+    /// Keep VPSes off this host's own addresses with nftables (see
+    /// docs/security.md). Off leaves every host service open to VPSes.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    host_firewall: bool,
+    /// A host port VPSes may reach despite the host firewall, PROTO:PORT
+    /// (e.g. udp:53 for a resolver on the host; repeatable).
+    #[arg(long = "vps-host-allow")]
+    vps_host_allow: Vec<ferry_agent::net::firewall::Allow>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -142,6 +150,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .run_dir
             .clone()
             .unwrap_or_else(|| Paths::default_run_dir(&args.data_dir));
+        let management_ip = management_ip(&args);
         let cfg = AgentConfig {
             data_dir: args.data_dir,
             run_dir,
@@ -158,6 +167,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             expedite_rcu: args.expedite_rcu,
             max_upload_bytes: args.max_upload_bytes,
             import_dir: args.import_dir.clone(),
+            management_ip,
+            host_firewall: args
+                .host_firewall
+                .then(|| ferry_agent::net::firewall::HostFirewall {
+                    allow: args.vps_host_allow.clone(),
+                }),
         };
         let node_name = match args.node_name.clone() {
             Some(n) => n,
@@ -280,6 +295,19 @@ async fn load_or_join(
 }
 
 /// Plaintext only where nobody else can reach: loopback or a unix socket.
+/// The IP this node's daemons are reached at: --advertise's, else --listen's.
+fn management_ip(args: &ServeArgs) -> Option<std::net::IpAddr> {
+    if let Some(a) = &args.advertise {
+        if let Ok(sa) = a.parse::<std::net::SocketAddr>() {
+            return Some(sa.ip());
+        }
+    }
+    match &args.listen {
+        Addr::Tcp(hp) => hp.parse::<std::net::SocketAddr>().ok().map(|sa| sa.ip()),
+        Addr::Unix(_) => None,
+    }
+}
+
 fn check_insecure_listen(a: &ferry_proto::addr::Addr) -> anyhow::Result<()> {
     match a {
         ferry_proto::addr::Addr::Unix(_) => Ok(()),

@@ -79,3 +79,25 @@ pub async fn attach_uplink(nl_host: &Netlink, bridge: &str, iface: &str) -> Resu
         .map_err(|e| nl(format!("plugging {iface} into {bridge}"), e))?;
     Ok(())
 }
+
+/// The interface holding `ip` on this host and the network it is in, or None
+/// when no interface has it.
+pub async fn find_address(nl_host: &Netlink, ip: IpAddr) -> Result<Option<(u32, ipnet::IpNet)>> {
+    let mut addrs = nl_host.handle.address().get().execute();
+    while let Some(msg) = addrs
+        .try_next()
+        .await
+        .map_err(|e| nl("listing addresses", e))?
+    {
+        let has = msg
+            .attributes
+            .iter()
+            .any(|a| matches!(a, AddressAttribute::Address(a) if *a == ip));
+        if has {
+            let net = ipnet::IpNet::new(ip, msg.header.prefix_len)
+                .map_err(|e| crate::error::AgentError::Netlink(format!("address {ip}: {e}")))?;
+            return Ok(Some((msg.header.index, net)));
+        }
+    }
+    Ok(None)
+}

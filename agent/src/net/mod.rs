@@ -1,17 +1,20 @@
 //! Node networking through netlink (the rtnetlink crate): the node bridge, one
 //! persistent network namespace per VPS, and the veth pair that joins them.
 //!
+//! [`firewall`] keeps VPSes off the host's own addresses.
+//!
 //! The VPS's netns is made and configured before its init starts and outlives
 //! reboots of the VPS; init joins it with setns.
 
 mod announce;
 mod bridge;
+pub mod firewall;
 pub mod lock;
 mod netns;
 mod veth;
 
 pub use announce::{announce, garp_frames};
-pub use bridge::{attach_uplink, ensure_bridge};
+pub use bridge::{attach_uplink, ensure_bridge, find_address};
 pub use netns::{create_netns, remove_netns};
 pub use veth::{host_veth_name, remove_veth, setup_vps_network};
 

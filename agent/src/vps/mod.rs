@@ -59,6 +59,13 @@ pub struct AgentConfig {
     /// The only directory `ImportTemplatePath` reads from (None:
     /// `<data_dir>/import`).
     pub import_dir: Option<PathBuf>,
+    /// The address other nodes and controllers reach this node's daemons at
+    /// (None: a unix socket or no IP known). When it is not on the bridge,
+    /// the CRIU page server listens there too, off the VPS network.
+    pub management_ip: Option<std::net::IpAddr>,
+    /// Keep VPSes off the host's own addresses (see [`crate::net::firewall`]);
+    /// None: no firewall (warned at start).
+    pub host_firewall: Option<crate::net::firewall::HostFirewall>,
 }
 
 /// The persistent record of a VPS (`vps/<name>/config.json`).
@@ -77,6 +84,9 @@ pub struct Agent {
     pub capacity: Capacity,
     /// The CRIU binary and what it can do on this kernel.
     pub criu: crate::criu::Criu,
+    /// Where post-copy page servers listen: the management address when it
+    /// is an IPv4 address off the bridge, else the bridge's.
+    pub page_server_ip: std::net::Ipv4Addr,
     /// The cgroup yard kept for CRIU (see [`crate::criu::yard`]); None: CRIU
     /// mounts its own on every run.
     cgyard: Option<PathBuf>,
@@ -88,6 +98,63 @@ pub struct Agent {
     /// Held while a create checks names and addresses, so two creates cannot
     /// both take the same one.
     create_lock: tokio::sync::Mutex<()>,
+}
+
+/// Finds where the management address lives, installs the host firewall
+/// and returns the page servers' address.
+async fn guard_host(host: &crate::net::Netlink, cfg: &AgentConfig) -> Result<std::net::Ipv4Addr> {
+    let bridge_index = host.link_index(&cfg.bridge).await?;
+    let mut management_net = None;
+    let mut page_server_ip = cfg.bridge_cidr.addr();
+    match cfg.management_ip {
+        Some(ip) if ip.is_loopback() => {}
+        Some(ip) if ip.is_unspecified() => tracing::warn!(
+            "the agent listens on every address, the VPS bridge's included: VPSes on other \
+             nodes can reach it; listen on a management address (see docs/security.md)"
+        ),
+        Some(ip) => match crate::net::find_address(host, ip).await? {
+            Some((index, _)) if Some(index) == bridge_index => tracing::warn!(
+                address = %ip,
+                "the management address is on the VPS bridge: VPSes on other nodes can reach \
+                 the daemons; give them an address off the bridge (see docs/security.md)"
+            ),
+            Some((_, net)) => {
+                management_net = Some(net);
+                if let std::net::IpAddr::V4(v4) = ip {
+                    page_server_ip = v4;
+                }
+            }
+            None => tracing::warn!(
+                address = %ip,
+                "the management address is not on any interface of this host"
+            ),
+        },
+        None => {}
+    }
+    match &cfg.host_firewall {
+        Some(fw) => {
+            let rules = crate::net::firewall::Rules {
+                bridge: cfg.bridge.clone(),
+                management_net,
+                allow: fw.allow.clone(),
+            };
+            let table = crate::net::firewall::table_name(&rules.bridge);
+            let allowed: Vec<String> = fw.allow.iter().map(|a| a.to_string()).collect();
+            tokio::task::spawn_blocking(move || rules.apply())
+                .await
+                .map_err(|e| AgentError::Internal(format!("host firewall: {e}")))??;
+            tracing::info!(
+                %table,
+                management_net = ?management_net,
+                ?allowed,
+                "host firewall: VPSes may not reach this host's addresses"
+            );
+        }
+        None => tracing::warn!(
+            "--host-firewall=false: VPSes can reach every service on this host's addresses"
+        ),
+    }
+    Ok(page_server_ip)
 }
 
 impl Agent {
@@ -136,6 +203,7 @@ impl Agent {
         if let Some(up) = &cfg.uplink {
             crate::net::attach_uplink(&host, &cfg.bridge, up).await?;
         }
+        let page_server_ip = guard_host(&host, &cfg).await?;
         let criu_path = cfg.criu.clone();
         let criu = tokio::task::spawn_blocking(move || crate::criu::Criu::probe(criu_path))
             .await
@@ -166,6 +234,7 @@ impl Agent {
         };
         let agent = Arc::new(Agent {
             criu,
+            page_server_ip,
             cgyard,
             cfg,
             paths,

@@ -45,7 +45,7 @@ impl Agent {
         let criu = self.criu_path()?;
         crate::criu::lazy::ensure_pipe_max_size()
             .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?;
-        let addr = self.cfg.bridge_cidr.addr();
+        let addr = self.page_server_ip;
         let port = crate::criu::lazy::free_port(addr)
             .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?;
         std::fs::create_dir_all(images).at("creating", images)?;
