@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: a local Ferry cluster on this one machine. Three "hosts", each
-# a network namespace with its own address on a LAN bridge and its own data
-# dirs, each running a controller replica and an agent. Every channel is mutual
+# a network namespace with its own data dirs and two networks: a management
+# network the daemons listen on, and the VPS LAN their VPSes share; each host
+# runs a controller replica and an agent. Every channel is mutual
 # TLS: the first replica's --init makes the cluster CA and the first admin's
 # credentials; the other replicas and the agents join with single-use tokens.
 # The controllers form a Raft cluster; the agents join it; VPSes are created
@@ -17,7 +18,8 @@ cd "$(dirname "$0")/.."
 DIR=/var/tmp/ferry-cluster
 BIN=$PWD/target/release
 LAN=fbrlan
-CTRL=10.88.0.11:7800,10.88.0.12:7800,10.88.0.13:7800
+MGMT=fbrmgmt
+CTRL=10.87.0.11:7800,10.87.0.12:7800,10.87.0.13:7800
 ADMIN=$DIR/h1/controller/pki/admin.pem
 
 down() {
@@ -36,8 +38,10 @@ down() {
     rmdir /sys/fs/cgroup/*/ferry/"$inst"/* /sys/fs/cgroup/*/ferry/"$inst" 2>/dev/null
   done
   grep -o " $DIR[^ ]*" /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m"; done
-  for i in 1 2 3; do ip netns del "ferry-h$i" 2>/dev/null; ip link del "fh$i" 2>/dev/null; done
-  ip link del "$LAN" 2>/dev/null
+  for i in 1 2 3; do
+    ip netns del "ferry-h$i" 2>/dev/null; ip link del "fh$i" 2>/dev/null; ip link del "fm$i" 2>/dev/null
+  done
+  ip link del "$LAN" 2>/dev/null; ip link del "$MGMT" 2>/dev/null
   rm -rf "$DIR"
   return 0
 }
@@ -52,15 +56,28 @@ down
 [ "${1:-}" = --keep ] || trap down EXIT
 mkdir -p "$DIR"
 
-# The LAN: a bridge in the root namespace, one veth per host. Inside each host
-# the LAN port is plugged into the node bridge, which holds the host's address:
-# VPSes of every node share the LAN, so a VPS keeps its address when it moves.
+# Two networks, each a bridge in the root namespace with one veth per host:
+# - management, 10.87.0.0/24: controllers and agents listen here, ferryctl
+#   (this shell, 10.87.0.1) reaches them here;
+# - the VPS LAN, 10.88.0.0/16: inside each host its port is plugged into the
+#   node bridge, whose address is its VPSes' gateway; VPSes of every node share
+#   it, so a VPS keeps its address when it moves. The poller (10.88.0.1) is a
+#   client on it.
+# Each agent's host firewall keeps VPSes off their host's addresses and the
+# management network (docs/security.md).
 ip link add "$LAN" type bridge
 ip addr add 10.88.0.1/16 dev "$LAN"
 ip link set "$LAN" up
+ip link add "$MGMT" type bridge
+ip addr add 10.87.0.1/24 dev "$MGMT"
+ip link set "$MGMT" up
 for i in 1 2 3; do
   ns=ferry-h$i
   ip netns add "$ns"
+  ip link add "fm$i" type veth peer name mgmt netns "$ns"
+  ip link set "fm$i" master "$MGMT" up
+  ip -n "$ns" addr add "10.87.0.1$i/24" dev mgmt
+  ip -n "$ns" link set mgmt up
   ip link add "fh$i" type veth peer name uplink netns "$ns"
   ip link set "fh$i" master "$LAN" up
   ip -n "$ns" link add ferrybr0 type bridge
@@ -68,29 +85,28 @@ for i in 1 2 3; do
   ip -n "$ns" link set ferrybr0 up
   ip -n "$ns" link set uplink master ferrybr0 up
   ip -n "$ns" link set lo up
-  ip -n "$ns" route add default via 10.88.0.1
 done
 
 on() { local i=$1; shift; nsenter --net=/run/netns/ferry-h$i -- "$@"; }
 ctl() { echo "\$ ferryctl $*" >&2; "$BIN/ferryctl" --credentials "$ADMIN" --controller "$CTRL" "$@"; }
 q() { "$BIN/ferryctl" --credentials "$ADMIN" --controller "$CTRL" "$@"; }
 
-on 1 "$BIN/ferry-controller" --listen 10.88.0.11:7800 --data-dir "$DIR/h1/controller" \
+on 1 "$BIN/ferry-controller" --listen 10.87.0.11:7800 --data-dir "$DIR/h1/controller" \
   --init --ip-pool 10.88.1.0/24 >"$DIR/controller1.log" 2>&1 &
 for _ in $(seq 100); do [ -f "$ADMIN" ] && q cluster status >/dev/null 2>&1 && break; sleep 0.1; done
 echo "== mutual TLS: the cluster CA and the first admin's credentials are in $DIR/h1/controller/pki"
 for i in 2 3; do
   token=$(q controller join-token --ttl 5m 2>/dev/null)
-  on "$i" "$BIN/ferry-controller" --listen "10.88.0.1$i:7800" --data-dir "$DIR/h$i/controller" \
-    --join "$token" --via 10.88.0.11:7800 >"$DIR/controller$i.log" 2>&1 &
+  on "$i" "$BIN/ferry-controller" --listen "10.87.0.1$i:7800" --data-dir "$DIR/h$i/controller" \
+    --join "$token" --via 10.87.0.11:7800 >"$DIR/controller$i.log" 2>&1 &
   for _ in $(seq 100); do [ -f "$DIR/h$i/controller/pki/controller.pem" ] && break; sleep 0.1; done
-  ctl controller add "10.88.0.1$i:7800"
+  ctl controller add "10.87.0.1$i:7800"
 done
 ctl cluster status
 
 for i in 1 2 3; do
   token=$(q node join-token --ttl 5m 2>/dev/null)
-  on "$i" "$BIN/ferry-agent" --listen "10.88.0.1$i:7700" --data-dir "$DIR/h$i/agent" --run-dir "$DIR/h$i/run" \
+  on "$i" "$BIN/ferry-agent" --listen "10.87.0.1$i:7700" --data-dir "$DIR/h$i/agent" --run-dir "$DIR/h$i/run" \
     --bridge ferrybr0 --bridge-cidr "10.88.0.1$i/16" --uplink uplink \
     --controller "$CTRL" --node-name "node$i" --label "zone=z$i" --join "$token" >"$DIR/agent$i.log" 2>&1 &
 done
@@ -120,6 +136,24 @@ web1_ip=$(field demo-web1 ip)
 echo; echo "demo-web1 serves HTTP at $web1_ip on $(field demo-web1 node):"
 curl -s -m 3 "http://$web1_ip/"
 echo; ctl vps show demo-db
+
+# A tenant tries the daemons of its own host: the host firewall drops it.
+web1_node=$(field demo-web1 node)
+h=${web1_node#node}
+echo; echo "== the host firewall: root in demo-web1 tries the agent and the controller of $web1_node"
+web2_ip=$(field demo-web2 ip)
+answer=$("$BIN/ferryctl" --credentials "$ADMIN" --agent "10.87.0.1$h:7700" vps exec demo-web1 -- \
+  timeout 4 wget -qO- "http://$web2_ip/" || true)
+[ "$answer" = demo-web2 ] || { echo "demo-web1 cannot reach demo-web2: ${answer:-no answer}" >&2; exit 1; }
+echo "  another VPS (demo-web2, $web2_ip) answers: $answer"
+for target in "10.87.0.1$h 7700" "10.87.0.1$h 7800" "10.88.0.1$h 7700"; do
+  # nc exits 1 when it cannot connect; a connection would hold it until timeout (124).
+  rc=0
+  "$BIN/ferryctl" --credentials "$ADMIN" --agent "10.87.0.1$h:7700" vps exec demo-web1 -- \
+    timeout 4 nc -w 2 $target </dev/null >/dev/null 2>&1 || rc=$?
+  if [ "$rc" = 1 ]; then echo "  ${target/ /:}: no answer (dropped)"; else
+    echo "  ${target/ /:}: REACHED from a VPS (exit $rc)" >&2; exit 1; fi
+done
 
 # Live migration: demo-cache serves HTTP while a client on the LAN polls it;
 # the scheduler picks the target node.
