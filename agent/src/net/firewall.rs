@@ -1,11 +1,22 @@
 //! The host firewall: VPSes may not reach the host's own addresses.
 //!
 //! A VPS is a tenant's machine; the host's daemons (agent, controller, sshd,
-//! anything listening on a wildcard address) are not its business. The agent
-//! keeps one nftables table pair per bridge, replaced whole and atomically at
-//! every start (one `nft -f` transaction), and left in place when it stops,
-//! since the VPSes keep running without it:
+//! anything listening on a wildcard address) are not its business, and
+//! neither are its neighbours' addresses. The agent keeps one nftables table
+//! pair per bridge, set at every start in one `nft -f` transaction, and left
+//! in place when it stops, since the VPSes keep running without it:
 //!
+//! 0. **Network identity** (bridge table, per VPS port). A frame from a VPS's
+//!    veth passes only with the VPS's own MAC as source, ARP only with its
+//!    own MAC and IPv4 address as sender, IPv4 only from its address, IPv6
+//!    only from link-local or unspecified addresses and never as a router
+//!    (RA, redirect); other ethertypes (VLAN tags included) are dropped. Each
+//!    port has its own chain, reached through the `ports` verdict map; a VPS
+//!    port the map does not know passes nothing. The port's rules are made
+//!    with its veth, so they follow the VPS to whichever node runs it. The
+//!    bridge table is never replaced whole (that would drop the running VPSes'
+//!    ports): its base chain is flushed and refilled, and
+//!    [`sync_ports`] makes the port chains match the VPSes found at start.
 //! 1. **Local VPSes.** A bridge-family rule marks every frame that enters the
 //!    bridge from a VPS's veth (`fv…`); the IP input hook sends marked
 //!    packets to [`FROM_VPS`], whatever host address they were sent to.
@@ -45,6 +56,23 @@ pub const VPS_MARK: u32 = 0x0020_0000;
 
 /// The prefix of every VPS's host-side veth (see [`super::host_veth_name`]).
 const VPS_PORTS: &str = "fv*";
+
+/// The verdict map from a VPS port's name to its chain.
+const PORTS_MAP: &str = "ports";
+
+/// The filter chain of one VPS port.
+fn port_chain(port: &str) -> String {
+    format!("port_{port}")
+}
+
+/// The identity a VPS's port enforces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Port {
+    /// The host-side veth.
+    pub name: String,
+    pub mac: [u8; 6],
+    pub ip: std::net::Ipv4Addr,
+}
 
 /// A port on the host that VPSes may reach (`--vps-host-allow tcp:53`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,20 +163,26 @@ impl Rules {
         let t = table_name(&self.bridge);
         let br = &self.bridge;
         let mut s = String::new();
-        // "add, delete, define" is nft's idiom for an atomic replace that
-        // also works when the table does not exist yet.
-        for family in ["bridge", "inet"] {
-            let _ = writeln!(s, "table {family} {t}\ndelete table {family} {t}");
-        }
+        // The bridge table keeps its port chains and map (running VPSes'
+        // ports): made if missing, its base chain emptied and refilled. The
+        // inet table holds no state: "add, delete, define" is nft's idiom for
+        // an atomic replace that also works when the table does not exist yet.
         let _ = write!(
             s,
-            "table bridge {t} {{
-  chain prerouting {{
-    type filter hook prerouting priority -300; policy accept;
-    iifname \"{VPS_PORTS}\" meta mark set meta mark | {VPS_MARK:#010x}
-  }}
-}}
-table inet {t} {{
+            "add table bridge {t}
+add map bridge {t} {PORTS_MAP} {{ type ifname : verdict; }}
+add chain bridge {t} prerouting {{ type filter hook prerouting priority -300; policy accept; }}
+flush chain bridge {t} prerouting
+add rule bridge {t} prerouting iifname \"{VPS_PORTS}\" meta mark set meta mark | {VPS_MARK:#010x}
+add rule bridge {t} prerouting iifname \"{VPS_PORTS}\" iifname vmap @{PORTS_MAP}
+add rule bridge {t} prerouting iifname \"{VPS_PORTS}\" counter drop
+table inet {t}
+delete table inet {t}
+"
+        );
+        let _ = write!(
+            s,
+            "table inet {t} {{
   chain {FROM_VPS} {{
     ct state established,related accept
     ct state invalid drop
@@ -220,6 +254,109 @@ pub fn remove(bridge: &str) -> Result<()> {
     nft(&s).map_err(|e| AgentError::FailedPrecondition(format!("removing {t}: {e}")))
 }
 
+impl Port {
+    /// The statements that (re)define this port's chain and map entry.
+    fn script(&self, table: &str) -> Result<String> {
+        check_ifname("host_veth", &self.name)?;
+        let c = port_chain(&self.name);
+        let mac = self
+            .mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        let ip = self.ip;
+        let mut s = String::new();
+        let _ = write!(
+            s,
+            "add chain bridge {table} {c}
+flush chain bridge {table} {c}
+add rule bridge {table} {c} ether saddr != {mac} drop
+add rule bridge {table} {c} ether type arp arp saddr ether != {mac} drop
+add rule bridge {table} {c} ether type arp arp saddr ip != {{ 0.0.0.0, {ip} }} drop
+add rule bridge {table} {c} ether type ip ip saddr != {ip} drop
+add rule bridge {table} {c} ether type ip6 ip6 saddr != {{ ::, fe80::/10 }} drop
+add rule bridge {table} {c} ether type ip6 icmpv6 type {{ nd-router-advert, nd-redirect }} drop
+add rule bridge {table} {c} ether type {{ arp, ip, ip6 }} accept
+add rule bridge {table} {c} counter drop
+add element bridge {table} {PORTS_MAP} {{ \"{}\" : jump {c} }}
+",
+            self.name
+        );
+        Ok(s)
+    }
+}
+
+/// Gives a VPS's new port its identity rules (blocking). Until then the port
+/// passes nothing.
+pub fn add_port(bridge: &str, port: &Port) -> Result<()> {
+    check_ifname("bridge", bridge)?;
+    let script = port.script(&table_name(bridge))?;
+    nft(&script)
+        .map_err(|e| AgentError::FailedPrecondition(format!("filtering port {}: {e}", port.name)))
+}
+
+/// Removes a port's rules (blocking); rules already gone are fine.
+pub fn remove_port(bridge: &str, port: &str) -> Result<()> {
+    check_ifname("bridge", bridge)?;
+    check_ifname("host_veth", port)?;
+    let t = table_name(bridge);
+    let c = port_chain(port);
+    // Each its own transaction: either may be gone already.
+    let _ = nft(&format!(
+        "delete element bridge {t} {PORTS_MAP} {{ \"{port}\" }}\n"
+    ));
+    match nft(&format!("delete chain bridge {t} {c}\n")) {
+        Ok(()) => Ok(()),
+        Err(e) if e.contains("No such file or directory") => Ok(()),
+        Err(e) => Err(AgentError::FailedPrecondition(format!(
+            "removing the filter of port {port}: {e}"
+        ))),
+    }
+}
+
+/// Makes the port chains exactly `ports` (blocking, one transaction): what an
+/// agent finds running at start keeps its filter, leftovers of VPSes gone
+/// while no agent ran are removed.
+pub fn sync_ports(bridge: &str, ports: &[Port]) -> Result<()> {
+    check_ifname("bridge", bridge)?;
+    let t = table_name(bridge);
+    let listing = nft_out(&["list", "table", "bridge", &t])
+        .map_err(|e| AgentError::FailedPrecondition(format!("reading the port filters: {e}")))?;
+    let mut s = format!("flush map bridge {t} {PORTS_MAP}\n");
+    for chain in listing
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("chain "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| c.starts_with("port_"))
+    {
+        if !ports.iter().any(|p| port_chain(&p.name) == chain) {
+            let _ = writeln!(s, "delete chain bridge {t} {chain}");
+        }
+    }
+    for p in ports {
+        s.push_str(&p.script(&t)?);
+    }
+    nft(&s).map_err(|e| AgentError::FailedPrecondition(format!("syncing the port filters: {e}")))
+}
+
+/// Runs nft with `args` and returns what it printed.
+fn nft_out(args: &[&str]) -> std::result::Result<String, String> {
+    let out = Command::new("nft")
+        .args(args)
+        .output()
+        .map_err(|e| format!("running nft: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "nft {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
 /// Runs `nft -f -` with `script` on its stdin.
 fn nft(script: &str) -> std::result::Result<(), String> {
     let mut child = Command::new("nft")
@@ -281,8 +418,10 @@ mod tests {
         };
         let s = r.script().unwrap();
         let t = table_name("ferrybr0");
-        assert!(s.starts_with(&format!("table bridge {t}\ndelete table bridge {t}\n")));
+        assert!(s.starts_with(&format!("add table bridge {t}\n")));
+        assert!(s.contains(&format!("table inet {t}\ndelete table inet {t}\n")));
         assert!(s.contains("iifname \"fv*\" meta mark set meta mark | 0x00200000"));
+        assert!(s.contains("iifname \"fv*\" iifname vmap @ports"));
         assert!(s.contains("jump from_vps\n    iifname \"ferrybr0\" fib daddr . iif type != local"));
         assert!(s.contains("tcp dport 53 accept\n    counter drop"));
         assert!(s.contains("iifname \"ferrybr0\" ip daddr 10.87.0.0/24 counter drop"));
@@ -292,6 +431,30 @@ mod tests {
             ..r
         };
         assert!(!none.script().unwrap().contains("daddr 10.87"));
+    }
+
+    #[test]
+    fn a_port_passes_only_its_own_identity() {
+        let p = Port {
+            name: "fv0123456789ab".into(),
+            mac: [2, 0xfe, 10, 77, 0, 10],
+            ip: "10.77.0.10".parse().unwrap(),
+        };
+        let s = p.script("ferry_t").unwrap();
+        let c = "bridge ferry_t port_fv0123456789ab";
+        assert!(s.contains(&format!("{c} ether saddr != 02:fe:0a:4d:00:0a drop")));
+        assert!(s.contains(&format!(
+            "{c} ether type arp arp saddr ip != {{ 0.0.0.0, 10.77.0.10 }} drop"
+        )));
+        assert!(s.contains(&format!("{c} ether type ip ip saddr != 10.77.0.10 drop")));
+        assert!(s
+            .trim_end()
+            .ends_with("{ \"fv0123456789ab\" : jump port_fv0123456789ab }"));
+        let bad = Port {
+            name: "fv\" accept".into(),
+            ..p
+        };
+        assert!(bad.script("ferry_t").is_err());
     }
 
     #[test]

@@ -252,8 +252,64 @@ impl Agent {
         agent.sweep_ram();
         agent.sweep_incoming().await;
         agent.adopt().await?;
+        agent.sync_port_filters().await?;
         agent.recover_migrations().await;
         Ok(agent)
+    }
+
+    /// Gives a VPS's new host-side port its identity filter (see
+    /// [`crate::net::firewall`]); nothing when the firewall is off.
+    pub(crate) async fn filter_port(&self, veth: &str, net: &crate::spec::NetConfig) -> Result<()> {
+        if self.cfg.host_firewall.is_none() {
+            return Ok(());
+        }
+        let bridge = self.cfg.bridge.clone();
+        let port = crate::net::firewall::Port {
+            name: veth.to_string(),
+            mac: net.mac,
+            ip: net.ip,
+        };
+        tokio::task::spawn_blocking(move || crate::net::firewall::add_port(&bridge, &port))
+            .await
+            .map_err(|e| AgentError::Internal(format!("port filter: {e}")))?
+    }
+
+    /// Drops a removed port's filter.
+    pub(crate) async fn unfilter_port(&self, veth: &str) -> Result<()> {
+        if self.cfg.host_firewall.is_none() {
+            return Ok(());
+        }
+        let bridge = self.cfg.bridge.clone();
+        let veth = veth.to_string();
+        tokio::task::spawn_blocking(move || crate::net::firewall::remove_port(&bridge, &veth))
+            .await
+            .map_err(|e| AgentError::Internal(format!("port filter: {e}")))?
+    }
+
+    /// At start: the port filters are those of the VPS ports that exist.
+    async fn sync_port_filters(&self) -> Result<()> {
+        if self.cfg.host_firewall.is_none() {
+            return Ok(());
+        }
+        let host = crate::net::Netlink::host()?;
+        let mut ports = Vec::new();
+        for rec in self.records() {
+            let (Some(veth), Some(net)) = (self.host_veth(&rec.config.name), &rec.config.net)
+            else {
+                continue;
+            };
+            if host.link_index(&veth).await?.is_some() {
+                ports.push(crate::net::firewall::Port {
+                    name: veth,
+                    mac: net.mac,
+                    ip: net.ip,
+                });
+            }
+        }
+        let bridge = self.cfg.bridge.clone();
+        tokio::task::spawn_blocking(move || crate::net::firewall::sync_ports(&bridge, &ports))
+            .await
+            .map_err(|e| AgentError::Internal(format!("port filters: {e}")))?
     }
 
     pub(crate) fn lock_for(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {

@@ -131,6 +131,10 @@ impl Agent {
             let host_up = !resume.is_some_and(|r| r.hold);
             crate::net::setup_vps_network(&host, &self.cfg.bridge, &netns, &name, net, host_up)
                 .await?;
+            if let Err(e) = self.filter_port(&name, net).await {
+                let _ = crate::net::remove_veth(&host, &name).await;
+                return Err(e);
+            }
             host_veth = Some(name);
         }
         let launch = LaunchConfig {
@@ -293,6 +297,7 @@ impl Agent {
         if let Some(v) = self.host_veth(name) {
             let host = crate::net::Netlink::host()?;
             crate::net::remove_veth(&host, &v).await?;
+            self.unfilter_port(&v).await?;
         }
         crate::net::remove_netns(&run.join("netns"))?;
         let rootfs: PathBuf = self.paths.vps(name).join("rootfs");
