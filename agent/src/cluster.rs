@@ -261,7 +261,6 @@ async fn renew(
         new.save(path).map_err(|e| e.to_string())?;
         ferry_proto::addr::use_credentials(&new)?;
         server.reload(&new).map_err(|e| e.to_string())?;
-        crate::criu::tls::refresh(&new)?;
         return Ok(());
     }
     Err(last)

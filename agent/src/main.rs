@@ -110,6 +110,9 @@ enum Cmd {
     Serve(ServeArgs),
     #[command(hide = true)]
     Monitor { run_dir: PathBuf },
+    /// The post-copy page tunnel (see ferry_agent::criu::tunnel).
+    #[command(hide = true, subcommand)]
+    PageTunnel(TunnelCmd),
     #[command(hide = true)]
     Enter {
         run_dir: PathBuf,
@@ -117,6 +120,26 @@ enum Cmd {
         env: Vec<String>,
         #[arg(last = true)]
         argv: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TunnelCmd {
+    Serve {
+        #[arg(long)]
+        listen: std::net::Ipv4Addr,
+        #[arg(long)]
+        page_server: std::net::SocketAddr,
+        #[arg(long)]
+        credentials: Option<PathBuf>,
+    },
+    Dial {
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        #[arg(long, default_value = "")]
+        server_node: String,
+        #[arg(long)]
+        credentials: Option<PathBuf>,
     },
 }
 
@@ -128,6 +151,27 @@ fn main() -> anyhow::Result<()> {
         }
         Some(Cmd::Enter { run_dir, env, argv }) => {
             std::process::exit(ferry_agent::runtime::enter::run(&run_dir, &argv, &env))
+        }
+        Some(Cmd::PageTunnel(t)) => {
+            use ferry_agent::criu::tunnel::{run, Role};
+            std::process::exit(match t {
+                TunnelCmd::Serve {
+                    listen,
+                    page_server,
+                    credentials,
+                } => run(
+                    Role::Serve {
+                        listen,
+                        page_server,
+                    },
+                    credentials.as_deref(),
+                ),
+                TunnelCmd::Dial {
+                    to,
+                    server_node,
+                    credentials,
+                } => run(Role::Dial { to, server_node }, credentials.as_deref()),
+            })
         }
         Some(Cmd::Serve(args)) => serve(args),
         None => serve(cli.serve),
@@ -151,6 +195,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(|| Paths::default_run_dir(&args.data_dir));
         let management_ip = management_ip(&args);
+        let credentials = (!args.insecure_dev).then(|| args.data_dir.join("pki").join("node.pem"));
         let cfg = AgentConfig {
             data_dir: args.data_dir,
             run_dir,
@@ -168,6 +213,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_upload_bytes: args.max_upload_bytes,
             import_dir: args.import_dir.clone(),
             management_ip,
+            credentials,
             host_firewall: args
                 .host_firewall
                 .then(|| ferry_agent::net::firewall::HostFirewall {
@@ -194,9 +240,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             )
             .await?;
             ferry_proto::addr::use_credentials(&creds).map_err(anyhow::Error::msg)?;
-            // CRIU's own page-server socket (post-copy) too.
-            ferry_agent::criu::tls::enable(&cfg.data_dir.join("pki/criu"), &creds)
-                .map_err(anyhow::Error::msg)?;
             Some(ferry_proto::tls::ServerTls::new(&creds)?)
         };
         let policy: Option<std::sync::Arc<dyn ferry_proto::tls::authz::Policy>> = match &server_tls

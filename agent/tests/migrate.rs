@@ -1130,6 +1130,98 @@ async fn post_copy_moves_memory_on_demand_and_a_rollback_thaws_the_source() {
     .await;
 }
 
+/// Inside the post-copy window the VPS runs on the target on memory that is
+/// still partly on the source. Both agents are killed the moment it opens:
+/// the page tunnel's ends, the page server and the lazy-pages daemon are
+/// processes of their own, so the memory still arrives whole, and the
+/// restarted source agent knows the VPS moved.
+#[tokio::test(flavor = "multi_thread")]
+async fn both_agents_may_stop_inside_the_post_copy_window() {
+    bounded(300, async {
+        let _heavy = HEAVY.lock().await;
+        let lan = Lan::new();
+        let mut a = Host::on_lan(&lan, "10.77.0.53/16", vec![]).await;
+        let mut b = Host::on_lan(&lan, "10.77.0.54/16", vec![]).await;
+        let mut ca = a.client().await;
+        let name = format!("pw{}", std::process::id());
+        let mut s = spec(&name, Some("10.77.9.12"));
+        s.limits.as_mut().unwrap().memory_bytes = 512 << 20;
+        create_started(&mut ca, s).await;
+        // 128 MiB that must arrive intact.
+        spawn_in(
+            &mut ca,
+            &name,
+            "awk 'BEGIN { s = \"x\"; while (length(s) < 134217728) s = s s; \
+             while (1) { print length(s), match(s, /[^x]/) > \"/var/www/len\"; close(\"/var/www/len\"); system(\"sleep 0.1\") } }'",
+        )
+        .await;
+        let end = std::time::Instant::now() + Duration::from_secs(60);
+        while exec(&mut ca, &name, &["cat", "/var/www/len"]).await.stdout.trim() != "134217728 0" {
+            assert!(std::time::Instant::now() < end, "the string was never made");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let (a_pid, b_pid) = (a.agent_pid(), b.agent_pid());
+        let mut killed = false;
+        let _ = migrate_vps(&mut ca, &name, &b, pb::MigrationMode::PostCopy, false, |ev| {
+            if !killed && ev.phase == "post-copy" {
+                killed = true;
+                for p in [b_pid, a_pid].into_iter().flatten() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(p),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        })
+        .await;
+        assert!(killed, "the post-copy window never opened");
+        a.kill_agent();
+        b.kill_agent();
+        b.start_agent().await;
+        a.start_agent().await;
+        let mut cb = b.client().await;
+        let end = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let r = exec(&mut cb, &name, &["cat", "/var/www/len"]).await;
+            if r.code == 0 && !r.stdout.trim().is_empty() {
+                assert_eq!(
+                    r.stdout.trim(),
+                    "134217728 0",
+                    "the 128 MiB string changed\nA: {}\nB: {}\n{}{}",
+                    a.agent_log(),
+                    b.agent_log(),
+                    logs_under(&a.dir, 30),
+                    logs_under(&b.dir, 30)
+                );
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < end,
+                "the VPS does not run on the target: {}\n{}",
+                r.stderr,
+                b.agent_log()
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        // The source's successor knows the move happened: the stopped tasks
+        // there stay stopped (an operator removes that copy; in a cluster the
+        // controller does).
+        let end = std::time::Instant::now() + Duration::from_secs(30);
+        while !a
+            .agent_log()
+            .contains("post-copy: the VPS moved before this agent stopped")
+        {
+            assert!(
+                std::time::Instant::now() < end,
+                "the source did not recover the move: {}",
+                a.agent_log()
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+    .await;
+}
+
 /// Whether link `name` in host `h`'s netns is administratively up.
 fn link_up(h: &Host, name: &str) -> bool {
     let out = std::process::Command::new("ip")

@@ -157,8 +157,8 @@ async fn a_tls_cluster_joins_migrates_and_refuses_every_wrong_caller() {
         let later = count(&mut cb, &name).await;
         assert!(after >= before && later > after, "{before} {after} {later}");
 
-        // Back by post-copy: the memory comes over CRIU's own page-server
-        // socket, which speaks TLS with the nodes' certificates too.
+        // Back by post-copy: the memory comes through the page tunnel, which
+        // speaks mutual TLS with the nodes' certificates too.
         let (code, out, err) = ctl.ferryctl(&[
             "vps",
             "migrate",
@@ -182,12 +182,12 @@ async fn a_tls_cluster_joins_migrates_and_refuses_every_wrong_caller() {
         let later2 = count(&mut ca, &name).await;
         assert!(after >= later && later2 > after, "{later} {after} {later2}");
         assert!(
-            b.agent_log().contains("page server over TLS"),
+            b.agent_log().contains("page tunnel listening, mutual TLS"),
             "{}",
             b.agent_log()
         );
         assert!(
-            a.agent_log().contains("lazy pages over TLS"),
+            a.agent_log().contains("page tunnel dialled, mutual TLS"),
             "{}",
             a.agent_log()
         );

@@ -189,10 +189,6 @@ pub fn dump(criu: &Path, req: &DumpRequest<'_>) -> Result<DumpFacts, CriuError> 
         req.cgroup_yard.as_deref(),
     )?;
     let console_key = console_key(req.pid);
-    let page_tls = req.lazy.as_ref().and_then(|_| super::tls::get());
-    if let (Some(l), Some(_)) = (&req.lazy, page_tls) {
-        tracing::info!(page_server = %format!("{}:{}", l.address, l.port), "page server over TLS");
-    }
     let opts = Opts {
         leave_running: Some(req.leave_running),
         leave_stopped: req.leave_stopped.then_some(true),
@@ -215,12 +211,6 @@ pub fn dump(criu: &Path, req: &DumpRequest<'_>) -> Result<DumpFacts, CriuError> 
             pid: None,
             fd: None,
         }),
-        // The page server speaks TLS when the agents do.
-        tls: page_tls.map(|_| true),
-        tls_cacert: page_tls.map(|t| t.cacert.to_string_lossy().into_owned()),
-        tls_cert: page_tls.map(|t| t.cert.to_string_lossy().into_owned()),
-        tls_key: page_tls.map(|t| t.key.to_string_lossy().into_owned()),
-        tls_no_cn_verify: page_tls.map(|_| true),
         // Notifications: the network lock, the lazy dump's progress, the
         // probe's freeze mark.
         notify_scripts: Some(true),

@@ -9,7 +9,7 @@
 //! userfaultfds to it. Until that daemon has every page, the VPS on the target
 //! needs the source: this is the post-copy window.
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::time::Duration;
 
@@ -20,6 +20,8 @@ use super::CriuError;
 pub const LAZY_LOG: &str = "lazy-pages.log";
 /// Where `--status-fd` lands in the daemon.
 const STATUS_FD: RawFd = 3;
+/// Where the daemon finds its page-server socket (`--ps-socket`).
+const PS_FD: RawFd = 4;
 /// CRIU splices whole page pipes; smaller pipes make the first page request
 /// fail (`page-pipe: splice: Bad file descriptor`).
 pub const PIPE_MAX_SIZE: u64 = 4 << 20;
@@ -95,12 +97,13 @@ impl Drop for LazyDaemon {
 }
 
 /// Starts `criu lazy-pages` for the images in `dir`, fetching from the page
-/// server at `server`, or from the pages in `dir` itself when
-/// there is none, and waits until it is ready for the restore.
+/// server at the other end of the connected socket `server`
+/// (`--ps-socket`), or from the pages in `dir` itself when there is none,
+/// and waits until it is ready for the restore.
 pub async fn start_daemon(
     criu: &Path,
     dir: &Path,
-    server: Option<std::net::SocketAddr>,
+    server: Option<OwnedFd>,
     log_level: i32,
 ) -> Result<LazyDaemon, CriuError> {
     let (rd, wr) =
@@ -108,14 +111,20 @@ pub async fn start_daemon(
     let wr_raw = wr.as_raw_fd();
     let mut cmd = tokio::process::Command::new(criu);
     cmd.arg("lazy-pages");
-    if let Some(at) = server {
+    // Above both targets, so the first dup2 below cannot clobber it.
+    let server = match server {
+        Some(s) => Some(
+            nix::fcntl::fcntl(&s, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))
+                // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor we own.
+                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+                .map_err(|e| CriuError::Spawn(format!("page-server socket: {e}")))?,
+        ),
+        None => None,
+    };
+    let ps_raw = server.as_ref().map(|s| s.as_raw_fd());
+    if server.is_some() {
         cmd.arg("--page-server")
-            .args(["--address", &at.ip().to_string()])
-            .args(["--port", &at.port().to_string()]);
-        if let Some(t) = super::tls::get() {
-            cmd.args(super::tls::args(t));
-            tracing::info!(page_server = %at, "lazy pages over TLS");
-        }
+            .args(["--ps-socket", &PS_FD.to_string()]);
     }
     cmd.arg("-D")
         .arg(dir)
@@ -133,6 +142,12 @@ pub async fn start_daemon(
             if libc::dup2(wr_raw, STATUS_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            // dup2 leaves the copy without FD_CLOEXEC: CRIU keeps it.
+            if let Some(ps) = ps_raw {
+                if libc::dup2(ps, PS_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }
@@ -142,6 +157,7 @@ pub async fn start_daemon(
     // Killed on every way out below but the last.
     let daemon = LazyDaemon { child: Some(child) };
     drop(wr);
+    drop(server);
     let ready = tokio::task::spawn_blocking(move || wait_ready(rd, Duration::from_secs(20)))
         .await
         .map_err(|e| CriuError::Spawn(format!("waiting for lazy-pages: {e}")))?;

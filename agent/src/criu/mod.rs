@@ -19,7 +19,7 @@ pub mod pre_dump;
 pub mod restore;
 pub mod rpc;
 pub mod swrk;
-pub mod tls;
+pub mod tunnel;
 pub mod yard;
 
 use std::path::{Path, PathBuf};

@@ -133,17 +133,6 @@ pub struct Opts {
     pub lazy_pages: Option<bool>,
     #[prost(int32, optional, tag = "49")]
     pub status_fd: Option<i32>,
-    /// TLS on the page-server socket (see [`super::tls`]).
-    #[prost(string, optional, tag = "54")]
-    pub tls_cacert: Option<String>,
-    #[prost(string, optional, tag = "56")]
-    pub tls_cert: Option<String>,
-    #[prost(string, optional, tag = "57")]
-    pub tls_key: Option<String>,
-    #[prost(bool, optional, tag = "58")]
-    pub tls: Option<bool>,
-    #[prost(bool, optional, tag = "59")]
-    pub tls_no_cn_verify: Option<bool>,
     /// A dir holding every cgroup hierarchy, mounted: CRIU uses it instead
     /// of mounting its own yard.
     #[prost(string, optional, tag = "60")]

@@ -29,6 +29,8 @@
 //!    address on any interface), goes to [`FROM_VPS`] too.
 //! 3. **Forwarding.** When the host routes, nothing from the bridge is
 //!    forwarded into the management network.
+//! 4. **Page servers.** A post-copy's CRIU page server listens on
+//!    127.77.0.1 for its agent's relay: no host user but root connects there.
 //!
 //! [`FROM_VPS`] lets through replies to connections the host opened, ping,
 //! the ICMP a path needs, IPv6 neighbour discovery, and what the operator
@@ -50,6 +52,9 @@ use crate::error::{AgentError, Result};
 
 /// The chain every packet from a VPS to a host address is judged in.
 pub const FROM_VPS: &str = "from_vps";
+
+/// Where post-copy page servers listen (loopback): only root may connect.
+const PAGE_SERVERS: &str = "127.77.0.1";
 
 /// The packet mark bit that says "entered the bridge from a VPS's veth".
 pub const VPS_MARK: u32 = 0x0020_0000;
@@ -205,6 +210,10 @@ delete table inet {t}
     type filter hook input priority filter - 10; policy accept;
     meta mark & {VPS_MARK:#010x} == {VPS_MARK:#010x} jump {FROM_VPS}
     iifname \"{br}\" fib daddr . iif type != local jump {FROM_VPS}
+  }}
+  chain output {{
+    type filter hook output priority filter - 10; policy accept;
+    ip daddr {PAGE_SERVERS} meta skuid != 0 counter reject
   }}
   chain forward {{
     type filter hook forward priority filter - 10; policy accept;

@@ -28,6 +28,8 @@ pub struct Incoming {
     held: Option<Held>,
     /// Post-copy: the daemon fetching the VPS's memory from the source.
     lazy: Option<crate::criu::lazy::LazyDaemon>,
+    /// Post-copy: its end of the page tunnel to the source.
+    tunnel: Option<crate::criu::tunnel::Tunnel>,
     /// Where the decision lives in a cluster (empty: node-local).
     controllers: Vec<String>,
     /// Who prepared it (mutual TLS): only it, a controller or an admin may
@@ -101,6 +103,7 @@ impl Agent {
                 images,
                 held: None,
                 lazy: None,
+                tunnel: None,
                 controllers: req.controllers.clone(),
                 owner: caller.map(|c| c.role.clone()),
             },
@@ -333,27 +336,40 @@ impl Agent {
         let lock = self.lock_for(&i.name);
         let _g = lock.lock().await;
         // The memory comes through a lazy-pages daemon: from the source's
-        // page server (post-copy), or, in a stop-copy whose images are all
+        // page server (post-copy, through the page tunnel), or, in a stop-copy whose images are all
         // here, from them, so the VPS runs before CRIU has copied its memory
         // in (a restore of 256 MiB spent ~170 ms copying). Either way the
         // daemon starts (~10 ms: a CRIU of its own) while the VPS's kernel
         // objects are made; the monitor's restore waits for it.
-        let server = if page_server.is_empty() {
+        // Post-copy: the page tunnel to the source, dialled by a process of
+        // its own (started with the daemon, beside the restore's work).
+        let tunnel_to = if page_server.is_empty() {
             None
         } else {
             let at: std::net::SocketAddr = page_server.parse().map_err(|_| {
                 AgentError::invalid("page_server", format!("{page_server:?}: use ADDR:PORT"))
             })?;
-            Some(at)
+            let source = match &i.owner {
+                Some(ferry_proto::tls::Role::Node(n)) => n.clone(),
+                _ => String::new(),
+            };
+            let how = if self.cfg.credentials.is_some() {
+                "mutual TLS"
+            } else {
+                "plaintext (--insecure-dev)"
+            };
+            tracing::info!(vps = %i.name, tunnel = %at, "page tunnel dialled, {how}");
+            Some((at, source))
         };
+        let server = tunnel_to.is_some();
+        let tunnel_slot: Arc<std::sync::Mutex<Option<crate::criu::tunnel::Tunnel>>> =
+            Default::default();
         // Post-copy needs lazy pages; a stop-copy uses them where this node
         // has them, else CRIU copies the memory in.
-        let lazy = server.is_some() || self.criu.usable().is_ok_and(|c| c.lazy_pages);
+        let lazy = server || self.criu.usable().is_ok_and(|c| c.lazy_pages);
         let daemon = match lazy.then(crate::criu::lazy::ensure_pipe_max_size) {
             None => None,
-            Some(Err(e)) if server.is_some() => {
-                return Err(AgentError::FailedPrecondition(e.to_string()))
-            }
+            Some(Err(e)) if server => return Err(AgentError::FailedPrecondition(e.to_string())),
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "the restore copies the memory in");
                 None
@@ -361,11 +377,33 @@ impl Agent {
             Some(Ok(())) => {
                 let criu = self.criu_path()?;
                 let images = i.images.clone();
+                let exe = self.cfg.self_exe.clone();
+                let creds = self.cfg.credentials.clone();
+                let slot = Arc::clone(&tunnel_slot);
                 Some(tokio::spawn(async move {
+                    let sock = match tunnel_to {
+                        Some((at, source)) => {
+                            let log = crate::criu::tunnel::log_in(&images);
+                            let (t, s) = blocking(move || {
+                                crate::criu::tunnel::start_dial(
+                                    &exe,
+                                    at,
+                                    &source,
+                                    creds.as_deref(),
+                                    &log,
+                                )
+                                .map_err(|e| AgentError::FailedPrecondition(e.to_string()))
+                            })
+                            .await?;
+                            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
+                            Some(s)
+                        }
+                        None => None,
+                    };
                     crate::criu::lazy::start_daemon(
                         &criu,
                         &images,
-                        server,
+                        sock,
                         super::start::criu_log_level(),
                     )
                     .await
@@ -388,7 +426,9 @@ impl Agent {
                 None => Ok(None),
             }
         };
-        match self.bring_up_gated(&i.rec, Some(&r), gate).await {
+        let res = self.bring_up_gated(&i.rec, Some(&r), gate).await;
+        i.tunnel = tunnel_slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match res {
             Ok((Some(h), lazy)) => {
                 i.held = Some(h);
                 i.lazy = lazy;
@@ -414,6 +454,7 @@ impl Agent {
                     "the restore failed"
                 );
                 i.lazy = None;
+                i.tunnel = None;
                 crate::criu::clear_leftover_mounts(&i.images);
                 let _ = self.teardown(&i.name).await;
                 Err(e)
@@ -450,6 +491,10 @@ impl Agent {
             }
             // It runs: the LAN learns where first.
             self.announce(&rec);
+            // Like the daemon, the tunnel goes on if this agent stops.
+            if let Some(t) = i.tunnel.take() {
+                t.keep();
+            }
             if let Some(d) = i.lazy.take() {
                 // The VPS runs here while its memory still comes in: from the
                 // source (post-copy: the window in which it needs that node)
@@ -508,6 +553,7 @@ impl Agent {
             h.abort().await;
         }
         drop(i.lazy.take());
+        drop(i.tunnel.take());
         self.discard_incoming(&name, &i.images).await;
         Ok(pb::MigrateFinishResponse { vps: None })
     }

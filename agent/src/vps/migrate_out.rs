@@ -117,7 +117,15 @@ impl Source for AgentSource {
         let Some(run) = self.lazy.lock().await.take() else {
             return Ok(());
         };
-        match run.done.await {
+        let served = run.done.await;
+        // The page server is done; the tunnel ends once it has passed the
+        // last bytes on.
+        if let Some(t) = run.tunnel {
+            let _ =
+                tokio::task::spawn_blocking(move || t.finish(std::time::Duration::from_secs(30)))
+                    .await;
+        }
+        match served {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(format!(
                 "the page transfer failed: {e}; the VPS on the target may miss memory"
@@ -245,14 +253,21 @@ impl AgentSource {
                 return Err(e.to_string());
             }
         };
+        // The journal keeps the page server (a recovery cuts it); the target
+        // dials the tunnel.
         let page_server = run.page_server.clone();
+        let tunnel = run
+            .tunnel
+            .as_ref()
+            .map(|t| t.address.clone())
+            .unwrap_or_default();
         let _ = self.journal_update(|j| j.page_server = page_server.clone());
         *self.lazy.lock().await = Some(run);
         *self.frozen.lock().await = Some(guard);
         let seized = take_seized(&seized);
         Ok(Dumped {
             console_key: key,
-            page_server: Some(page_server),
+            page_server: Some(tunnel),
             frozen_at: seized.at,
             shared_writable: seized.shared_writable,
         })

@@ -60,12 +60,15 @@ pub struct AgentConfig {
     /// `<data_dir>/import`).
     pub import_dir: Option<PathBuf>,
     /// The address other nodes and controllers reach this node's daemons at
-    /// (None: a unix socket or no IP known). When it is not on the bridge,
-    /// the CRIU page server listens there too, off the VPS network.
+    /// (None: a unix socket or no IP known): the host firewall keeps the
+    /// VPS network out of its network.
     pub management_ip: Option<std::net::IpAddr>,
     /// Keep VPSes off the host's own addresses (see [`crate::net::firewall`]);
     /// None: no firewall (warned at start).
     pub host_firewall: Option<crate::net::firewall::HostFirewall>,
+    /// This node's credentials (mutual TLS), for the processes that speak
+    /// for it without the agent (the page tunnel); None: `--insecure-dev`.
+    pub credentials: Option<PathBuf>,
 }
 
 /// The persistent record of a VPS (`vps/<name>/config.json`).
@@ -84,9 +87,9 @@ pub struct Agent {
     pub capacity: Capacity,
     /// The CRIU binary and what it can do on this kernel.
     pub criu: crate::criu::Criu,
-    /// Where post-copy page servers listen: the management address when it
-    /// is an IPv4 address off the bridge, else the bridge's.
-    pub page_server_ip: std::net::Ipv4Addr,
+    /// Where this node's post-copy page tunnels listen: the management
+    /// address when it is an IPv4 address off the bridge, else the bridge's.
+    pub tunnel_ip: std::net::Ipv4Addr,
     /// The cgroup yard kept for CRIU (see [`crate::criu::yard`]); None: CRIU
     /// mounts its own on every run.
     cgyard: Option<PathBuf>,
@@ -101,11 +104,11 @@ pub struct Agent {
 }
 
 /// Finds where the management address lives, installs the host firewall
-/// and returns the page servers' address.
+/// and returns where page tunnels listen.
 async fn guard_host(host: &crate::net::Netlink, cfg: &AgentConfig) -> Result<std::net::Ipv4Addr> {
     let bridge_index = host.link_index(&cfg.bridge).await?;
     let mut management_net = None;
-    let mut page_server_ip = cfg.bridge_cidr.addr();
+    let mut tunnel_ip = cfg.bridge_cidr.addr();
     match cfg.management_ip {
         Some(ip) if ip.is_loopback() => {}
         Some(ip) if ip.is_unspecified() => tracing::warn!(
@@ -121,7 +124,7 @@ async fn guard_host(host: &crate::net::Netlink, cfg: &AgentConfig) -> Result<std
             Some((_, net)) => {
                 management_net = Some(net);
                 if let std::net::IpAddr::V4(v4) = ip {
-                    page_server_ip = v4;
+                    tunnel_ip = v4;
                 }
             }
             None => tracing::warn!(
@@ -154,7 +157,7 @@ async fn guard_host(host: &crate::net::Netlink, cfg: &AgentConfig) -> Result<std
             "--host-firewall=false: VPSes can reach every service on this host's addresses"
         ),
     }
-    Ok(page_server_ip)
+    Ok(tunnel_ip)
 }
 
 impl Agent {
@@ -203,7 +206,7 @@ impl Agent {
         if let Some(up) = &cfg.uplink {
             crate::net::attach_uplink(&host, &cfg.bridge, up).await?;
         }
-        let page_server_ip = guard_host(&host, &cfg).await?;
+        let tunnel_ip = guard_host(&host, &cfg).await?;
         let criu_path = cfg.criu.clone();
         let criu = tokio::task::spawn_blocking(move || crate::criu::Criu::probe(criu_path))
             .await
@@ -234,7 +237,7 @@ impl Agent {
         };
         let agent = Arc::new(Agent {
             criu,
-            page_server_ip,
+            tunnel_ip,
             cgyard,
             cfg,
             paths,

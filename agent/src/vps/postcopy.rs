@@ -26,10 +26,13 @@ const SERVE_WAIT: Duration = Duration::from_secs(60);
 
 /// A post-copy dump in progress.
 pub(super) struct LazyRun {
-    /// Where the page server listens (ADDR:PORT).
+    /// Where the page server listens (loopback ADDR:PORT).
     pub page_server: String,
     /// Ends when every page was served (Ok) or the transfer failed.
     pub done: tokio::task::JoinHandle<Result<DumpFacts>>,
+    /// The page tunnel's serving end, which the target dials (see
+    /// [`crate::criu::tunnel`]).
+    pub tunnel: Option<crate::criu::tunnel::Tunnel>,
 }
 
 impl Agent {
@@ -45,10 +48,31 @@ impl Agent {
         let criu = self.criu_path()?;
         crate::criu::lazy::ensure_pipe_max_size()
             .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?;
-        let addr = self.page_server_ip;
+        let addr = crate::criu::tunnel::PAGE_SERVER_IP;
         let port = crate::criu::lazy::free_port(addr)
             .map_err(|e| AgentError::FailedPrecondition(e.to_string()))?;
         std::fs::create_dir_all(images).at("creating", images)?;
+        // The tunnel's serving end starts before the freeze (a process
+        // start, off the downtime); it connects to the page server only once
+        // the target dials, which is after the page server listens.
+        let tunnel = {
+            let exe = self.cfg.self_exe.clone();
+            let creds = self.cfg.credentials.clone();
+            let listen = self.tunnel_ip;
+            let at = std::net::SocketAddr::from((addr, port));
+            let log = crate::criu::tunnel::log_in(images);
+            blocking(move || {
+                crate::criu::tunnel::start_serve(&exe, listen, at, creds.as_deref(), &log)
+                    .map_err(|e| AgentError::FailedPrecondition(e.to_string()))
+            })
+            .await?
+        };
+        let how = if self.cfg.credentials.is_some() {
+            "mutual TLS"
+        } else {
+            "plaintext (--insecure-dev)"
+        };
+        tracing::info!(vps = %name, tunnel = %tunnel.address, "page tunnel listening, {how}");
         let console_key = crate::criu::dump::console_key(pid);
         let (tx, rx) = std::sync::mpsc::channel();
         let images_owned = images.to_path_buf();
@@ -106,18 +130,19 @@ impl Agent {
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        Ok((
-            console_key,
-            LazyRun {
-                page_server: format!("{addr}:{port}"),
-                done,
-            },
-        ))
+        let run = LazyRun {
+            page_server: format!("{addr}:{port}"),
+            done,
+            tunnel: Some(tunnel),
+        };
+        Ok((console_key, run))
     }
 
     /// Rollback of a post-copy dump: stops the page transfer, lets the
     /// stopped tasks run and removes CRIU's network lock.
     pub(super) async fn thaw_lazy(&self, name: &str, run: LazyRun) -> Result<()> {
+        // The tunnel first: then the page server sees its peer go.
+        drop(run.tunnel);
         self.cut_transfer(&run.page_server);
         let res = tokio::time::timeout(Duration::from_secs(30), run.done).await;
         match &res {
