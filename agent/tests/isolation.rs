@@ -175,3 +175,61 @@ async fn vps_sees_only_itself() {
     })
     .await;
 }
+
+/// Root in a VPS plants a setuid-root shell in its own files; a host user
+/// (nobody) tries to run it from the VPS's upper dir on the host, and to read
+/// the VPS's files and run state. The data dir and run dir are root's alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn host_users_cannot_reach_a_vps_s_files() {
+    bounded(120, async {
+        let h = Host::new().await;
+        let mut c = h.client().await;
+        create_started(&mut c, spec("isosuid", None)).await;
+        let r = exec(
+            &mut c,
+            "isosuid",
+            &[
+                "sh",
+                "-c",
+                "cp /bin/busybox /suidsh && chmod 4755 /suidsh && echo secret > /root/note",
+            ],
+        )
+        .await;
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let upper = h.data_dir().join("vps/isosuid/upper");
+        let planted = upper.join("suidsh");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&planted)
+            .expect("the planted file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o4000, 0o4000, "the plant is setuid root");
+        for d in [h.data_dir(), h.run_dir()] {
+            let m = std::fs::metadata(&d).expect("dir").permissions().mode();
+            assert_eq!(m & 0o777, 0o700, "{} is {:o}", d.display(), m & 0o777);
+        }
+        let as_nobody = |cmd: &str| {
+            std::process::Command::new("setpriv")
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+                .args(["/bin/sh", "-c", cmd])
+                .output()
+                .expect("setpriv")
+        };
+        let out = as_nobody(&format!("{} sh -c 'id -u'", planted.display()));
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            !out.status.success() && !text.contains('0'),
+            "nobody ran the VPS's setuid shell: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+            "{out:?}"
+        );
+        let out = as_nobody(&format!("cat {}/root/note", upper.display()));
+        assert!(!out.status.success(), "nobody read a VPS's file: {out:?}");
+        let out = as_nobody(&format!("ls {}", h.run_dir().display()));
+        assert!(!out.status.success(), "nobody listed the run dir: {out:?}");
+    })
+    .await;
+}

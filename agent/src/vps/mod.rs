@@ -103,6 +103,23 @@ pub struct Agent {
     create_lock: tokio::sync::Mutex<()>,
 }
 
+/// Makes `d` (and its missing parents) and leaves it 0700, owned by root.
+fn private_dir(d: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(d).at("creating", d)?;
+    let meta = std::fs::metadata(d).at("reading", d)?;
+    if !meta.is_dir() {
+        return Err(AgentError::invalid(
+            "data_dir",
+            format!("{} is not a directory", d.display()),
+        ));
+    }
+    if meta.permissions().mode() & 0o777 != 0o700 {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).at("chmod 0700", d)?;
+    }
+    Ok(())
+}
+
 /// Finds where the management address lives, installs the host firewall
 /// and returns where page tunnels listen.
 async fn guard_host(host: &crate::net::Netlink, cfg: &AgentConfig) -> Result<std::net::Ipv4Addr> {
@@ -172,6 +189,11 @@ impl Agent {
                     format!("{s:?} must be an absolute path without ',' or ':'"),
                 ));
             }
+        }
+        // Host users never reach a VPS's files (a setuid binary planted in
+        // one would run for them) nor its run state: both roots are root's.
+        for d in [&cfg.data_dir, &cfg.run_dir] {
+            private_dir(d)?;
         }
         let paths = Paths::new(cfg.data_dir.clone(), cfg.run_dir.clone());
         for d in [
