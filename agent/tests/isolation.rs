@@ -233,3 +233,124 @@ async fn host_users_cannot_reach_a_vps_s_files() {
     })
     .await;
 }
+
+/// Builds `tests/probes/<name>.c` as a static binary at `out`.
+fn build_probe(name: &str, out: &std::path::Path) {
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/probes/");
+    let st = std::process::Command::new("cc")
+        .args(["-static", "-O1", "-o"])
+        .arg(out)
+        .arg(format!("{src}{name}.c"))
+        .status()
+        .expect("running cc (Debian: build-essential)");
+    assert!(st.success(), "building the {name} probe");
+}
+
+/// Parses the probe's "NAME RESULT" lines.
+fn probe_results(text: &str) -> std::collections::BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// Root in a VPS tries what reaches the host kernel as a whole: BPF, system-
+/// wide perf, the kernel keyring, userfaultfd, kcmp, module loading, kexec.
+/// The same probe run on the host shows those calls work there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vps_cannot_reach_the_host_kernel() {
+    bounded(120, async {
+        let h = Host::new().await;
+        let mut c = h.client().await;
+        create_started(&mut c, spec("isokern", None)).await;
+        let bin = h.dir.join("probe");
+        build_probe("syscalls", &bin);
+        let host = std::process::Command::new(&bin)
+            .output()
+            .expect("probe on the host");
+        let host = probe_results(&String::from_utf8_lossy(&host.stdout));
+        for call in [
+            "bpf",
+            "perf_event_open",
+            "keyctl",
+            "add_key",
+            "userfaultfd",
+            "kcmp",
+        ] {
+            assert_ne!(
+                host.get(call).map(String::as_str),
+                Some("EPERM"),
+                "{call} is refused on the host already: the probe proves nothing ({host:?})"
+            );
+        }
+        let inside = h.data_dir().join("vps/isokern/rootfs/probe");
+        std::fs::copy(&bin, &inside).expect("copying the probe into the VPS");
+        let r = exec(&mut c, "isokern", &["/probe"]).await;
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let got = probe_results(&r.stdout);
+        for call in [
+            "bpf",
+            "perf_event_open",
+            "keyctl",
+            "add_key",
+            "userfaultfd",
+            "kcmp",
+            "init_module",
+            "kexec_load",
+        ] {
+            assert_eq!(
+                got.get(call).map(String::as_str),
+                Some("EPERM"),
+                "{call} inside the VPS: {got:?}"
+            );
+        }
+    })
+    .await;
+}
+
+/// runc's CVE-2016-9962, tried on `vps exec`: a racer inside the VPS seizes
+/// (ptrace) every new process it sees while `vps exec` runs commands. It may
+/// catch the commands (VPS processes like its own), never the helper while it
+/// still holds the host's capabilities (SYS_MODULE, which no VPS process has).
+#[tokio::test(flavor = "multi_thread")]
+async fn nothing_in_a_vps_catches_the_exec_helper() {
+    bounded(180, async {
+        let h = Host::new().await;
+        let mut c = h.client().await;
+        create_started(&mut c, spec("isorace", None)).await;
+        let bin = h.dir.join("racer");
+        build_probe("racer", &bin);
+        let rootfs = h.data_dir().join("vps/isorace/rootfs");
+        std::fs::copy(&bin, rootfs.join("racer")).expect("copying the racer into the VPS");
+        spawn_in(&mut c, "isorace", "/racer 15 /racer.out").await;
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        for i in 0..40 {
+            let cmd = if i % 4 == 0 { "sleep 0.2" } else { "true" };
+            let r = exec(&mut c, "isorace", &["sh", "-c", cmd]).await;
+            assert_eq!(r.code, 0, "{}", r.stderr);
+        }
+        let out = std::fs::read_to_string(rootfs.join("racer.out")).unwrap_or_default();
+        const SYS_MODULE: u64 = 1 << 16;
+        let privileged: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with("caught "))
+            .filter(|l| {
+                l.split_whitespace()
+                    .last()
+                    .and_then(|c| u64::from_str_radix(c, 16).ok())
+                    .is_some_and(|caps| caps & SYS_MODULE != 0)
+            })
+            .collect();
+        assert!(
+            privileged.is_empty(),
+            "caught with host capabilities: {privileged:?}\n{out}"
+        );
+        assert!(
+            out.lines().any(|l| l.starts_with("caught ")),
+            "the racer caught nothing at all: it proves nothing\n{out}"
+        );
+        let helper = out.lines().filter(|l| l.contains(" ferry-agent")).count();
+        eprintln!("the racer saw the helper {helper} times:\n{out}");
+    })
+    .await;
+}

@@ -62,6 +62,16 @@ fn enter(run_dir: &Path, argv: &[String], env: &[String]) -> Result<i32, String>
         cenv.push(CString::new(kv).map_err(|_| "environment entry holds a NUL byte".to_string())?);
     }
     let seccomp = security::seccomp_program()?;
+    // Not dumpable from here until the command's exec resets it: nothing in
+    // the VPS may ptrace, or read the memory of, a process that still holds
+    // the host's capabilities (runc's CVE-2016-9962). The fork keeps it.
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        return Err(format!(
+            "PR_SET_DUMPABLE: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
     let ns_files: Vec<(std::fs::File, CloneFlags)> = NAMESPACES
         .iter()
         .map(|(n, f)| {

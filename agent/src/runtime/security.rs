@@ -1,12 +1,14 @@
-//! What a VPS's processes may do: the capability set and a small seccomp filter.
+//! What a VPS's processes may do: the capability set and a seccomp filter.
 //!
 //! # Capabilities
 //! A VPS is a system container, so its root keeps what a server's root needs for
 //! its own namespaces: mounts (SYS_ADMIN), network setup in its netns (NET_ADMIN,
 //! NET_RAW), users and files (CHOWN, DAC_OVERRIDE, FOWNER, SETUID, SETGID, ...),
-//! mknod (MKNOD; opening devices is policed by the device cgroup), ptrace within its
-//! pid namespace. Dropped, because they reach past the VPS to the host kernel or
-//! hardware: SYS_MODULE, SYS_RAWIO, SYS_TIME, SYS_PACCT, DAC_READ_SEARCH
+//! mknod (MKNOD; opening devices is policed by the device cgroup). Dropped,
+//! because they reach past the VPS to the host kernel or hardware: SYS_PTRACE
+//! (without a user namespace it is the host's: it would let VPS root ptrace a
+//! process entering the VPS with the host's capabilities; tracing the VPS's own
+//! processes needs no capability), SYS_MODULE, SYS_RAWIO, SYS_TIME, SYS_PACCT, DAC_READ_SEARCH
 //! (open_by_handle_at escapes a chroot), MAC_ADMIN, MAC_OVERRIDE, SYSLOG,
 //! WAKE_ALARM, BLOCK_SUSPEND, AUDIT_CONTROL, AUDIT_READ, PERFMON, BPF,
 //! CHECKPOINT_RESTORE, and any capability newer than this list.
@@ -38,7 +40,6 @@ pub const KEEP_CAPS: &[u32] = &[
     14, // IPC_LOCK
     15, // IPC_OWNER
     18, // SYS_CHROOT
-    19, // SYS_PTRACE
     21, // SYS_ADMIN
     22, // SYS_BOOT (see above)
     23, // SYS_NICE
@@ -84,17 +85,69 @@ pub fn drop_capabilities() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Builds the seccomp program: kexec and open_by_handle_at fail with EPERM,
+/// System calls a VPS may not make (EPERM), whatever its capabilities: they
+/// reach the host kernel as a whole, not the VPS's namespaces. Docker's and
+/// LXC's default denylists, less what a system container needs (`reboot`
+/// ends the VPS's own init; `mount`, `unshare` and `setns` work on its own
+/// namespaces; `ptrace` within its pid namespace).
+const DENIED: &[libc::c_long] = &[
+    // Kernel code and the running kernel.
+    libc::SYS_init_module,
+    libc::SYS_finit_module,
+    libc::SYS_delete_module,
+    libc::SYS_kexec_load,
+    libc::SYS_kexec_file_load,
+    // BPF programs and kprobes; perf sees the whole host (with SYS_ADMIN).
+    libc::SYS_bpf,
+    libc::SYS_perf_event_open,
+    // The kernel keyring is not namespaced: a VPS would share root's.
+    libc::SYS_keyctl,
+    libc::SYS_add_key,
+    libc::SYS_request_key,
+    // File handles escape a chroot or a bind mount.
+    libc::SYS_open_by_handle_at,
+    libc::SYS_name_to_handle_at,
+    // Stalls kernel threads on the VPS's pages (use-after-free exploits);
+    // CRIU's lazy restore makes its descriptors before the VPS's filter is in.
+    libc::SYS_userfaultfd,
+    // The host's clock, swap, accounting, quotas and kernel log.
+    libc::SYS_settimeofday,
+    libc::SYS_clock_settime,
+    libc::SYS_clock_adjtime,
+    libc::SYS_adjtimex,
+    libc::SYS_swapon,
+    libc::SYS_swapoff,
+    libc::SYS_acct,
+    libc::SYS_quotactl,
+    libc::SYS_syslog,
+    libc::SYS_lookup_dcookie,
+    // Other processes' memory policies and pages.
+    libc::SYS_move_pages,
+    libc::SYS_migrate_pages,
+    libc::SYS_kcmp,
+    libc::SYS_fanotify_init,
+];
+
+/// The same, for calls only this architecture has.
+#[cfg(target_arch = "x86_64")]
+const DENIED_ARCH: &[libc::c_long] = &[
+    libc::SYS_iopl,
+    libc::SYS_ioperm,
+    libc::SYS_nfsservctl,
+    libc::SYS_uselib,
+    libc::SYS_ustat,
+    libc::SYS__sysctl,
+];
+#[cfg(not(target_arch = "x86_64"))]
+const DENIED_ARCH: &[libc::c_long] = &[];
+
+/// Builds the seccomp program: the calls in [`DENIED`] fail with EPERM,
 /// everything else is allowed. Built before fork, installed in the child.
 pub fn seccomp_program() -> Result<BpfProgram, String> {
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| e.to_string())?;
     let mut rules = BTreeMap::new();
-    for nr in [
-        libc::SYS_kexec_load,
-        libc::SYS_kexec_file_load,
-        libc::SYS_open_by_handle_at,
-    ] {
-        rules.insert(nr, vec![]);
+    for nr in DENIED.iter().chain(DENIED_ARCH) {
+        rules.insert(*nr, vec![]);
     }
     let filter = SeccompFilter::new(
         rules,
