@@ -1222,6 +1222,51 @@ async fn both_agents_may_stop_inside_the_post_copy_window() {
     .await;
 }
 
+/// Found as an operator: a migration to a node whose agent was stopped
+/// (SIGSTOP) waited in preflight until it came back, the VPS locked as
+/// migrating. Now the target has a deadline to answer, the move is refused
+/// with nothing frozen, and the VPS can move once the target is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_target_is_refused_within_a_deadline() {
+    bounded(180, async {
+        let lan = Lan::new();
+        let a = Host::on_lan(&lan, "10.77.0.55/16", vec![]).await;
+        let b = Host::on_lan(&lan, "10.77.0.56/16", vec![]).await;
+        let mut ca = a.client().await;
+        let name = format!("st{}", std::process::id());
+        let v = create_started(&mut ca, spec(&name, Some("10.77.9.14"))).await;
+        let pid = nix::unistd::Pid::from_raw(b.agent_pid().expect("agent pid"));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+        let t = std::time::Instant::now();
+        let ev = migrate_vps(
+            &mut ca,
+            &name,
+            &b,
+            pb::MigrationMode::StopCopy,
+            false,
+            |_| {},
+        )
+        .await;
+        let took = t.elapsed();
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+        assert!(ev.error.contains("did not answer within"), "{ev:?}");
+        assert!(took < Duration::from_secs(30), "refused after {took:?}");
+        let now = get(&mut ca, &name).await;
+        assert!(running(&now) && now.init_pid == v.init_pid, "{now:?}");
+        let ev = migrate_vps(
+            &mut ca,
+            &name,
+            &b,
+            pb::MigrationMode::StopCopy,
+            false,
+            |_| {},
+        )
+        .await;
+        assert!(ev.error.is_empty(), "the move after SIGCONT: {}", ev.error);
+    })
+    .await;
+}
+
 /// Whether link `name` in host `h`'s netns is administratively up.
 fn link_up(h: &Host, name: &str) -> bool {
     let out = std::process::Command::new("ip")

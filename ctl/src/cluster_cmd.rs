@@ -365,6 +365,34 @@ pub async fn node(c: &mut ControllerServiceClient<Channel>, cmd: NodeCmd) -> Res
     Ok(())
 }
 
+/// A VPS's placement rules in one line ("-" for none).
+fn placement_rules(p: Option<&cpb::Placement>) -> String {
+    let Some(p) = p else {
+        return "-".into();
+    };
+    let mut parts = Vec::new();
+    if !p.node.is_empty() {
+        parts.push(format!("pinned to {}", p.node));
+    }
+    let mut sel: Vec<String> = p
+        .node_selector
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    sel.sort();
+    if !sel.is_empty() {
+        parts.push(format!("selector {}", sel.join(",")));
+    }
+    if !p.anti_affinity_group.is_empty() {
+        parts.push(format!("anti-affinity {}", p.anti_affinity_group));
+    }
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join("; ")
+    }
+}
+
 fn cvps_json(v: &cpb::ClusterVps) -> serde_json::Value {
     let mut j = crate::agent_cmd::spec_json(v.spec.as_ref());
     j["node"] = json!(v.node);
@@ -372,6 +400,12 @@ fn cvps_json(v: &cpb::ClusterVps) -> serde_json::Value {
     j["status"] = json!(v.observed);
     j["generation"] = json!(v.generation);
     j["placement_reason"] = json!(v.placement_reason);
+    if let Some(p) = &v.placement {
+        j["placement"] = json!({
+            "node": p.node, "node_selector": p.node_selector,
+            "anti_affinity_group": p.anti_affinity_group,
+        });
+    }
     if let Some(m) = &v.migration {
         j["migration"] = json!({
             "id": m.id, "source": m.source, "target": m.target,
@@ -492,6 +526,7 @@ pub async fn vps(c: &mut ControllerServiceClient<Channel>, cmd: VpsCmd) -> Resul
                     ("Name", s.name),
                     ("Node", v.node.clone()),
                     ("Placed", v.placement_reason.clone()),
+                    ("Rules", placement_rules(v.placement.as_ref())),
                     ("Status", format!("{} (desired {})", v.observed, v.desired)),
                     ("IP", if ip.is_empty() { "-".into() } else { ip }),
                     ("CPU", human_cpu(l.cpu_millicores)),

@@ -365,12 +365,24 @@ impl Agent {
             m.insert(req.name.clone(), id.clone());
         }
         let setup = async {
-            let ch = ferry_proto::addr::connect_node(&addr).await.map_err(|e| {
-                AgentError::FailedPrecondition(format!(
-                    "target agent {} is unreachable: {e}",
-                    req.target_addr
-                ))
-            })?;
+            // A stopped agent's kernel still accepts the connection; its
+            // handshake never comes.
+            let deadline = ferry_migrate::phases::preflight::PREPARE_DEADLINE;
+            let ch = tokio::time::timeout(deadline, ferry_proto::addr::connect_node(&addr))
+                .await
+                .map_err(|_| {
+                    AgentError::FailedPrecondition(format!(
+                        "target agent {} did not answer within {} s (is it stopped or hung?)",
+                        req.target_addr,
+                        deadline.as_secs()
+                    ))
+                })?
+                .map_err(|e| {
+                    AgentError::FailedPrecondition(format!(
+                        "target agent {} is unreachable: {e}",
+                        req.target_addr
+                    ))
+                })?;
             Ok::<_, AgentError>((
                 ferry_proto::limits::agent_client(ch),
                 self.work_dir(&format!("migrate-{id}"))?,

@@ -25,6 +25,15 @@ pub(crate) fn to_pb(v: &VpsRecord) -> cpb::ClusterVps {
         observed: v.observed.clone(),
         generation: v.generation,
         placement_reason: v.placement_reason.clone(),
+        placement: Some(cpb::Placement {
+            node: v.pin_node.clone(),
+            node_selector: v
+                .node_selector
+                .iter()
+                .map(|(k, val)| (k.clone(), val.clone()))
+                .collect(),
+            anti_affinity_group: v.anti_affinity_group.clone(),
+        }),
         created_unix_ms: v.created_ms,
         migration: v.migration.as_ref().map(|m| cpb::Migration {
             id: m.id.clone(),

@@ -99,14 +99,39 @@ pub fn check_begin(
         }
         _ => {}
     }
-    let empty = Default::default();
+    match s.nodes.get(target) {
+        Some(n) if n.down => return Err((
+            RejectCode::FailedPrecondition,
+            format!(
+                "to_node: node {target} is down (its agent stopped reporting); nothing was started"
+            ),
+        )),
+        Some(n) if n.cordoned => {
+            return Err((
+                RejectCode::FailedPrecondition,
+                format!("to_node: node {target} is cordoned: it takes no VPS"),
+            ))
+        }
+        _ => {}
+    }
+    if target.is_empty() && !v.pin_node.is_empty() {
+        return Err((
+            RejectCode::FailedPrecondition,
+            format!(
+                "VPS {name} is pinned to node {} (created with that node named): the \
+                 scheduler does not move it; name the node to move it to (the pin follows)",
+                v.pin_node
+            ),
+        ));
+    }
+    // Its selector and anti-affinity hold for every move, a named target's too.
     let req = PlacementReq {
         template: &v.spec.template,
         cpu_millicores: v.spec.cpu_millicores as u64,
         memory_bytes: v.spec.memory_bytes,
         pin_node: target,
         exclude_node: &v.node,
-        node_selector: &empty,
+        node_selector: &v.node_selector,
         anti_affinity_group: &v.anti_affinity_group,
     };
     scheduler::place(s, &req).map_err(|why| (RejectCode::ResourceExhausted, why))
@@ -190,6 +215,10 @@ impl ClusterState {
                 let msg = if commit {
                     new.generation += 1;
                     new.node = m.target.clone();
+                    if !new.pin_node.is_empty() {
+                        // Only a named target moves a pinned VPS: it is the new pin.
+                        new.pin_node = m.target.clone();
+                    }
                     format!(
                         "migrated from {} to {} ({id}, generation {})",
                         old.node, m.target, new.generation
@@ -255,6 +284,12 @@ mod tests {
     }
 
     fn vps(s: &mut ClusterState, name: &str, on: &str, mem: u64) {
+        vps_with(s, name, on, mem, &[]);
+    }
+
+    /// `on` pins it ("" lets the scheduler place it); `selector` is
+    /// `key=value` labels.
+    fn vps_with(s: &mut ClusterState, name: &str, on: &str, mem: u64, selector: &[(&str, &str)]) {
         let r = s.apply(Request::Vps(VpsCmd::Create {
             spec: Box::new(VpsSpecData {
                 name: name.into(),
@@ -263,7 +298,10 @@ mod tests {
                 ..Default::default()
             }),
             pin_node: on.into(),
-            node_selector: Default::default(),
+            node_selector: selector
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             anti_affinity_group: String::new(),
             desired: Desired::Running,
             allocate_ip: false,
@@ -331,12 +369,76 @@ mod tests {
         assert!(s.vps["v"].migration.is_none());
     }
 
+    /// Found as an operator: a VPS made with `--selector zone=z1` was moved
+    /// by a scheduler-picked migration to a zone=z3 node.
+    #[test]
+    fn every_move_keeps_the_placement_rules_the_vps_was_made_with() {
+        let mut s = ClusterState::default();
+        for (n, zone) in [("a", "z1"), ("b", "z3"), ("c", "z1")] {
+            node(&mut s, n, 1 << 30, &["busybox"]);
+            s.nodes.get_mut(n).unwrap().labels = [("zone".to_string(), zone.to_string())]
+                .into_iter()
+                .collect();
+        }
+        vps_with(&mut s, "v", "", 256 << 20, &[("zone", "z1")]);
+        let from = s.vps["v"].node.clone();
+        assert_ne!(from, "b");
+        // The scheduler's pick is the other z1 node, never b.
+        let Response::Vps(v) = begin(&mut s, "v", "m1", "") else {
+            panic!()
+        };
+        let to = v.migration.as_ref().unwrap().target.clone();
+        assert!(to == "a" || to == "c", "{to}");
+        assert_ne!(to, from);
+        decide(&mut s, "v", "m1", false);
+        // Naming the z3 node is refused, and says why.
+        let r = begin(&mut s, "v", "m2", "b");
+        assert_eq!(code(&r), Some(RejectCode::ResourceExhausted), "{r:?}");
+        let Response::Rejected { message, .. } = r else {
+            panic!()
+        };
+        assert!(message.contains("zone"), "{message}");
+        // A named node that is down or cordoned: FailedPrecondition, named.
+        s.nodes.get_mut("c").unwrap().down = true;
+        let r = begin(&mut s, "v", "m4", "c");
+        assert_eq!(code(&r), Some(RejectCode::FailedPrecondition), "{r:?}");
+        s.nodes.get_mut("c").unwrap().down = false;
+        // With the only other z1 node cordoned, there is nowhere to go.
+        s.nodes.get_mut(&to).unwrap().cordoned = true;
+        assert_eq!(
+            code(&begin(&mut s, "v", "m3", "")),
+            Some(RejectCode::ResourceExhausted)
+        );
+    }
+
+    #[test]
+    fn a_pinned_vps_moves_only_where_an_operator_names() {
+        let mut s = ClusterState::default();
+        node(&mut s, "a", 1 << 30, &["busybox"]);
+        node(&mut s, "b", 1 << 30, &["busybox"]);
+        vps(&mut s, "v", "a", 256 << 20);
+        let r = begin(&mut s, "v", "m1", "");
+        assert_eq!(code(&r), Some(RejectCode::FailedPrecondition), "{r:?}");
+        let Response::Rejected { message, .. } = r else {
+            panic!()
+        };
+        assert!(message.contains("pinned to node a"), "{message}");
+        assert!(matches!(begin(&mut s, "v", "m2", "b"), Response::Vps(_)));
+        decide(&mut s, "v", "m2", true);
+        assert_eq!(
+            (s.vps["v"].node.as_str(), s.vps["v"].pin_node.as_str()),
+            ("b", "b")
+        );
+    }
+
     #[test]
     fn one_decision_stands_and_moves_ownership_with_a_new_generation() {
         let mut s = ClusterState::default();
         node(&mut s, "a", 1 << 30, &["busybox"]);
         node(&mut s, "b", 1 << 30, &["busybox"]);
-        vps(&mut s, "v", "a", 512 << 20);
+        // Unpinned: binpack's tie goes to a.
+        vps(&mut s, "v", "", 512 << 20);
+        assert_eq!(s.vps["v"].node, "a");
         // No target given: the scheduler picks the other node.
         let Response::Vps(v) = begin(&mut s, "v", "m1", "") else {
             panic!()

@@ -114,6 +114,14 @@ pub struct VpsRecord {
     pub generation: u64,
     pub placement_reason: String,
     pub anti_affinity_group: String,
+    /// Labels every node it runs on must carry: every later placement
+    /// (migration, drain, rebalance) honours them.
+    #[serde(default)]
+    pub node_selector: BTreeMap<String, String>,
+    /// The node it is pinned to (created with one named): the scheduler
+    /// never moves it; an operator's migration to a named node moves the pin.
+    #[serde(default)]
+    pub pin_node: String,
     pub created_ms: i64,
     /// The migration in flight, if any.
     #[serde(default)]
@@ -232,6 +240,8 @@ impl ClusterState {
                     generation: 1,
                     placement_reason: reason,
                     anti_affinity_group,
+                    node_selector,
+                    pin_node,
                     created_ms: now_ms,
                     migration: None,
                     last_migration: None,

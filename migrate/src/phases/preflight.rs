@@ -9,6 +9,10 @@ use tonic::transport::Channel;
 
 use super::{Job, MigrateError, Mode, Progress, Source};
 
+/// How long the target has to answer: a stopped or hung agent must not hold
+/// the VPS locked as migrating (nothing is frozen yet; the move is refused).
+pub const PREPARE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(15);
+
 pub async fn run(
     src: &dyn Source,
     target: &mut AgentServiceClient<Channel>,
@@ -21,16 +25,24 @@ pub async fn run(
     let mut spec = src.spec();
     spec.generation = job.generation;
     let live = mode != Mode::Cold;
-    let r = target
-        .migrate_prepare(pb::MigratePrepareRequest {
-            migration_id: job.id.clone(),
-            spec: Some(spec),
-            live,
-            criu_version: src.criu_version(),
-            cpu_flags: if live { cpu_flags() } else { Vec::new() },
-            controllers: job.controllers.clone(),
-        })
+    let prepare = target.migrate_prepare(pb::MigratePrepareRequest {
+        migration_id: job.id.clone(),
+        spec: Some(spec),
+        live,
+        criu_version: src.criu_version(),
+        cpu_flags: if live { cpu_flags() } else { Vec::new() },
+        controllers: job.controllers.clone(),
+    });
+    let r = tokio::time::timeout(PREPARE_DEADLINE, prepare)
         .await
+        .map_err(|_| {
+            MigrateError::Refused(format!(
+                "target {} did not answer within {} s (is its agent stopped or hung?); \
+                 nothing was frozen",
+                job.target_node,
+                PREPARE_DEADLINE.as_secs()
+            ))
+        })?
         .map_err(|s| MigrateError::Refused(format!("target {}: {}", job.target_node, s.message())))?
         .into_inner();
     p.done_phase("preflight", 0);
