@@ -354,3 +354,109 @@ async fn nothing_in_a_vps_catches_the_exec_helper() {
     })
     .await;
 }
+
+/// Root in a VPS mounts its own cgroup filesystems and tries to raise its
+/// memory and pids limits and to grant itself every device, then to read a
+/// host block device (a loop device holding a marker). Its tasks live in a
+/// leaf below the cgroup that carries the limits: the writes it may make
+/// change nothing that binds, and the device grant is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vps_cannot_raise_its_limits_or_grant_itself_devices() {
+    bounded(180, async {
+        let h = Host::new().await;
+        let mut c = h.client().await;
+        let mut s = spec("isocg", None);
+        let l = s.limits.as_mut().expect("limits");
+        l.memory_bytes = 64 << 20;
+        l.pids = 64;
+        create_started(&mut c, s).await;
+        let dirs = h.cgroup_dirs("isocg");
+        let v1 = dirs.iter().any(|d| d.to_string_lossy().contains("/memory/"));
+        if !v1 {
+            eprintln!("this host's cgroups are v2: the v2 half runs in the test VM's suite");
+            return;
+        }
+        // A host loop device with a marker on it.
+        let img = h.dir.join("disk.img");
+        std::fs::write(&img, [b"FERRY-HOST-DISK".as_slice(), &[0u8; 4096]].concat()).unwrap();
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&img)
+            .output()
+            .expect("losetup");
+        assert!(out.status.success(), "{out:?}");
+        let loopdev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        struct Detach(String);
+        impl Drop for Detach {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("losetup").args(["-d", &self.0]).status();
+            }
+        }
+        let _detach = Detach(loopdev.clone());
+        use std::os::unix::fs::MetadataExt;
+        let rdev = std::fs::metadata(&loopdev).expect("loop device").rdev();
+        let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+        // The host reads the marker: the device works.
+        let head = std::fs::read(&loopdev).map(|b| b[..15].to_vec()).unwrap_or_default();
+        assert_eq!(head, b"FERRY-HOST-DISK");
+
+        let r = exec(
+            &mut c,
+            "isocg",
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "mkdir -p /cgm /cgd /cgp; \
+                     mount -t cgroup -o memory none /cgm; \
+                     mount -t cgroup -o devices none /cgd; \
+                     mount -t cgroup -o pids none /cgp; \
+                     echo 1073741824 > /cgm/memory.limit_in_bytes; echo mem=$?; \
+                     echo max > /cgp/pids.max; echo pids=$?; \
+                     echo a > /cgd/devices.allow; echo dev=$?; \
+                     mknod /blk b {major} {minor}; \
+                     dd if=/blk bs=15 count=1 2>/dev/null; echo \" read=$?\""
+                ),
+            ],
+        )
+        .await;
+        eprintln!("{}\n{}", r.stdout, r.stderr);
+        assert!(r.stdout.contains("dev=1"), "the device grant went through: {}", r.stdout);
+        assert!(
+            !r.stdout.contains("FERRY-HOST-DISK"),
+            "the VPS read the host's disk: {}",
+            r.stdout
+        );
+        // The limits that bind are where they were.
+        let mem = dirs
+            .iter()
+            .find(|d| d.to_string_lossy().contains("/memory/"))
+            .expect("memory cgroup");
+        let limit: u64 = std::fs::read_to_string(mem.join("memory.limit_in_bytes"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(limit, 64 << 20);
+        let pids = dirs
+            .iter()
+            .find(|d| d.to_string_lossy().contains("/pids/"))
+            .expect("pids cgroup");
+        assert_eq!(std::fs::read_to_string(pids.join("pids.max")).unwrap().trim(), "64");
+        // And bind: 128 MiB do not fit whatever the VPS wrote.
+        let r = exec(
+            &mut c,
+            "isocg",
+            &[
+                "sh",
+                "-c",
+                "awk 'BEGIN { s = \"x\"; while (length(s) < 134217728) s = s s; print length(s) }'; echo rc=$?",
+            ],
+        )
+        .await;
+        assert!(!r.stdout.contains("134217728"), "128 MiB fit in a 64 MiB VPS: {}", r.stdout);
+        let v = get(&mut c, "isocg").await;
+        assert_eq!(v.spec.unwrap().limits.unwrap().memory_bytes, 64 << 20);
+    })
+    .await;
+}

@@ -99,6 +99,15 @@ impl Layout {
     }
 }
 
+/// The cgroup below a VPS's own where its tasks live. The limits sit on the
+/// VPS's cgroup, one level up, and the VPS's cgroup namespace starts at the
+/// leaf: root in the VPS may mount a cgroup filesystem and write the leaf's
+/// files, but the kernel enforces every limit hierarchically, so it can
+/// neither raise its memory, CPU or pids limits nor widen its device access
+/// (a v1 child cannot allow a device its parent denies; v2's device programs
+/// need bpf(), which the VPS's seccomp filter refuses).
+pub const LEAF: &str = "payload";
+
 /// The cgroup(s) of one VPS.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VpsCgroup {
@@ -123,11 +132,17 @@ impl VpsCgroup {
         }
     }
 
-    /// Where this cgroup is, per hierarchy, as CRIU's `cg_root` wants it: one
-    /// entry per v1 controller (a root without a controller would also remap
-    /// cpuset and fail), one for the unified hierarchy.
+    /// The leaf's directories (see [`LEAF`]), where the tasks are.
+    pub fn leaf_dirs(&self) -> Vec<PathBuf> {
+        self.dirs().into_iter().map(|d| d.join(LEAF)).collect()
+    }
+
+    /// Where the VPS's tasks are, per hierarchy, as CRIU's `cg_root` wants
+    /// it (the leaf): one entry per v1 controller (a root without a
+    /// controller would also remap cpuset and fail), one for the unified
+    /// hierarchy.
     pub fn criu_roots(&self) -> Vec<(Option<String>, String)> {
-        let path = format!("/{}", self.rel.display());
+        let path = format!("/{}", self.rel.join(LEAF).display());
         match &self.layout {
             Layout::V1 { mounts } => mounts
                 .iter()
@@ -137,9 +152,10 @@ impl VpsCgroup {
         }
     }
 
-    /// The `cgroup.procs` files a task writes itself into to join the VPS.
+    /// The `cgroup.procs` files a task writes itself into to join the VPS
+    /// (the leaf's).
     pub fn procs_files(&self) -> Vec<PathBuf> {
-        self.dirs()
+        self.leaf_dirs()
             .into_iter()
             .map(|d| d.join("cgroup.procs"))
             .collect()
@@ -148,9 +164,16 @@ impl VpsCgroup {
     /// Creates the cgroup and applies the limits; a leftover cgroup of the same
     /// name (an earlier crash) is reused.
     pub fn create(&self, limits: &LimitsConfig) -> Result<()> {
+        let leaf = self.rel.join(LEAF);
         match &self.layout {
-            Layout::V1 { mounts } => v1::create(mounts, &self.rel)?,
-            Layout::V2 { root } => v2::create(root, &self.rel)?,
+            Layout::V1 { mounts } => {
+                v1::create(mounts, &self.rel)?;
+                v1::create(mounts, &leaf)?;
+            }
+            Layout::V2 { root } => {
+                v2::create(root, &self.rel, true)?;
+                v2::create(root, &leaf, false)?;
+            }
         }
         self.apply(limits)
     }
@@ -174,16 +197,23 @@ impl VpsCgroup {
         }
     }
 
-    /// Host pids of every task in the VPS.
+    /// Host pids of every task in the VPS: in its cgroup and every cgroup
+    /// below it (the leaf, and whatever the VPS made inside; a VPS started by
+    /// an older agent has its tasks in its own cgroup).
     pub fn pids(&self) -> Vec<i32> {
-        let Some(first) = self.procs_files().into_iter().find(|p| p.exists()) else {
+        let Some(first) = self.dirs().into_iter().find(|d| d.exists()) else {
             return Vec::new();
         };
-        std::fs::read_to_string(first)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
+        let mut out = Vec::new();
+        for d in subtree(&first) {
+            out.extend(
+                std::fs::read_to_string(d.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| l.trim().parse::<i32>().ok()),
+            );
+        }
+        out
     }
 
     /// Kills whatever is left and removes the cgroup directories.
@@ -196,7 +226,10 @@ impl VpsCgroup {
                 );
             }
             let mut busy = None;
-            for d in self.dirs() {
+            // Deepest first: the leaf and what the VPS made below it.
+            let mut all: Vec<PathBuf> = self.dirs().iter().flat_map(|d| subtree(d)).collect();
+            all.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+            for d in all {
                 match std::fs::remove_dir(&d) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -217,6 +250,27 @@ impl VpsCgroup {
         }
         Ok(())
     }
+}
+
+/// `dir` and every cgroup below it (parents before children); nothing if it
+/// does not exist. Symlinks are not followed (cgroupfs has none).
+fn subtree(dir: &Path) -> Vec<PathBuf> {
+    if !dir.is_dir() {
+        return Vec::new();
+    }
+    let mut out = vec![dir.to_path_buf()];
+    let mut i = 0;
+    while i < out.len() {
+        if let Ok(rd) = std::fs::read_dir(&out[i]) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    out.push(e.path());
+                }
+            }
+        }
+        i += 1;
+    }
+    out
 }
 
 pub(crate) fn write(dir: &Path, file: &str, value: &str) -> Result<()> {

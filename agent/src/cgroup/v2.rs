@@ -10,7 +10,10 @@ use crate::spec::LimitsConfig;
 
 const CFS_PERIOD_US: u64 = 100_000;
 
-pub fn create(root: &Path, rel: &Path) -> Result<()> {
+/// Makes the cgroup at `rel` with the controllers delegated down to it;
+/// `devices`: attach the VPS's device program here (the VPS's own cgroup;
+/// its leaf is covered by it, and may not attach one of its own below it).
+pub fn create(root: &Path, rel: &Path, devices: bool) -> Result<()> {
     // Each level below the root must delegate the controllers to the next.
     let mut dir = root.to_path_buf();
     for comp in rel.components() {
@@ -28,7 +31,9 @@ pub fn create(root: &Path, rel: &Path) -> Result<()> {
             std::fs::create_dir(&dir).at("creating cgroup", &dir)?;
         }
     }
-    super::devices::attach(&dir, super::devices::VPS_DEVICES).at("limiting devices", &dir)?;
+    if devices {
+        super::devices::attach(&dir, super::devices::VPS_DEVICES).at("limiting devices", &dir)?;
+    }
     Ok(())
 }
 

@@ -100,12 +100,14 @@ pub fn check_begin(
         _ => {}
     }
     match s.nodes.get(target) {
-        Some(n) if n.down => return Err((
-            RejectCode::FailedPrecondition,
-            format!(
+        Some(n) if n.down => {
+            return Err((
+                RejectCode::FailedPrecondition,
+                format!(
                 "to_node: node {target} is down (its agent stopped reporting); nothing was started"
             ),
-        )),
+            ))
+        }
         Some(n) if n.cordoned => {
             return Err((
                 RejectCode::FailedPrecondition,
