@@ -1253,6 +1253,18 @@ async fn a_stopped_target_is_refused_within_a_deadline() {
         assert!(took < Duration::from_secs(30), "refused after {took:?}");
         let now = get(&mut ca, &name).await;
         assert!(running(&now) && now.init_pid == v.init_pid, "{now:?}");
+        // The target got the prepare while stopped and may act on it now; the
+        // source's abort follows it, and nothing of that arrival stays.
+        let reserved = b.data_dir().join("vps").join(&name);
+        let end = std::time::Instant::now() + Duration::from_secs(30);
+        while reserved.exists() {
+            assert!(
+                std::time::Instant::now() < end,
+                "the abandoned arrival stayed on the target: {}",
+                b.agent_log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let ev = migrate_vps(
             &mut ca,
             &name,

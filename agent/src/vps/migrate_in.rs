@@ -37,7 +37,27 @@ pub struct Incoming {
     owner: Option<ferry_proto::tls::Role>,
 }
 
+/// How many aborted migration ids a node remembers.
+const ABORTED_KEPT: usize = 1024;
+
+fn aborted_err(id: &str) -> AgentError {
+    AgentError::FailedPrecondition(format!("migration {id} was aborted by its source"))
+}
+
 impl Agent {
+    fn was_aborted(&self, id: &str) -> bool {
+        let a = self.aborted.lock().unwrap_or_else(|p| p.into_inner());
+        a.iter().any(|x| x == id)
+    }
+
+    fn mark_aborted(&self, id: &str) {
+        let mut a = self.aborted.lock().unwrap_or_else(|p| p.into_inner());
+        if a.len() >= ABORTED_KEPT {
+            a.pop_front();
+        }
+        a.push_back(id.to_string());
+    }
+
     /// Checks everything this node can check before the source freezes
     /// anything, then reserves the name (an `incoming` VPS dir).
     #[tracing::instrument(skip(self, req), fields(migration = %req.migration_id))]
@@ -70,6 +90,9 @@ impl Agent {
         {
             return Err(AgentError::exists("migration", &req.migration_id));
         }
+        if self.was_aborted(&req.migration_id) {
+            return Err(aborted_err(&req.migration_id));
+        }
         self.check_free(&config)?;
         let mem: u64 = self
             .records()
@@ -94,7 +117,15 @@ impl Agent {
             let _ = std::fs::remove_dir_all(&images);
             return Err(e);
         }
-        self.incoming.lock().await.insert(
+        let mut incoming = self.incoming.lock().await;
+        // Its source may have given up on this prepare (it came late: this
+        // agent was stopped) and aborted it before it got here.
+        if self.was_aborted(&req.migration_id) {
+            drop(incoming);
+            self.discard_incoming(&rec.config.name, &images).await;
+            return Err(aborted_err(&req.migration_id));
+        }
+        incoming.insert(
             req.migration_id.clone(),
             Incoming {
                 name,
@@ -467,7 +498,16 @@ impl Agent {
         self: &Arc<Self>,
         req: pb::MigrateFinishRequest,
     ) -> Result<pb::MigrateFinishResponse> {
-        let Some(mut i) = self.incoming.lock().await.remove(&req.migration_id) else {
+        let removed = {
+            let mut incoming = self.incoming.lock().await;
+            let i = incoming.remove(&req.migration_id);
+            if i.is_none() && !req.commit {
+                // An abort ahead of its prepare: the prepare must not stand.
+                self.mark_aborted(&req.migration_id);
+            }
+            i
+        };
+        let Some(mut i) = removed else {
             if req.commit {
                 return Err(AgentError::not_found("migration", &req.migration_id));
             }

@@ -98,6 +98,9 @@ pub struct Agent {
     migrating: std::sync::Mutex<HashMap<String, String>>,
     /// VPSes arriving from another node, by migration id.
     incoming: tokio::sync::Mutex<HashMap<String, migrate_in::Incoming>>,
+    /// Migration ids aborted before their prepare arrived (the newest
+    /// [`migrate_in`]'s ABORTED_KEPT): such a prepare is refused.
+    aborted: std::sync::Mutex<std::collections::VecDeque<String>>,
     /// Held while a create checks names and addresses, so two creates cannot
     /// both take the same one.
     create_lock: tokio::sync::Mutex<()>,
@@ -269,6 +272,7 @@ impl Agent {
             locks: Default::default(),
             migrating: Default::default(),
             incoming: Default::default(),
+            aborted: Default::default(),
             create_lock: Default::default(),
         });
         crate::rcu::recover(&agent.paths.run_dir);

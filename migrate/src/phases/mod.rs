@@ -223,6 +223,8 @@ pub async fn run(
 /// How far a migration got; the rollback reads it.
 #[derive(Debug, Default)]
 pub struct State {
+    /// The prepare went out (the target may act on it even unanswered).
+    pub prepare_sent: bool,
     pub prepared: bool,
     pub frozen_at: Option<Instant>,
     pub images: Option<PathBuf>,
@@ -242,6 +244,7 @@ async fn steps(
 ) -> Result<(), MigrateError> {
     let mut mode = memory::choose(job.mode, src)?;
     st.mode = Some(mode);
+    st.prepare_sent = true;
     let target_lazy = preflight::run(src, target, job, mode, p).await?;
     st.prepared = true;
     if mode == Mode::PostCopy && !target_lazy {

@@ -46,14 +46,30 @@ pub async fn rollback(
             }
         }
     }
+    let abort = pb::MigrateFinishRequest {
+        migration_id: job.id.clone(),
+        commit: false,
+        generation: 0,
+    };
     if st.prepared {
-        let _ = target
-            .migrate_finish(pb::MigrateFinishRequest {
-                migration_id: job.id.clone(),
-                commit: false,
-                generation: 0,
-            })
-            .await;
+        let _ = target.migrate_finish(abort).await;
+    } else if st.prepare_sent {
+        // Unanswered (a stopped or hung target): it may still act on the
+        // prepare once it runs again. The abort goes after it, in the
+        // background, until the target answers; the target also refuses a
+        // prepare whose abort came first.
+        let mut target = target.clone();
+        tokio::spawn(async move {
+            for _ in 0..20 {
+                let call = target.migrate_finish(abort.clone());
+                if let Ok(Ok(_)) =
+                    tokio::time::timeout(std::time::Duration::from_secs(30), call).await
+                {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            }
+        });
     }
     let note = if dumped {
         let images = st.images.clone().unwrap_or_default();
