@@ -254,7 +254,7 @@ impl VpsCgroup {
 
 /// `dir` and every cgroup below it (parents before children); nothing if it
 /// does not exist. Symlinks are not followed (cgroupfs has none).
-fn subtree(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn subtree(dir: &Path) -> Vec<PathBuf> {
     if !dir.is_dir() {
         return Vec::new();
     }

@@ -96,7 +96,12 @@ pub fn usage(mounts: &[(Vec<String>, PathBuf)], rel: &Path) -> CgroupUsage {
         if has(ctrls, "memory") {
             u.memory_bytes = read_u64(&dir, "memory.usage_in_bytes");
             u.memory_peak_bytes = read_u64(&dir, "memory.max_usage_in_bytes");
-            u.oom_kills = read_keyed(&dir, "memory.oom_control", "oom_kill");
+            // v1 counts a kill in the victim's own cgroup (the leaf, or one
+            // the VPS made below it), not where the limit was hit.
+            u.oom_kills = super::subtree(&dir)
+                .iter()
+                .map(|d| read_keyed(d, "memory.oom_control", "oom_kill"))
+                .sum();
         }
         if has(ctrls, "pids") {
             u.pids = read_u64(&dir, "pids.current") as u32;
