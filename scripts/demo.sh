@@ -22,10 +22,11 @@ down() {
   fi
   pkill -f -- "--data-dir $DIR/data" 2>/dev/null
   pkill -9 -f -- "$DIR/run" 2>/dev/null
+  # A VPS's tasks live in a leaf below its cgroup (<vps>/payload): deepest first.
   for c in /sys/fs/cgroup/*/ferry/*/demo-*; do
     [ -d "$c" ] || continue
-    for p in $(cat "$c/cgroup.procs" 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
-    sleep 0.2; rmdir "$c" 2>/dev/null
+    for p in $(find "$c" -name cgroup.procs -exec cat {} + 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
+    sleep 0.2; find "$c" -depth -type d -exec rmdir {} + 2>/dev/null
   done
   # Each agent's parent cgroup is named after its run dir (see agent/src/paths.rs).
   for run in $(echo "$DIR/run"); do

@@ -61,3 +61,37 @@ fn mounts_under(p: &std::path::Path) -> usize {
         .filter(|l| l.split(' ').nth(4).is_some_and(|m| m.starts_with(&s)))
         .count()
 }
+
+/// A VPS cgroup left behind with its leaf (a crash, or a cleanup that could
+/// not remove it) on a migration's target: the restore reuses it. The v1
+/// devices controller refuses to reset the rules of a cgroup with children,
+/// which failed the cluster demo's migration once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leftover_cgroup_with_its_leaf_does_not_stop_an_arrival() {
+    bounded(120, async {
+        let lan = Lan::new();
+        let a = Host::on_lan(&lan, "10.77.0.57/16", vec![]).await;
+        let b = Host::on_lan(&lan, "10.77.0.58/16", vec![]).await;
+        let name = format!("lc{}", std::process::id());
+        for d in b.cgroup_dirs(&name) {
+            std::fs::create_dir_all(d.join(ferry_agent::cgroup::LEAF))
+                .expect("making the leftover cgroup");
+        }
+        let mut ca = a.client().await;
+        create_started(&mut ca, spec(&name, Some("10.77.9.16"))).await;
+        let ev = migrate_vps(
+            &mut ca,
+            &name,
+            &b,
+            ferry_proto::agent::v1::MigrationMode::StopCopy,
+            false,
+            |_| {},
+        )
+        .await;
+        assert!(ev.error.is_empty(), "{}", ev.error);
+        let mut cb = b.client().await;
+        let r = exec(&mut cb, &name, &["true"]).await;
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    })
+    .await;
+}

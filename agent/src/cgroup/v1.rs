@@ -39,6 +39,18 @@ pub fn create(mounts: &[(Vec<String>, PathBuf)], rel: &Path) -> Result<()> {
         }
         if has(ctrls, "devices") {
             let dir = mount.join(rel);
+            // The kernel refuses to change the default of a cgroup with
+            // children (a reused VPS cgroup holds its leaf): its rules were
+            // set when it was made, and a child never widens them.
+            let has_children = std::fs::read_dir(&dir)
+                .map(|rd| {
+                    rd.flatten()
+                        .any(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                })
+                .unwrap_or(false);
+            if has_children {
+                continue;
+            }
             write(&dir, "devices.deny", "a")?;
             for rule in super::devices::VPS_DEVICES {
                 write(&dir, "devices.allow", &rule.v1_line())?;
