@@ -1228,6 +1228,9 @@ async fn both_agents_may_stop_inside_the_post_copy_window() {
 /// with nothing frozen, and the VPS can move once the target is back.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stopped_target_is_refused_within_a_deadline() {
+    // Serialized with the load-sensitive tests (the pre-copy VM's included):
+    // its stopped agent and background abort add work they must not share.
+    let _heavy = HEAVY.lock().await;
     bounded(180, async {
         let lan = Lan::new();
         let a = Host::on_lan(&lan, "10.77.0.55/16", vec![]).await;
