@@ -247,3 +247,34 @@ async fn a_vps_on_another_node_cannot_detour_to_the_management_network() {
     })
     .await;
 }
+
+/// Turned off after it was on, the firewall is gone: its old tables would
+/// otherwise drop every new VPS port (none is in their map).
+#[tokio::test(flavor = "multi_thread")]
+async fn turning_the_firewall_off_removes_it() {
+    bounded(120, async {
+        let mut h = Host::new().await;
+        let table = ferry_agent::net::firewall::table_name(BRIDGE);
+        let listed = |h: &Host| {
+            h.sh(&format!("nft list table bridge {table}"))
+                .status
+                .success()
+        };
+        assert!(listed(&h), "the firewall was not installed");
+        h.kill_agent();
+        h.extra_args.push("--host-firewall=false".into());
+        h.start_agent().await;
+        assert!(!listed(&h), "the firewall's tables stayed");
+        let mut c = h.client().await;
+        create_started(&mut c, spec("fwoffa", Some("10.77.0.30"))).await;
+        create_started(&mut c, spec("fwoffb", Some("10.77.0.31"))).await;
+        let r = exec(
+            &mut c,
+            "fwoffa",
+            &["timeout", "5", "wget", "-qO-", "http://10.77.0.31/"],
+        )
+        .await;
+        assert_eq!(r.stdout.trim(), "fwoffb", "{}", r.stderr);
+    })
+    .await;
+}

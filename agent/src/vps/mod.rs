@@ -163,9 +163,7 @@ async fn guard_host(host: &crate::net::Netlink, cfg: &AgentConfig) -> Result<std
             };
             let table = crate::net::firewall::table_name(&rules.bridge);
             let allowed: Vec<String> = fw.allow.iter().map(|a| a.to_string()).collect();
-            tokio::task::spawn_blocking(move || rules.apply())
-                .await
-                .map_err(|e| AgentError::Internal(format!("host firewall: {e}")))??;
+            start::blocking(move || rules.apply()).await?;
             tracing::info!(
                 %table,
                 management_net = ?management_net,
@@ -173,9 +171,17 @@ async fn guard_host(host: &crate::net::Netlink, cfg: &AgentConfig) -> Result<std
                 "host firewall: VPSes may not reach this host's addresses"
             );
         }
-        None => tracing::warn!(
-            "--host-firewall=false: VPSes can reach every service on this host's addresses"
-        ),
+        None => {
+            // An earlier run's tables would drop every new VPS port (none
+            // would be in its map): off means gone.
+            let bridge = cfg.bridge.clone();
+            if let Err(e) = start::blocking(move || crate::net::firewall::remove(&bridge)).await {
+                tracing::debug!(error = %e, "no host firewall tables to remove");
+            }
+            tracing::warn!(
+                "--host-firewall=false: VPSes can reach every service on this host's addresses"
+            )
+        }
     }
     Ok(tunnel_ip)
 }
@@ -298,9 +304,7 @@ impl Agent {
             mac: net.mac,
             ip: net.ip,
         };
-        tokio::task::spawn_blocking(move || crate::net::firewall::add_port(&bridge, &port))
-            .await
-            .map_err(|e| AgentError::Internal(format!("port filter: {e}")))?
+        start::blocking(move || crate::net::firewall::add_port(&bridge, &port)).await
     }
 
     /// Drops a removed port's filter.
@@ -310,9 +314,7 @@ impl Agent {
         }
         let bridge = self.cfg.bridge.clone();
         let veth = veth.to_string();
-        tokio::task::spawn_blocking(move || crate::net::firewall::remove_port(&bridge, &veth))
-            .await
-            .map_err(|e| AgentError::Internal(format!("port filter: {e}")))?
+        start::blocking(move || crate::net::firewall::remove_port(&bridge, &veth)).await
     }
 
     /// At start: the port filters are those of the VPS ports that exist.
@@ -336,9 +338,7 @@ impl Agent {
             }
         }
         let bridge = self.cfg.bridge.clone();
-        tokio::task::spawn_blocking(move || crate::net::firewall::sync_ports(&bridge, &ports))
-            .await
-            .map_err(|e| AgentError::Internal(format!("port filters: {e}")))?
+        start::blocking(move || crate::net::firewall::sync_ports(&bridge, &ports)).await
     }
 
     pub(crate) fn lock_for(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
