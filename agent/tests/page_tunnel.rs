@@ -129,6 +129,11 @@ fn only_a_node_of_the_cluster_takes_the_tunnel_and_only_to_its_source() {
     drop(t);
     assert_eq!(served.load(Ordering::SeqCst), 0);
 
+    // A peer that connects and stalls its handshake does not keep the
+    // target waiting (handshakes run side by side; the read allows 5 s, a
+    // stalled handshake is given 10).
+    let _stall = TcpStream::connect(at).expect("connecting");
+    std::thread::sleep(Duration::from_millis(200));
     // The target node, expecting this source: the pages flow, once.
     let (t, sock) = start_dial(
         Path::new(AGENT),

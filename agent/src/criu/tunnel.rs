@@ -41,6 +41,10 @@ const TUNNEL_FD: RawFd = 3;
 /// How long the serving end waits for the target.
 const ACCEPT_WAIT: Duration = Duration::from_secs(120);
 
+/// Handshakes the serving end runs at once; more connections wait in the
+/// listen queue or are dropped.
+const MAX_HANDSHAKES: usize = 16;
+
 /// Each direction's copy buffer: the page server answers in batches of up
 /// to 4 MiB.
 const BUF: usize = 256 << 10;
@@ -112,25 +116,59 @@ async fn serve(
         None => None,
     };
     let end = tokio::time::Instant::now() + ACCEPT_WAIT;
-    loop {
-        let (sock, from) = tokio::time::timeout_at(end, l.accept())
+    let Some(tls) = tls else {
+        let (sock, _) = tokio::time::timeout_at(end, l.accept())
             .await
             .map_err(|_| "no target connected in time".to_string())?
             .map_err(|e| format!("accepting: {e}"))?;
         let _ = sock.set_nodelay(true);
-        let Some(tls) = &tls else {
-            return relay(sock, page_server).await;
-        };
-        match tokio::time::timeout(Duration::from_secs(10), tls.accept(sock)).await {
-            Ok(Ok((s, ferry_proto::tls::Peer::Verified(id))))
-                if matches!(id.role, ferry_proto::tls::Role::Node(_)) =>
-            {
-                eprintln!("page tunnel: {} connected from {from}", id.role);
-                return relay(s, page_server).await;
+        return relay(sock, page_server).await;
+    };
+    // Handshakes run side by side: a peer that stalls its handshake must not
+    // keep the target waiting behind it.
+    let tls = std::sync::Arc::new(tls);
+    let mut pending = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            acc = l.accept() => {
+                let (sock, from) = acc.map_err(|e| format!("accepting: {e}"))?;
+                if pending.len() >= MAX_HANDSHAKES {
+                    eprintln!("page tunnel: too many handshakes at once; dropped {from}");
+                    continue;
+                }
+                let _ = sock.set_nodelay(true);
+                let tls = std::sync::Arc::clone(&tls);
+                pending.spawn(async move {
+                    match tokio::time::timeout(Duration::from_secs(10), tls.accept(sock)).await {
+                        Ok(Ok((s, ferry_proto::tls::Peer::Verified(id))))
+                            if matches!(id.role, ferry_proto::tls::Role::Node(_)) =>
+                        {
+                            eprintln!("page tunnel: {} connected from {from}", id.role);
+                            Some(s)
+                        }
+                        Ok(Ok((_, peer))) => {
+                            eprintln!("page tunnel: refused {from}: {peer:?}");
+                            None
+                        }
+                        Ok(Err(e)) => {
+                            eprintln!("page tunnel: handshake with {from}: {e}");
+                            None
+                        }
+                        Err(_) => {
+                            eprintln!("page tunnel: handshake with {from} timed out");
+                            None
+                        }
+                    }
+                });
             }
-            Ok(Ok((_, peer))) => eprintln!("page tunnel: refused {from}: {peer:?}"),
-            Ok(Err(e)) => eprintln!("page tunnel: handshake with {from}: {e}"),
-            Err(_) => eprintln!("page tunnel: handshake with {from} timed out"),
+            Some(done) = pending.join_next() => {
+                if let Ok(Some(s)) = done {
+                    return relay(s, page_server).await;
+                }
+            }
+            _ = tokio::time::sleep_until(end) => {
+                return Err("no target connected in time".into());
+            }
         }
     }
 }
