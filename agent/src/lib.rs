@@ -11,6 +11,8 @@
 //!   and seccomp, and entering a VPS for exec.
 //! - [`cgroup`]: per-VPS cgroups on v1 and v2 behind one interface.
 //! - [`net`]: bridge, persistent netns and veth through rtnetlink.
+//! - [`userns`]: an unprivileged VPS's user namespace on the host side (its
+//!   bound namespace files, the idmapped view of its template).
 //! - [`template`]: safe archive import and the built-in busybox template.
 //! - [`criu`]: checkpoint/restore through CRIU's RPC (`criu swrk`), probe and
 //!   kernel cache at start, the lazy-pages daemon.
@@ -31,4 +33,5 @@ pub mod runtime;
 pub mod service;
 pub mod spec;
 pub mod template;
+pub mod userns;
 pub mod vps;

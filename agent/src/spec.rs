@@ -44,6 +44,18 @@ pub struct VpsConfig {
     /// Signal number that asks init to shut down.
     #[serde(default = "default_stop_signal")]
     pub stop_signal: i32,
+    /// First host id of the VPS's user namespace ([`ferry_proto::ids`]);
+    /// None: a privileged VPS, without one. Configs written before user
+    /// namespaces existed read as None, which is what those VPSes were.
+    /// `Some(0)` only between validation and create, which picks the range.
+    #[serde(default)]
+    pub id_base: Option<u32>,
+}
+
+impl VpsConfig {
+    pub fn privileged(&self) -> bool {
+        self.id_base.is_none()
+    }
 }
 
 fn default_stop_signal() -> i32 {
@@ -294,7 +306,26 @@ pub fn validate_spec(
         autostart: spec.autostart,
         generation: spec.generation,
         stop_signal: parse_stop_signal(&spec.stop_signal)?,
+        id_base: id_base_from_pb(spec)?,
     })
+}
+
+/// None for a privileged VPS; Some(0) when the agent is to pick the range.
+fn id_base_from_pb(spec: &pb::VpsSpec) -> Result<Option<u32>> {
+    if spec.privileged {
+        if spec.id_base != 0 {
+            return Err(AgentError::invalid(
+                "id_base",
+                "a privileged VPS has no id range (drop id_base or privileged)",
+            ));
+        }
+        return Ok(None);
+    }
+    if spec.id_base != 0 {
+        ferry_proto::ids::check_base(spec.id_base)
+            .map_err(|reason| AgentError::invalid("id_base", reason))?;
+    }
+    Ok(Some(spec.id_base))
 }
 
 fn validate_net(name: &str, n: &pb::NetConfig, bridge: ipnet::Ipv4Net) -> Result<NetConfig> {
@@ -392,6 +423,8 @@ impl VpsConfig {
             autostart: self.autostart,
             generation: self.generation,
             stop_signal: format_signal(self.stop_signal),
+            privileged: self.privileged(),
+            id_base: self.id_base.unwrap_or(0),
         }
     }
 }

@@ -234,18 +234,6 @@ async fn host_users_cannot_reach_a_vps_s_files() {
     .await;
 }
 
-/// Builds `tests/probes/<name>.c` as a static binary at `out`.
-fn build_probe(name: &str, out: &std::path::Path) {
-    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/probes/");
-    let st = std::process::Command::new("cc")
-        .args(["-static", "-O1", "-o"])
-        .arg(out)
-        .arg(format!("{src}{name}.c"))
-        .status()
-        .expect("running cc (Debian: build-essential)");
-    assert!(st.success(), "building the {name} probe");
-}
-
 /// Parses the probe's "NAME RESULT" lines.
 fn probe_results(text: &str) -> std::collections::BTreeMap<String, String> {
     text.lines()

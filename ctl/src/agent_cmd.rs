@@ -94,6 +94,11 @@ pub enum VpsCmd {
         /// sysvinit template), SIGRTMIN+3 (systemd).
         #[arg(long, default_value = "SIGTERM")]
         stop_signal: String,
+        /// No user namespace: root in the VPS is root on the host. For
+        /// trusted workloads only; `vps show` flags it. By default a VPS's
+        /// ids map to a range of host ids of its own.
+        #[arg(long)]
+        privileged: bool,
         /// Cluster mode only: where the VPS may go.
         #[command(flatten)]
         placement: Box<crate::cluster_cmd::Placement>,
@@ -314,6 +319,7 @@ pub fn spec_json(spec: Option<&pb::VpsSpec>) -> serde_json::Value {
         "ip": n.ip, "prefix_len": n.prefix_len, "gateway": n.gateway,
         "limits": {"cpu_millicores": l.cpu_millicores, "cpu_weight": l.cpu_weight, "memory_bytes": l.memory_bytes, "swap_bytes": l.swap_bytes, "pids": l.pids},
         "init": spec.init, "autostart": spec.autostart, "stop_signal": spec.stop_signal,
+        "privileged": spec.privileged, "id_base": spec.id_base,
     })
 }
 
@@ -388,6 +394,7 @@ pub fn spec_from_args(
     init: Vec<String>,
     autostart: bool,
     stop_signal: String,
+    privileged: bool,
 ) -> Result<pb::VpsSpec> {
     let (ip, prefix_len) = split_ip(ip)?;
     Ok(pb::VpsSpec {
@@ -405,7 +412,23 @@ pub fn spec_from_args(
         autostart,
         generation: 0,
         stop_signal,
+        privileged,
+        id_base: 0,
     })
+}
+
+/// How a VPS is isolated, as `vps show` says it.
+pub fn isolation(spec: &pb::VpsSpec) -> String {
+    if spec.privileged {
+        "PRIVILEGED: no user namespace, root in the VPS is root on this host".into()
+    } else if spec.id_base != 0 {
+        format!(
+            "user namespace, ids 0-65535 are host ids {}",
+            ferry_proto::ids::describe(spec.id_base)
+        )
+    } else {
+        "user namespace (id range not assigned yet)".into()
+    }
 }
 
 /// "10.77.0.10" or "10.77.0.10/16" → (address, prefix or 0); "" when absent.
@@ -450,6 +473,7 @@ pub async fn vps(c: &mut AgentServiceClient<Channel>, cmd: VpsCmd) -> Result<i32
             init,
             autostart,
             stop_signal,
+            privileged,
             start,
             placement,
         } => {
@@ -470,6 +494,7 @@ pub async fn vps(c: &mut AgentServiceClient<Channel>, cmd: VpsCmd) -> Result<i32
                 init,
                 autostart,
                 stop_signal,
+                privileged,
             )?;
             let v = c
                 .create_vps(pb::CreateVpsRequest {
@@ -732,11 +757,12 @@ fn print_show(v: &pb::Vps) {
     let s = v.spec.clone().unwrap_or_default();
     let l = s.limits.unwrap_or_default();
     let u = v.usage.unwrap_or_default();
-    let n = s.net.unwrap_or_default();
+    let n = s.net.clone().unwrap_or_default();
     let mut rows = vec![
         ("Name", s.name.clone()),
         ("Status", status_name(v.status).to_string()),
         ("Template", s.template.clone()),
+        ("Isolation", isolation(&s)),
         ("Hostname", s.hostname.clone()),
         (
             "IP",

@@ -429,6 +429,7 @@ pub async fn vps(c: &mut ControllerServiceClient<Channel>, cmd: VpsCmd) -> Resul
             init,
             autostart,
             stop_signal,
+            privileged,
             start,
             placement,
         } => {
@@ -443,6 +444,7 @@ pub async fn vps(c: &mut ControllerServiceClient<Channel>, cmd: VpsCmd) -> Resul
                 init,
                 autostart,
                 stop_signal,
+                privileged,
             )?;
             let allocate_ip = spec.net.is_none();
             let req = cpb::CreateVpsRequest {
@@ -521,9 +523,11 @@ pub async fn vps(c: &mut ControllerServiceClient<Channel>, cmd: VpsCmd) -> Resul
             } else {
                 let s = v.spec.clone().unwrap_or_default();
                 let l = s.limits.unwrap_or_default();
+                let isolation = crate::agent_cmd::isolation(&s);
                 let ip = s.net.map(|n| n.ip).unwrap_or_default();
                 for (k, val) in [
                     ("Name", s.name),
+                    ("Isolation", isolation),
                     ("Node", v.node.clone()),
                     ("Placed", v.placement_reason.clone()),
                     ("Rules", placement_rules(v.placement.as_ref())),

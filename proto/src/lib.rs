@@ -8,6 +8,7 @@
 //! - `proto/ferry/controller/v1/raft.proto`: Raft between controller replicas.
 //!
 //! - [`names`]: naming rules both sides enforce.
+//! - [`ids`]: user-namespace id ranges of unprivileged VPSes.
 //! - [`tls`]: mutual TLS: the cluster CA and identities, the TLS transport,
 //!   per-call authorization.
 //! - [`limits`]: gRPC message size limits and clients built with them.
@@ -16,6 +17,7 @@
 //! Generated code is re-exported per package: [`agent::v1`], [`controller::v1`].
 
 pub mod addr;
+pub mod ids;
 pub mod limits;
 pub mod names;
 pub mod tls;

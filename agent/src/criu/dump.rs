@@ -21,6 +21,24 @@ pub const NETNS_KEY: &str = "ferry-netns";
 
 pub const DUMP_LOG: &str = "dump.log";
 
+/// The external-mount key of a host device node bound into an unprivileged
+/// VPS's /dev.
+pub fn dev_key(dev: &str) -> String {
+    format!("ferry-dev-{dev}")
+}
+
+/// Does the process live in a user namespace of its own (an unprivileged VPS)?
+pub fn in_own_userns(pid: i32) -> bool {
+    let ino = |p: String| std::fs::metadata(p).ok().map(|m| m.ino());
+    match (
+        ino(format!("/proc/{pid}/ns/user")),
+        ino("/proc/self/ns/user".into()),
+    ) {
+        (Some(a), Some(b)) => a != b,
+        _ => false,
+    }
+}
+
 /// What a restore needs to know about the dumped tree beyond the images.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct DumpFacts {
@@ -154,6 +172,19 @@ pub(super) fn tree_opts(
             msg: format!("VPS init {pid} is gone ({e})"),
         })?
         .ino();
+    let external = if in_own_userns(pid) {
+        // An unprivileged VPS's netns is its user namespace's: it is dumped
+        // with the tree (links, addresses, routes, its own firewall) and
+        // remade inside the restored user namespace, which could not join
+        // a netns the agent made. Its device nodes are the host's, bound in.
+        crate::runtime::HOST_DEVICES
+            .iter()
+            .map(|d| format!("mnt[/dev/{d}]:{}", dev_key(d)))
+            .collect()
+    } else {
+        // The network namespace is the agent's (see NETNS_KEY).
+        vec![format!("net[{netns}]:{NETNS_KEY}")]
+    };
     let dir = nix::fcntl::open(images, OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
         .map_err(|e| CriuError::Failed {
             op,
@@ -172,8 +203,7 @@ pub(super) fn tree_opts(
         // `network-lock` notification): CRIU's nftables lock would make
         // every restore fail to delete it, at ~20 ms (crate::net::lock).
         network_lock: Some(NetworkLock::Skip as i32),
-        // The network namespace is the agent's (see NETNS_KEY).
-        external: vec![format!("net[{netns}]:{NETNS_KEY}")],
+        external,
         ..Opts::default()
     };
     Ok((opts, dir))
@@ -224,7 +254,7 @@ pub fn dump(criu: &Path, req: &DumpRequest<'_>) -> Result<DumpFacts, CriuError> 
             opts: Some(opts),
             ..Default::default()
         },
-        |action| {
+        |action, _| {
             let lock = match action {
                 "network-lock" => Some(false),
                 // Only when CRIU lets the tasks run again here.

@@ -8,6 +8,7 @@
 //! - [`pre_dump`]: pre-copy's rounds: the memory while the VPS runs.
 //! - [`yard`]: every cgroup hierarchy mounted once for CRIU, not per run.
 //! - [`lazy`]: post-copy: the target's `criu lazy-pages` daemon and its helpers.
+//! - [`uffd_grant`]: the host-wide switch an unprivileged VPS's lazy restore needs.
 //!
 //! The CRIU binary comes from `--criu` (default: the project prefix that
 //! `scripts/install-criu.sh` fills, then `criu` on PATH).
@@ -20,6 +21,7 @@ pub mod restore;
 pub mod rpc;
 pub mod swrk;
 pub mod tunnel;
+pub mod uffd_grant;
 pub mod yard;
 
 use std::path::{Path, PathBuf};
@@ -142,7 +144,7 @@ fn probe(path: &Path) -> Result<CriuInfo, CriuError> {
             }),
             ..Default::default()
         },
-        |_| false,
+        |_, _| false,
     )?;
     let feats = f.features.unwrap_or_default();
     Ok(CriuInfo {

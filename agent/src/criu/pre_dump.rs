@@ -53,7 +53,7 @@ pub fn pre_dump(criu: &Path, req: &PreDumpRequest<'_>) -> Result<(), CriuError> 
             opts: Some(opts),
             ..Default::default()
         },
-        |_| true,
+        |_, _| true,
     )?;
     if !resp.success {
         return Err(CriuError::Failed {

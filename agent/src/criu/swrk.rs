@@ -103,11 +103,12 @@ impl Swrk {
     }
 
     /// Sends `req` and serves CRIU's notifications (`notify_scripts`) with
-    /// `on_notify(action) -> ok` until the final answer arrives.
+    /// `on_notify(action, pid) -> ok` until the final answer arrives (`pid`:
+    /// the restored root task's, at `setup-namespaces` and `post-restore`).
     pub fn call(
         &mut self,
         req: &Req,
-        mut on_notify: impl FnMut(&str) -> bool,
+        mut on_notify: impl FnMut(&str, Option<i32>) -> bool,
     ) -> Result<Resp, CriuError> {
         self.send(req)?;
         let resp = loop {
@@ -118,7 +119,8 @@ impl Swrk {
                     .as_ref()
                     .and_then(|n| n.script.clone())
                     .unwrap_or_default();
-                let ok = on_notify(&action);
+                let pid = resp.notify.as_ref().and_then(|n| n.pid);
+                let ok = on_notify(&action, pid);
                 self.send(&Req {
                     r#type: ReqType::Notify as i32,
                     notify_success: Some(ok),

@@ -16,7 +16,9 @@ mod veth;
 pub use announce::{announce, garp_frames};
 pub use bridge::{attach_uplink, ensure_bridge, find_address};
 pub use netns::{create_netns, remove_netns};
-pub use veth::{host_veth_name, remove_veth, setup_vps_network};
+pub use veth::{
+    host_veth_name, remove_veth, setup_unplaced_veth, setup_vps_network, unplaced_peer_name,
+};
 
 use std::os::fd::{AsFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::path::Path;

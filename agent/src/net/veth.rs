@@ -68,21 +68,17 @@ async fn wire(
         .address(cfg.mac.to_vec())
         .setns_by_fd(ns.as_raw_fd())
         .build();
-    let mut pair = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
-        .name(host_name.to_string())
-        .controller(br);
-    if host_up {
-        pair = pair.up();
-    }
-    let pair = pair
-        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-        .build();
-    host.handle.link().add(pair).execute().await.map_err(|e| {
-        nl(
-            format!("creating veth {host_name} with eth0 in the VPS netns"),
-            e,
-        )
-    })?;
+    host.handle
+        .link()
+        .add(pair_message(host_name, br, peer, host_up))
+        .execute()
+        .await
+        .map_err(|e| {
+            nl(
+                format!("creating veth {host_name} with eth0 in the VPS netns"),
+                e,
+            )
+        })?;
 
     let inner = Netlink::in_netns(netns).await?;
     let ih = &inner.handle;
@@ -117,6 +113,65 @@ async fn wire(
         .await
         .map_err(|e| nl(format!("adding default route via {}", cfg.gateway), e))?;
     Ok(())
+}
+
+/// The request for a pair: the host end `host_name` on bridge index `br`
+/// (up or not), the other end as `peer` describes it.
+fn pair_message(
+    host_name: &str,
+    br: u32,
+    peer: rtnetlink::packet_route::link::LinkMessage,
+    host_up: bool,
+) -> rtnetlink::packet_route::link::LinkMessage {
+    let mut pair = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+        .name(host_name.to_string())
+        .controller(br);
+    if host_up {
+        pair = pair.up();
+    }
+    pair.set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+        .build()
+}
+
+/// The name the VPS end of an unplaced pair has on the host (15 bytes).
+pub fn unplaced_peer_name(host_name: &str) -> String {
+    format!("{host_name}p")
+}
+
+/// The pair for a restore that makes the VPS's netns itself (an unprivileged
+/// VPS: CRIU remakes its user namespace, and the netns that namespace owns,
+/// from the images): the host end on the bridge as usual, the VPS end left on
+/// the host as [`unplaced_peer_name`] with the VPS's MAC, for CRIU to move in
+/// as eth0 (its address, routes and rules come from the images).
+pub async fn setup_unplaced_veth(
+    host: &Netlink,
+    bridge: &str,
+    host_name: &str,
+    cfg: &NetConfig,
+    host_up: bool,
+) -> Result<()> {
+    let res = async {
+        let br = host
+            .link_index(bridge)
+            .await?
+            .ok_or_else(|| AgentError::Netlink(format!("bridge {bridge} is missing")))?;
+        let peer_name = unplaced_peer_name(host_name);
+        let peer = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(peer_name.clone())
+            .address(cfg.mac.to_vec())
+            .build();
+        host.handle
+            .link()
+            .add(pair_message(host_name, br, peer, host_up))
+            .execute()
+            .await
+            .map_err(|e| nl(format!("creating veth {host_name} with {peer_name}"), e))
+    }
+    .await;
+    if res.is_err() {
+        let _ = remove_veth(host, host_name).await;
+    }
+    res
 }
 
 /// Deletes a host-side veth (its peer goes with it); a missing one is fine.

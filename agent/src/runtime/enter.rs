@@ -80,8 +80,21 @@ fn enter(run_dir: &Path, argv: &[String], env: &[String]) -> Result<i32, String>
                 .map_err(|e| format!("opening {n} namespace: {e}"))
         })
         .collect::<Result<_, _>>()?;
+    // An unprivileged VPS's user namespace: opened before the cgroups are
+    // joined (as host root), entered first, so its root owns the rest.
+    let user = match cfg.userns {
+        Some(_) => Some(
+            std::fs::File::open(format!("/proc/{}/ns/user", state.init_pid))
+                .map_err(|e| format!("opening user namespace: {e}"))?,
+        ),
+        None => None,
+    };
     for f in &cfg.cgroup_procs {
         std::fs::write(f, "0").map_err(|e| format!("joining cgroup {}: {e}", f.display()))?;
+    }
+    if let Some(user) = &user {
+        nix::sched::setns(user.as_fd(), CloneFlags::CLONE_NEWUSER)
+            .map_err(|e| format!("joining the VPS's user namespace: {e}"))?;
     }
     for (file, flag) in &ns_files {
         nix::sched::setns(file.as_fd(), *flag).map_err(|e| format!("setns {flag:?}: {e}"))?;
@@ -100,6 +113,9 @@ fn enter(run_dir: &Path, argv: &[String], env: &[String]) -> Result<i32, String>
                 // inherited from its own launcher would pin a host mount and
                 // make the VPS impossible to checkpoint.
                 super::launch::cloexec_from(3)?;
+                if user.is_some() {
+                    super::rootfs::become_vps_root()?;
+                }
                 security::install_seccomp(&seccomp).map_err(|e| format!("seccomp: {e}"))?;
                 security::drop_capabilities().map_err(|e| format!("capabilities: {e}"))?;
                 let path =

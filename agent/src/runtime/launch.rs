@@ -27,15 +27,10 @@ const ENV: &[&str] = &[
 ];
 
 pub fn launch(cfg: &LaunchConfig, seccomp: &BpfProgram) -> Result<Launched, String> {
-    let argv: Vec<CString> = cfg
-        .init
-        .iter()
-        .map(|a| CString::new(a.as_bytes()).map_err(|_| "init argument holds a NUL".to_string()))
-        .collect::<Result<_, _>>()?;
-    if argv.is_empty() {
-        return Err("empty init command".into());
+    if let Some(userns) = &cfg.userns {
+        return launch_in_userns(cfg, userns, seccomp);
     }
-    let env: Vec<CString> = ENV.iter().filter_map(|e| CString::new(*e).ok()).collect();
+    let (argv, env) = init_command(cfg)?;
     let netns = match &cfg.netns {
         Some(p) => Some(
             std::fs::File::open(p).map_err(|e| format!("opening netns {}: {e}", p.display()))?,
@@ -117,8 +112,20 @@ fn child(
         nix::sched::setns(ns.as_fd(), CloneFlags::CLONE_NEWNET)
             .map_err(|e| format!("joining netns: {e}"))?;
     }
+    become_init(cfg, console, argv, env, seccomp)
+}
+
+/// Init's last steps, in its namespaces: hostname, filesystem, console,
+/// session, restrictions, exec. Returns only on failure.
+fn become_init(
+    cfg: &LaunchConfig,
+    console: &OwnedFd,
+    argv: &[CString],
+    env: &[CString],
+    seccomp: &BpfProgram,
+) -> Result<Never, String> {
     nix::unistd::sethostname(&cfg.hostname).map_err(|e| format!("sethostname: {e}"))?;
-    rootfs::enter_rootfs(&cfg.rootfs)?;
+    rootfs::enter_rootfs(&cfg.rootfs, cfg.userns.is_some())?;
 
     // stdin is /dev/null, stdout and stderr the console pipe.
     let null = nix::fcntl::open("/dev/null", OFlag::O_RDWR, nix::sys::stat::Mode::empty())
@@ -139,6 +146,132 @@ fn child(
         argv[0].to_string_lossy(),
         e.map(|e| e.to_string()).unwrap_or_default()
     ))
+}
+
+/// An unprivileged VPS's init (see the module doc of [`super`]): a first
+/// child joins the cgroups as host root, then the VPS's user namespace and
+/// netns, unshares the rest and forks init; it reports init's host pid and
+/// exits, and the monitor (a child subreaper) inherits init.
+fn launch_in_userns(
+    cfg: &LaunchConfig,
+    userns: &std::path::Path,
+    seccomp: &BpfProgram,
+) -> Result<Launched, String> {
+    let (argv, env) = init_command(cfg)?;
+    let open = |p: &std::path::Path| {
+        std::fs::File::open(p).map_err(|e| format!("opening {}: {e}", p.display()))
+    };
+    let user = open(userns)?;
+    let net = match &cfg.netns {
+        Some(p) => open(p)?,
+        None => return Err("an unprivileged VPS needs the netns its user namespace owns".into()),
+    };
+    let (con_r, con_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let (err_r, err_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let (pid_r, pid_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    // SAFETY: the monitor is single-threaded: the child may run any code.
+    match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))? {
+        nix::unistd::ForkResult::Child => {
+            drop(con_r);
+            drop(err_r);
+            drop(pid_r);
+            let msg = match enter_userns(cfg, &user, &net, &con_w, &pid_w, &argv, &env, seccomp) {
+                Ok(()) => {
+                    // SAFETY: _exit ends this intermediate child without the
+                    // parent's atexit handlers; init lives on.
+                    unsafe { libc::_exit(0) }
+                }
+                Err(m) => m,
+            };
+            let _ = nix::unistd::write(&err_w, msg.as_bytes());
+            // SAFETY: as above.
+            unsafe { libc::_exit(127) }
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(con_w);
+            drop(err_w);
+            drop(pid_w);
+            let _ = nix::sys::wait::waitpid(child, None);
+            let mut pid = [0u8; 4];
+            let got = std::fs::File::from(pid_r).read_exact(&mut pid).is_ok();
+            let mut msg = String::new();
+            let _ = std::fs::File::from(err_r).read_to_string(&mut msg);
+            let pid = Pid::from_raw(i32::from_ne_bytes(pid));
+            if !msg.is_empty() || !got {
+                if got {
+                    let _ = nix::sys::wait::waitpid(pid, None);
+                }
+                if msg.is_empty() {
+                    msg = "the VPS's init was not started".into();
+                }
+                return Err(msg);
+            }
+            Ok(Launched {
+                pid,
+                console: con_r,
+            })
+        }
+    }
+}
+
+/// The intermediate child's work. Returns once init is forked.
+#[allow(clippy::too_many_arguments)]
+fn enter_userns(
+    cfg: &LaunchConfig,
+    user: &std::fs::File,
+    net: &std::fs::File,
+    console: &OwnedFd,
+    pid_out: &OwnedFd,
+    argv: &[CString],
+    env: &[CString],
+    seccomp: &BpfProgram,
+) -> Result<(), String> {
+    // As host root: the cgroup files are the host's.
+    for f in &cfg.cgroup_procs {
+        std::fs::write(f, "0").map_err(|e| format!("joining cgroup {}: {e}", f.display()))?;
+    }
+    nix::sched::setns(user.as_fd(), CloneFlags::CLONE_NEWUSER)
+        .map_err(|e| format!("joining the VPS's user namespace: {e}"))?;
+    nix::sched::setns(net.as_fd(), CloneFlags::CLONE_NEWNET)
+        .map_err(|e| format!("joining netns: {e}"))?;
+    // Owned by the VPS's user namespace, so its root rules them.
+    nix::sched::unshare(
+        CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWCGROUP,
+    )
+    .map_err(|e| format!("unshare: {e}"))?;
+    // SAFETY: this intermediate child is single-threaded.
+    match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))? {
+        nix::unistd::ForkResult::Child => {
+            let msg = match become_init(cfg, console, argv, env, seccomp) {
+                Ok(never) => match never {},
+                Err(m) => m,
+            };
+            Err(msg)
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            nix::unistd::write(pid_out, &child.as_raw().to_ne_bytes())
+                .map_err(|e| format!("reporting init's pid: {e}"))?;
+            Ok(())
+        }
+    }
+}
+
+/// Init's argv and environment, made before any fork.
+fn init_command(cfg: &LaunchConfig) -> Result<(Vec<CString>, Vec<CString>), String> {
+    let argv: Vec<CString> = cfg
+        .init
+        .iter()
+        .map(|a| CString::new(a.as_bytes()).map_err(|_| "init argument holds a NUL".to_string()))
+        .collect::<Result<_, _>>()?;
+    if argv.is_empty() {
+        return Err("empty init command".into());
+    }
+    let env: Vec<CString> = ENV.iter().filter_map(|e| CString::new(*e).ok()).collect();
+    Ok((argv, env))
 }
 
 /// Marks every descriptor from `first` up close-on-exec.

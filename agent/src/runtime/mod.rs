@@ -8,6 +8,12 @@
 //! the exit status, restarts init when the VPS reboots, and writes console output
 //! to a bounded log. Killing the agent, even with SIGKILL, touches no VPS; a
 //! restarted agent reads each VPS's `state.json` and finds it again.
+//!
+//! An unprivileged VPS's init is started in two steps (like runc's nsexec):
+//! a first child joins the VPS's cgroups as host root, enters the VPS's user
+//! namespace and netns, makes the rest of its namespaces (owned by that user
+//! namespace) and forks init, the new pid namespace's first process; the
+//! monitor, a child subreaper, inherits init when that child exits.
 
 pub mod console;
 pub mod enter;
@@ -19,6 +25,7 @@ pub mod security;
 
 pub use launch::cloexec_from;
 pub use resume::{RestoreConfig, RESTORE_FILE};
+pub use rootfs::HOST_DEVICES;
 
 use std::path::{Path, PathBuf};
 
@@ -34,6 +41,10 @@ pub struct LaunchConfig {
     pub init: Vec<String>,
     /// Bound netns file to join; None = a fresh, empty netns with only lo.
     pub netns: Option<PathBuf>,
+    /// Bound user namespace file to join (an unprivileged VPS; its netns is
+    /// owned by it); None = a privileged VPS.
+    #[serde(default)]
+    pub userns: Option<PathBuf>,
     pub cgroup_procs: Vec<PathBuf>,
     /// Host-side veth of this run (the agent removes it at teardown).
     pub host_veth: Option<String>,

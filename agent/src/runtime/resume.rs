@@ -28,6 +28,12 @@ pub struct RestoreConfig {
 pub const RESTORE_FILE: &str = "restore.json";
 
 pub fn restore(cfg: &RestoreConfig) -> Result<Launched, String> {
+    // An unprivileged VPS's tasks make their userfaultfd in their own user
+    // namespace (see crate::criu::uffd_grant).
+    let _uffd = match (cfg.request.lazy, &cfg.request.userns) {
+        (true, Some(_)) => Some(crate::criu::uffd_grant::grant()?),
+        _ => None,
+    };
     let (con_r, con_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     let pid = crate::criu::restore::restore(&cfg.criu, &cfg.request, con_w.as_fd(), |action| {
         if action == "post-restore" && cfg.hold {

@@ -40,6 +40,11 @@ fn ensure_dir(p: &Path) -> R<()> {
     Ok(())
 }
 
+/// The device nodes of the minimal /dev. A privileged VPS's are made with
+/// mknod ([`DEVICES`]); an unprivileged VPS may not make device nodes (that
+/// needs CAP_MKNOD on the host), so the host's own are bound in.
+pub const HOST_DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
 /// Device nodes of the minimal /dev: name, major, minor.
 const DEVICES: &[(&str, u64, u64)] = &[
     ("null", 1, 3),
@@ -67,8 +72,10 @@ const MASK_DIR: &str = ".ferry-mask";
 const READONLY: &[&str] = &["proc/irq", "proc/bus", "proc/fs"];
 
 /// Builds the mounts under `root` and pivots into it. Runs in the VPS's init
-/// before exec, inside the new mount namespace.
-pub fn enter_rootfs(root: &Path) -> R<()> {
+/// before exec, inside the new mount namespace. `userns`: init is in the
+/// VPS's user namespace, still with the host's uid 0 (unmapped there): it
+/// becomes the VPS's root once the rootfs is reached, before it makes anything.
+pub fn enter_rootfs(root: &Path, userns: bool) -> R<()> {
     let nodev_nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     // Nothing we mount may leak back to the host.
     m(
@@ -85,6 +92,13 @@ pub fn enter_rootfs(root: &Path) -> R<()> {
         MsFlags::MS_BIND | MsFlags::MS_REC,
         None,
     )?;
+    // From here on paths are relative to the rootfs: the VPS's root cannot
+    // walk the agent's 0700 data dir to it.
+    std::env::set_current_dir(root).map_err(|e| format!("chdir {}: {e}", root.display()))?;
+    if userns {
+        become_vps_root()?;
+    }
+    let root = Path::new(".");
 
     let proc = root.join("proc");
     ensure_dir(&proc)?;
@@ -105,10 +119,9 @@ pub fn enter_rootfs(root: &Path) -> R<()> {
         None,
     )?;
 
-    setup_dev(root)?;
+    setup_dev(root, userns)?;
     mask(root)?;
 
-    std::env::set_current_dir(root).map_err(|e| format!("chdir {}: {e}", root.display()))?;
     nix::unistd::pivot_root(".", ".").map_err(|e| format!("pivot_root: {e}"))?;
     // The old root is stacked under the new one at "/": detach it.
     umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("detaching the old root: {e}"))?;
@@ -116,7 +129,16 @@ pub fn enter_rootfs(root: &Path) -> R<()> {
     Ok(())
 }
 
-fn setup_dev(root: &Path) -> R<()> {
+/// setresgid/setresuid to 0 inside the user namespace (host `base`), with
+/// no supplementary groups. The capabilities held in the namespace stay.
+pub(super) fn become_vps_root() -> R<()> {
+    nix::unistd::setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
+    let (g, u) = (nix::unistd::Gid::from_raw(0), nix::unistd::Uid::from_raw(0));
+    nix::unistd::setresgid(g, g, g).map_err(|e| format!("setresgid 0: {e}"))?;
+    nix::unistd::setresuid(u, u, u).map_err(|e| format!("setresuid 0: {e}"))
+}
+
+fn setup_dev(root: &Path, userns: bool) -> R<()> {
     let dev = root.join("dev");
     ensure_dir(&dev)?;
     m(
@@ -126,17 +148,26 @@ fn setup_dev(root: &Path) -> R<()> {
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
         Some("mode=755,size=4m"),
     )?;
-    for (name, major, minor) in DEVICES {
-        let p = dev.join(name);
-        mknod(
-            &p,
-            SFlag::S_IFCHR,
-            Mode::from_bits_truncate(0o666),
-            makedev(*major, *minor),
-        )
-        .map_err(|e| format!("mknod {}: {e}", p.display()))?;
-        // mknod honours the umask; make the mode exact.
-        chmod(&p, 0o666)?;
+    if userns {
+        for name in HOST_DEVICES {
+            let p = dev.join(name);
+            std::fs::File::create(&p).map_err(|e| format!("creating {}: {e}", p.display()))?;
+            let host = format!("/dev/{name}");
+            m(Some(&host), &p, None, MsFlags::MS_BIND, None)?;
+        }
+    } else {
+        for (name, major, minor) in DEVICES {
+            let p = dev.join(name);
+            mknod(
+                &p,
+                SFlag::S_IFCHR,
+                Mode::from_bits_truncate(0o666),
+                makedev(*major, *minor),
+            )
+            .map_err(|e| format!("mknod {}: {e}", p.display()))?;
+            // mknod honours the umask; make the mode exact.
+            chmod(&p, 0o666)?;
+        }
     }
     let pts = dev.join("pts");
     ensure_dir(&pts)?;
@@ -208,18 +239,7 @@ fn mask(root: &Path) -> R<()> {
         chmod(&empty, 0o555)?;
         for p in masked {
             m(Some(path_str(&empty)?), &p, None, MsFlags::MS_BIND, None)?;
-            m(
-                None,
-                &p,
-                None,
-                MsFlags::MS_BIND
-                    | MsFlags::MS_REMOUNT
-                    | MsFlags::MS_RDONLY
-                    | MsFlags::MS_NOSUID
-                    | MsFlags::MS_NODEV
-                    | MsFlags::MS_NOEXEC,
-                None,
-            )?;
+            remount_ro(&p)?;
         }
     }
     // /proc/sys read-only but for net: bind net first, then a recursive bind of
@@ -234,13 +254,7 @@ fn mask(root: &Path) -> R<()> {
         MsFlags::MS_BIND | MsFlags::MS_REC,
         None,
     )?;
-    m(
-        None,
-        &sys,
-        None,
-        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-        None,
-    )?;
+    remount_ro(&sys)?;
     for d in READONLY {
         let p = root.join(d);
         if p.exists() {
@@ -251,16 +265,26 @@ fn mask(root: &Path) -> R<()> {
                 MsFlags::MS_BIND | MsFlags::MS_REC,
                 None,
             )?;
-            m(
-                None,
-                &p,
-                None,
-                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-                None,
-            )?;
+            remount_ro(&p)?;
         }
     }
     Ok(())
+}
+
+/// Remounts the bind mount at `p` read-only, nosuid, nodev, noexec.
+fn remount_ro(p: &Path) -> R<()> {
+    m(
+        None,
+        p,
+        None,
+        MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC,
+        None,
+    )
 }
 
 fn path_str(p: &Path) -> R<&str> {

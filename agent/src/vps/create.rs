@@ -20,7 +20,11 @@ impl Agent {
                 }
             }
         }
+        let mut config = config;
         self.check_free(&config)?;
+        if config.id_base == Some(0) {
+            config.id_base = Some(self.pick_id_range()?);
+        }
         crate::template::get(&self.paths, &config.template)?;
         let rec = VpsRecord {
             config,
@@ -37,15 +41,23 @@ impl Agent {
         if self.paths.vps(&config.name).exists() {
             return Err(AgentError::exists("VPS", &config.name));
         }
+        let others = self.every_record();
+        if let Some(base) = config.id_base.filter(|b| *b != 0) {
+            if let Some(other) = others.iter().find(|r| r.config.id_base == Some(base)) {
+                return Err(AgentError::AlreadyExists {
+                    kind: "id_base",
+                    name: format!(
+                        "{} (ids {} are VPS {}'s on this node)",
+                        base,
+                        ferry_proto::ids::describe(base),
+                        other.config.name
+                    ),
+                });
+            }
+        }
         let Some(net) = &config.net else {
             return Ok(());
         };
-        let others: Vec<_> = std::fs::read_dir(self.paths.vps_root())
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str().and_then(|n| self.record(n).ok()))
-            .collect();
         let held = |f: &dyn Fn(&crate::spec::NetConfig) -> bool| {
             others
                 .iter()
@@ -71,6 +83,33 @@ impl Agent {
         Ok(())
     }
 
+    /// Every VPS record on this node, those still arriving included.
+    fn every_record(&self) -> Vec<VpsRecord> {
+        std::fs::read_dir(self.paths.vps_root())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| self.record(n).ok()))
+            .collect()
+    }
+
+    /// A node-local VPS's id range: a random free slot of the agent's zone
+    /// (see [`ferry_proto::ids::agent_pick`]). The caller holds `create_lock`.
+    fn pick_id_range(&self) -> Result<u32> {
+        let used = self
+            .every_record()
+            .into_iter()
+            .filter_map(|r| r.config.id_base);
+        let mut seed = [0u8; 8];
+        // SAFETY: getrandom(2) writes at most 8 bytes into a buffer we own.
+        // Without randomness the pick starts at the zone's first slot: still
+        // correct, only likelier to meet another agent's VPS.
+        let _ = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
+        ferry_proto::ids::agent_pick(used, u64::from_ne_bytes(seed)).ok_or_else(|| {
+            AgentError::ResourceExhausted("every user-namespace id range is in use".into())
+        })
+    }
+
     /// Lays down a new VPS's directories and record. Built in a hidden dir and
     /// renamed, so a crash or an error leaves no half-made VPS. `incoming`
     /// marks a VPS still arriving by migration (with the migration's id).
@@ -84,6 +123,11 @@ impl Agent {
         let build = || -> Result<()> {
             for d in ["upper", "work", "rootfs"] {
                 std::fs::create_dir_all(tmp.join(d)).at("creating", tmp.join(d))?;
+            }
+            // The rootfs's `/` is the upper dir's root: the VPS's root owns it.
+            if let Some(base) = rec.config.id_base {
+                std::os::unix::fs::chown(tmp.join("upper"), Some(base), Some(base))
+                    .at("handing to the VPS's root", tmp.join("upper"))?;
             }
             if let Some(id) = incoming {
                 let m = tmp.join(super::migrate_in::INCOMING_MARKER);

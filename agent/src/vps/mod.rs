@@ -239,9 +239,12 @@ impl Agent {
         }
         let tunnel_ip = guard_host(&host, &cfg).await?;
         let criu_path = cfg.criu.clone();
-        let criu = tokio::task::spawn_blocking(move || crate::criu::Criu::probe(criu_path))
-            .await
-            .map_err(|e| AgentError::Internal(format!("criu probe: {e}")))?;
+        let criu = tokio::task::spawn_blocking(move || {
+            crate::criu::uffd_grant::sweep();
+            crate::criu::Criu::probe(criu_path)
+        })
+        .await
+        .map_err(|e| AgentError::Internal(format!("criu probe: {e}")))?;
         match &criu.info {
             Ok(i) => tracing::info!(
                 version = %i.version,

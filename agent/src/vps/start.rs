@@ -99,10 +99,35 @@ impl Agent {
 
         let vdir = self.paths.vps(&c.name);
         let rootfs = vdir.join("rootfs");
+        let netns = run.join("netns");
+        // Unprivileged: the VPS's user namespace first; its netns and the
+        // idmapped view of the template belong to it.
+        let userns = match c.id_base {
+            Some(base) => {
+                let u = run.join("userns");
+                crate::userns::create(&u, &netns, base)?;
+                Some(u)
+            }
+            None => {
+                crate::net::create_netns(&netns)?;
+                None
+            }
+        };
         if !is_mounted(&rootfs) {
+            let lowerdir = match &userns {
+                Some(u) => {
+                    let view = vdir.join("lower");
+                    std::fs::create_dir_all(&view).at("creating", &view)?;
+                    if !is_mounted(&view) {
+                        crate::userns::mount_idmapped(&lower, &view, u)?;
+                    }
+                    view
+                }
+                None => lower.clone(),
+            };
             let opts = format!(
                 "lowerdir={},upperdir={},workdir={}",
-                lower.display(),
+                lowerdir.display(),
                 vdir.join("upper").display(),
                 vdir.join("work").display()
             );
@@ -121,16 +146,23 @@ impl Agent {
             })?;
         }
 
-        let netns = run.join("netns");
-        crate::net::create_netns(&netns)?;
         let mut host_veth = None;
+        // A restore of an unprivileged VPS: CRIU remakes its user namespace
+        // and, owned by it, its netns from the images; the VPS's eth0 waits
+        // on the host for CRIU to move it in (see crate::criu::restore).
+        let restore_moves_eth0 = resume.is_some() && userns.is_some();
         if let Some(net) = &c.net {
             let name = crate::net::host_veth_name(&self.instance, &c.name);
             let host = crate::net::Netlink::host()?;
             // A held restore keeps its link down until it may run (go).
             let host_up = !resume.is_some_and(|r| r.hold);
-            crate::net::setup_vps_network(&host, &self.cfg.bridge, &netns, &name, net, host_up)
-                .await?;
+            if restore_moves_eth0 {
+                crate::net::setup_unplaced_veth(&host, &self.cfg.bridge, &name, net, host_up)
+                    .await?;
+            } else {
+                crate::net::setup_vps_network(&host, &self.cfg.bridge, &netns, &name, net, host_up)
+                    .await?;
+            }
             if let Err(e) = self.filter_port(&name, net).await {
                 let _ = crate::net::remove_veth(&host, &name).await;
                 return Err(e);
@@ -143,6 +175,7 @@ impl Agent {
             hostname: c.hostname.clone(),
             init: c.init.clone(),
             netns: Some(netns),
+            userns,
             cgroup_procs: cg.procs_files(),
             host_veth,
         };
@@ -157,6 +190,12 @@ impl Agent {
                     images: r.images.clone(),
                     root: rootfs,
                     netns: launch.netns.clone().unwrap_or_default(),
+                    userns: launch.userns.clone(),
+                    eth0_link: launch
+                        .host_veth
+                        .as_deref()
+                        .filter(|_| restore_moves_eth0)
+                        .map(crate::net::unplaced_peer_name),
                     console_key: r.console_key.clone(),
                     cg_roots: cg.criu_roots(),
                     log_level: criu_log_level(),
@@ -300,11 +339,14 @@ impl Agent {
             self.unfilter_port(&v).await?;
         }
         crate::net::remove_netns(&run.join("netns"))?;
-        let rootfs: PathBuf = self.paths.vps(name).join("rootfs");
-        if is_mounted(&rootfs) {
-            nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH).map_err(|e| {
-                AgentError::io(format!("unmounting {}", rootfs.display()), e.into())
-            })?;
+        crate::net::remove_netns(&run.join("userns"))?;
+        // The overlay, then the idmapped template view under it.
+        for dir in ["rootfs", "lower"] {
+            let p: PathBuf = self.paths.vps(name).join(dir);
+            if is_mounted(&p) {
+                nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH)
+                    .map_err(|e| AgentError::io(format!("unmounting {}", p.display()), e.into()))?;
+            }
         }
         let cg = self.cgroup(name);
         if cg.exists() {

@@ -680,3 +680,16 @@ pub fn host_tracks_dirty_memory() -> bool {
         .status()
         .is_ok_and(|s| s.success())
 }
+
+/// Builds `tests/probes/<name>.c` as a static binary at `out`.
+#[allow(dead_code)]
+pub fn build_probe(name: &str, out: &std::path::Path) {
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/probes/");
+    let st = std::process::Command::new("cc")
+        .args(["-static", "-O1", "-o"])
+        .arg(out)
+        .arg(format!("{src}{name}.c"))
+        .status()
+        .expect("running cc (Debian: build-essential)");
+    assert!(st.success(), "building the {name} probe");
+}

@@ -292,13 +292,24 @@ mod tests {
     /// `on` pins it ("" lets the scheduler place it); `selector` is
     /// `key=value` labels.
     fn vps_with(s: &mut ClusterState, name: &str, on: &str, mem: u64, selector: &[(&str, &str)]) {
-        let r = s.apply(Request::Vps(VpsCmd::Create {
-            spec: Box::new(VpsSpecData {
-                name: name.into(),
-                template: "busybox".into(),
-                memory_bytes: mem,
-                ..Default::default()
-            }),
+        let spec = VpsSpecData {
+            name: name.into(),
+            template: "busybox".into(),
+            memory_bytes: mem,
+            ..Default::default()
+        };
+        let r = create(s, spec, on, selector);
+        assert!(matches!(r, Response::Vps(_)), "{r:?}");
+    }
+
+    fn create(
+        s: &mut ClusterState,
+        spec: VpsSpecData,
+        on: &str,
+        selector: &[(&str, &str)],
+    ) -> Response {
+        s.apply(Request::Vps(VpsCmd::Create {
+            spec: Box::new(spec),
             pin_node: on.into(),
             node_selector: selector
                 .iter()
@@ -308,8 +319,7 @@ mod tests {
             desired: Desired::Running,
             allocate_ip: false,
             now_ms: 0,
-        }));
-        assert!(matches!(r, Response::Vps(_)), "{r:?}");
+        }))
     }
 
     fn begin(s: &mut ClusterState, name: &str, id: &str, target: &str) -> Response {
@@ -431,6 +441,75 @@ mod tests {
             (s.vps["v"].node.as_str(), s.vps["v"].pin_node.as_str()),
             ("b", "b")
         );
+    }
+
+    /// User-namespace ranges are the cluster's: handed out in the log,
+    /// lowest free first, kept through a migration and a snapshot reload,
+    /// never given twice, free again after a delete; privileged VPSes get none.
+    #[test]
+    fn id_ranges_are_handed_out_once_and_move_with_the_vps() {
+        use ferry_proto::ids::{FIRST_BASE, RANGE};
+        let mut s = ClusterState::default();
+        node(&mut s, "a", 1 << 30, &["busybox"]);
+        node(&mut s, "b", 1 << 30, &["busybox"]);
+        for n in ["v1", "v2", "v3"] {
+            vps(&mut s, n, "a", 64 << 20);
+        }
+        let base = |s: &ClusterState, n: &str| s.vps[n].spec.id_base;
+        assert_eq!(
+            [base(&s, "v1"), base(&s, "v2"), base(&s, "v3")],
+            [FIRST_BASE, FIRST_BASE + RANGE, FIRST_BASE + 2 * RANGE]
+        );
+        let spec = |name: &str| VpsSpecData {
+            name: name.into(),
+            template: "busybox".into(),
+            memory_bytes: 64 << 20,
+            ..Default::default()
+        };
+        let r = create(
+            &mut s,
+            VpsSpecData {
+                privileged: true,
+                ..spec("p")
+            },
+            "",
+            &[],
+        );
+        assert!(matches!(r, Response::Vps(_)), "{r:?}");
+        assert_eq!(base(&s, "p"), 0);
+        // A range asked for by number is refused while another VPS holds it.
+        let r = create(
+            &mut s,
+            VpsSpecData {
+                id_base: FIRST_BASE + RANGE,
+                ..spec("dup")
+            },
+            "",
+            &[],
+        );
+        assert_eq!(code(&r), Some(RejectCode::AlreadyExists), "{r:?}");
+        // A move keeps the range.
+        assert!(matches!(begin(&mut s, "v2", "m1", "b"), Response::Vps(_)));
+        assert!(matches!(decide(&mut s, "v2", "m1", true), Response::Vps(_)));
+        assert_eq!(
+            (s.vps["v2"].node.as_str(), base(&s, "v2")),
+            ("b", FIRST_BASE + RANGE)
+        );
+        // After a delete the range is free again, and a reload of the state
+        // (the index is derived) gives the same answer as a live replica.
+        s.apply(Request::Vps(VpsCmd::Delete {
+            name: "v2".into(),
+            now_ms: 0,
+        }));
+        let mut reloaded: ClusterState =
+            serde_json::from_value(serde_json::to_value(&s).unwrap()).unwrap();
+        reloaded.rebuild_index();
+        vps(&mut s, "v4", "a", 64 << 20);
+        vps(&mut reloaded, "v4", "a", 64 << 20);
+        assert_eq!(base(&s, "v4"), FIRST_BASE + RANGE);
+        assert_eq!(base(&reloaded, "v4"), FIRST_BASE + RANGE);
+        vps(&mut s, "v5", "a", 64 << 20);
+        assert_eq!(base(&s, "v5"), FIRST_BASE + 3 * RANGE);
     }
 
     #[test]

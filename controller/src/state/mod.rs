@@ -45,6 +45,9 @@ pub struct ClusterState {
     /// Node address → node name (derived: not in snapshots).
     #[serde(skip)]
     pub node_by_addr: BTreeMap<String, String>,
+    /// User-namespace id range base → the VPS holding it (derived).
+    #[serde(skip)]
+    pub id_bases: BTreeMap<u32, String>,
 }
 
 /// What the VPSes on one node add up to.
@@ -118,6 +121,7 @@ impl ClusterState {
             .map(|n| (n.addr.clone(), n.name.clone()))
             .collect();
         self.alloc.clear();
+        self.id_bases.clear();
         let vs: Vec<VpsRecord> = self.vps.values().cloned().collect();
         for v in &vs {
             self.index_add(v);
@@ -127,6 +131,9 @@ impl ClusterState {
     /// Counts a VPS on its node, and on its migration's target too (the room
     /// it needs there is held while it moves).
     pub(crate) fn index_add(&mut self, v: &VpsRecord) {
+        if v.spec.id_base != 0 {
+            self.id_bases.insert(v.spec.id_base, v.spec.name.clone());
+        }
         self.index_add_on(&v.node.clone(), v);
         if let Some(m) = &v.migration {
             self.index_add_on(&m.target.clone(), v);
@@ -144,6 +151,9 @@ impl ClusterState {
     }
 
     pub(crate) fn index_remove(&mut self, v: &VpsRecord) {
+        if v.spec.id_base != 0 {
+            self.id_bases.remove(&v.spec.id_base);
+        }
         self.index_remove_on(&v.node, v);
         if let Some(m) = &v.migration {
             self.index_remove_on(&m.target, v);

@@ -44,10 +44,23 @@ pub struct VpsSpecData {
     pub init: Vec<String>,
     pub autostart: bool,
     pub stop_signal: String,
+    /// No user namespace: root inside is host root.
+    #[serde(default)]
+    pub privileged: bool,
+    /// First host id of the VPS's user-namespace range, handed out by the
+    /// cluster at create (0: privileged, or not yet handed out).
+    #[serde(default)]
+    pub id_base: u32,
 }
 
 impl VpsSpecData {
     pub fn from_pb(s: &apb::VpsSpec) -> Result<Self, String> {
+        if s.id_base != 0 {
+            if s.privileged {
+                return Err("invalid id_base: a privileged VPS has no id range".into());
+            }
+            ferry_proto::ids::check_base(s.id_base).map_err(|e| format!("invalid id_base: {e}"))?;
+        }
         let l = s.limits.unwrap_or_default();
         let n = s.net.clone().unwrap_or_default();
         let ip = if n.ip.is_empty() {
@@ -74,6 +87,8 @@ impl VpsSpecData {
             init: s.init.clone(),
             autostart: s.autostart,
             stop_signal: s.stop_signal.clone(),
+            privileged: s.privileged,
+            id_base: s.id_base,
         })
     }
 
@@ -99,6 +114,8 @@ impl VpsSpecData {
             autostart: self.autostart,
             generation,
             stop_signal: self.stop_signal.clone(),
+            privileged: self.privileged,
+            id_base: self.id_base,
         }
     }
 }
@@ -212,6 +229,26 @@ impl ClusterState {
                             return reject(
                                 RejectCode::ResourceExhausted,
                                 "the cluster IP pool is exhausted",
+                            )
+                        }
+                    }
+                }
+                if spec.privileged {
+                    spec.id_base = 0;
+                } else if spec.id_base != 0 {
+                    if let Some(h) = self.id_bases.get(&spec.id_base) {
+                        return reject(
+                            RejectCode::AlreadyExists,
+                            format!("id_base {} is already held by VPS {h}", spec.id_base),
+                        );
+                    }
+                } else {
+                    match lowest_free_base(&self.id_bases) {
+                        Some(b) => spec.id_base = b,
+                        None => {
+                            return reject(
+                                RejectCode::ResourceExhausted,
+                                "every user-namespace id range is in use",
                             )
                         }
                     }
@@ -354,4 +391,21 @@ impl ClusterState {
             },
         }
     }
+}
+
+/// The lowest free id range: the first gap in the sorted bases in use
+/// (one pass, no per-slot lookups).
+fn lowest_free_base(used: &BTreeMap<u32, String>) -> Option<u32> {
+    use ferry_proto::ids::{FIRST_BASE, LAST_BASE, RANGE};
+    let mut want = FIRST_BASE;
+    for &b in used.keys() {
+        if b < want {
+            continue;
+        }
+        if b > want {
+            break;
+        }
+        want = want.checked_add(RANGE)?;
+    }
+    (want <= LAST_BASE).then_some(want)
 }
