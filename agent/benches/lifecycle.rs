@@ -80,18 +80,27 @@ async fn main() {
     let mut c = h.client().await;
     println!("== VPS create+start latency (busybox template), {n} samples each");
 
-    let mut lat = Vec::new();
-    for (label, net) in [
-        ("ferry create+start, no network", false),
-        ("ferry create+start, veth + IP", true),
-    ] {
-        let mut v = Vec::new();
-        for i in 0..n {
-            let name = format!("lat{i}");
-            let s = spec(&name, net.then(|| format!("10.77.1.{}", i + 2)).as_deref());
+    // Unprivileged (the default: a user namespace each) beside privileged,
+    // interleaved sample by sample so the machine's drift hits both alike.
+    let variants = [
+        (
+            "ferry create+start, no network (unprivileged)",
+            false,
+            false,
+        ),
+        ("ferry create+start, veth + IP (unprivileged)", true, false),
+        ("ferry create+start, no network (privileged)", false, true),
+        ("ferry create+start, veth + IP (privileged)", true, true),
+    ];
+    let mut samples = vec![Vec::new(); variants.len()];
+    for i in 0..n {
+        for (k, (_, net, privileged)) in variants.iter().enumerate() {
+            let name = format!("lat{k}x{i}");
+            let mut s = spec(&name, net.then(|| format!("10.77.1.{}", i + 2)).as_deref());
+            s.privileged = *privileged;
             let t = Instant::now();
             create_started(&mut c, s).await;
-            v.push(t.elapsed());
+            samples[k].push(t.elapsed());
             c.destroy_vps(pb::DestroyVpsRequest {
                 name,
                 force: true,
@@ -100,8 +109,12 @@ async fn main() {
             .await
             .unwrap();
         }
-        lat.push(summary(label, v));
     }
+    let lat: Vec<_> = variants
+        .iter()
+        .zip(samples)
+        .map(|((label, _, _), v)| summary(label, v))
+        .collect();
 
     let mut runc_p50 = None;
     match runc_bundle(&h) {
@@ -122,15 +135,36 @@ async fn main() {
         None => println!("runc not available: no peer figure"),
     }
     if let Some(r) = runc_p50 {
-        println!(
-            "   ratio to runc p50: no network {:.2}x (target <= 1), with network {:.2}x (target <= 2)",
-            lat[0].0.as_secs_f64() / r.as_secs_f64(),
-            lat[1].0.as_secs_f64() / r.as_secs_f64()
-        );
+        for (kind, at) in [("unprivileged", 0), ("privileged", 2)] {
+            println!(
+                "   ratio to runc p50, {kind}: no network {:.2}x (target <= 1), with network {:.2}x (target <= 2)",
+                lat[at].0.as_secs_f64() / r.as_secs_f64(),
+                lat[at + 1].0.as_secs_f64() / r.as_secs_f64()
+            );
+        }
     }
+    for privileged in [false, true] {
+        density_run(&h, &mut c, density, privileged).await;
+    }
+}
 
-    println!("\n== Density: {density} running VPSes (busybox init + httpd each, veth + IP)");
-    let agent_pid = agent_pid(&h);
+/// Starts `density` VPSes of one kind, reports what they cost, destroys them.
+async fn density_run(
+    h: &Host,
+    c: &mut ferry_proto::agent::v1::agent_service_client::AgentServiceClient<
+        tonic::transport::Channel,
+    >,
+    density: usize,
+    privileged: bool,
+) {
+    let kind = if privileged {
+        "privileged"
+    } else {
+        "unprivileged"
+    };
+
+    println!("\n== Density: {density} running {kind} VPSes (busybox init + httpd each, veth + IP)");
+    let agent_pid = agent_pid(h);
     let avail0 = kb_field("/proc/meminfo", "MemAvailable:");
     let rss0 = kb_field(&format!("/proc/{agent_pid}/status"), "VmRSS:");
     let t = Instant::now();
@@ -141,7 +175,8 @@ async fn main() {
             memory_bytes: 32 << 20,
             ..Default::default()
         });
-        create_started(&mut c, s).await;
+        s.privileged = privileged;
+        create_started(c, s).await;
     }
     let took = t.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -156,7 +191,7 @@ async fn main() {
     let avail = kb_field("/proc/meminfo", "MemAvailable:");
     let monitors: Vec<i32> = list
         .iter()
-        .filter_map(|v| monitor_pid(&h, &v.spec.as_ref().unwrap().name))
+        .filter_map(|v| monitor_pid(h, &v.spec.as_ref().unwrap().name))
         .collect();
     let mon_pss: u64 = monitors
         .iter()

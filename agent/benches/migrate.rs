@@ -20,10 +20,12 @@
 //!    A->B and post-copy B->A between two plaintext agents, then between two
 //!    agents with node certificates (agent-to-agent TLS, the client TLS too),
 //!    alternating, FERRY_BENCH_TLS_ROUNDS rounds (default 3).
+//! 4. Unprivileged VPSes (user namespaces) against privileged ones, the same
+//!    moves, alternating, FERRY_BENCH_USERNS_ROUNDS rounds (default 3).
 //!
 //! `cargo bench -p ferry-agent --bench migrate`. FERRY_BENCH_SIZES_MIB picks the
 //! sizes (default "64,256,1024"); FERRY_BENCH_SKIP_ROOTFS=1 skips part 2;
-//! FERRY_BENCH_ONLY_TLS=1 runs part 3 alone;
+//! FERRY_BENCH_ONLY_TLS=1 runs part 3 alone, FERRY_BENCH_ONLY_USERNS=1 part 4;
 //! FERRY_BENCH_PHASES=1 prints every migration's phase times.
 
 #[path = "../tests/common/mod.rs"]
@@ -603,21 +605,58 @@ async fn tls_vs_plaintext(lan: &Lan, a: &Host, b: &Host) -> Vec<String> {
     };
     let c = Host::on_lan_tls(lan, "10.77.0.63/16", "bench-c", &node("bench-c")).await;
     let d = Host::on_lan_tls(lan, "10.77.0.64/16", "bench-d", &node("bench-d")).await;
-    let rounds: usize = std::env::var("FERRY_BENCH_TLS_ROUNDS")
+    let rounds = env_rounds("FERRY_BENCH_TLS_ROUNDS");
+    println!("\n== mutual TLS against plaintext, 256 MiB, {rounds} rounds alternating");
+    alternating(
+        &[("plaintext", a, b, false), ("TLS", &c, &d, false)],
+        rounds,
+        "bt",
+        9,
+    )
+    .await
+}
+
+/// Unprivileged VPSes (a user namespace each, the default) against
+/// privileged ones, between the same two agents.
+async fn userns_vs_privileged(a: &Host, b: &Host) -> Vec<String> {
+    let rounds = env_rounds("FERRY_BENCH_USERNS_ROUNDS");
+    println!("\n== unprivileged against privileged, 256 MiB, {rounds} rounds alternating");
+    alternating(
+        &[("unprivileged", a, b, false), ("privileged", a, b, true)],
+        rounds,
+        "bu",
+        8,
+    )
+    .await
+}
+
+fn env_rounds(key: &str) -> usize {
+    std::env::var(key)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+        .unwrap_or(3)
+}
+
+/// Each round, for each variant (label, source, target, privileged): a VPS
+/// holding 256 MiB moved stop-copy source→target, then post-copy back.
+/// Returns min/median/max rows per variant and mode.
+async fn alternating(
+    variants: &[(&str, &Host, &Host, bool)],
+    rounds: usize,
+    prefix: &str,
+    subnet: u8,
+) -> Vec<String> {
     let bytes: u64 = 256 << 20;
-    println!("\n== mutual TLS against plaintext, 256 MiB, {rounds} rounds alternating");
-    // (tls, mode) -> [(downtime, total)]
-    let mut got: std::collections::BTreeMap<(bool, String), Vec<(u64, u64)>> = Default::default();
+    // (variant, mode) -> [(downtime, total)]
+    let mut got: std::collections::BTreeMap<(usize, String), Vec<(u64, u64)>> = Default::default();
     for round in 0..rounds {
-        for (tls, x, y) in [(false, a, b), (true, &c, &d)] {
-            let name = format!("bt{round}{}", if tls { "t" } else { "p" });
-            let ip = format!("10.77.9.{}", 10 + round * 2 + tls as usize);
+        for (k, (label, x, y, privileged)) in variants.iter().enumerate() {
+            let name = format!("{prefix}{round}v{k}");
+            let ip = format!("10.77.{subnet}.{}", 10 + round * variants.len() + k);
             let mut cx = x.client().await;
             let mut s = spec(&name, Some(&ip));
             s.limits.as_mut().expect("limits").memory_bytes = 2 * bytes + (128 << 20);
+            s.privileged = *privileged;
             create_started(&mut cx, s).await;
             spawn_in(
                 &mut cx,
@@ -627,26 +666,23 @@ async fn tls_vs_plaintext(lan: &Lan, a: &Host, b: &Host) -> Vec<String> {
             .await;
             wait_memory(&mut cx, &name, bytes, 300).await;
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let mut at = x;
+            let mut at = *x;
             for (mode, from, to) in [
-                (pb::MigrationMode::StopCopy, x, y),
-                (pb::MigrationMode::PostCopy, y, x),
+                (pb::MigrationMode::StopCopy, *x, *y),
+                (pb::MigrationMode::PostCopy, *y, *x),
             ] {
                 let ev = migrate(&mut from.client().await, &name, to, mode).await;
                 if ev.error.is_empty() {
                     at = to;
-                    got.entry((tls, ev.mode.clone()))
+                    got.entry((k, ev.mode.clone()))
                         .or_default()
                         .push((ev.downtime_ms, ev.total_ms));
                     println!(
-                        "round {round} {:<9} {:>10}: downtime {} ms, total {} ms",
-                        if tls { "TLS" } else { "plaintext" },
-                        ev.mode,
-                        ev.downtime_ms,
-                        ev.total_ms
+                        "round {round} {label:<12} {:>10}: downtime {} ms, total {} ms",
+                        ev.mode, ev.downtime_ms, ev.total_ms
                     );
                 } else {
-                    println!("round {round} tls={tls}: {} failed: {}", ev.mode, ev.error);
+                    println!("round {round} {label}: {} failed: {}", ev.mode, ev.error);
                 }
                 wait_memory(&mut at.client().await, &name, bytes, 60).await;
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -663,16 +699,16 @@ async fn tls_vs_plaintext(lan: &Lan, a: &Host, b: &Host) -> Vec<String> {
         }
     }
     let mut rows = Vec::new();
-    for ((tls, mode), v) in &got {
+    for ((k, mode), v) in &got {
         let stat = |f: &dyn Fn(&(u64, u64)) -> u64| {
             let mut x: Vec<u64> = v.iter().map(f).collect();
             x.sort();
             format!("{}/{}/{}", x[0], x[x.len() / 2], x[x.len() - 1])
         };
         let row = format!(
-            "256 MiB {:>10} {:<9} downtime min/median/max {} ms, total {} ms ({} runs)",
+            "256 MiB {:>10} {:<12} downtime min/median/max {} ms, total {} ms ({} runs)",
             mode,
-            if *tls { "TLS" } else { "plaintext" },
+            variants[*k].0,
             stat(&|p| p.0),
             stat(&|p| p.1),
             v.len()
@@ -695,11 +731,18 @@ fn main() {
             }
             return;
         }
+        if std::env::var("FERRY_BENCH_ONLY_USERNS").as_deref() == Ok("1") {
+            for r in userns_vs_privileged(&a, &b).await {
+                println!("{r}");
+            }
+            return;
+        }
         let mut rows = memory_bench(&lan, &a, &b).await;
         if std::env::var("FERRY_BENCH_SKIP_ROOTFS").as_deref() != Ok("1") {
             rows.extend(rootfs_bench(&a, &b).await);
         }
         rows.extend(tls_vs_plaintext(&lan, &a, &b).await);
+        rows.extend(userns_vs_privileged(&a, &b).await);
         println!("\n== summary");
         for r in rows {
             println!("{r}");

@@ -95,6 +95,49 @@ async fn debian_template_boots_sysvinit() {
         }
         let r = exec(&mut c, "deb1", &["ping", "-c", "1", "-W", "2", "10.77.0.1"]).await;
         assert_eq!(r.code, 0, "{}", r.stdout);
+        // A package installed with apt inside the (unprivileged) VPS: apt and
+        // dpkg run as the VPS's root, apt's own sandbox user too. The .deb
+        // comes from the host's mirror (the VPS LAN has no way out here).
+        let dl = h.dir.join("deb-download");
+        std::fs::create_dir_all(&dl).unwrap();
+        let got = std::process::Command::new("apt-get")
+            .args(["download", "hello"])
+            .current_dir(&dl)
+            .output()
+            .expect("running apt-get download");
+        let deb = std::fs::read_dir(&dl)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "deb"));
+        match deb {
+            None => println!(
+                "apt inside the VPS not tried: the host could not download a .deb: {}",
+                String::from_utf8_lossy(&got.stderr)
+            ),
+            Some(deb) => {
+                // Through the mounted rootfs, as the isolation probes go in.
+                let inside = h.data_dir().join("vps/deb1/rootfs/tmp/hello.deb");
+                std::fs::copy(&deb, &inside).unwrap();
+                let r = exec_t(
+                    &mut c,
+                    "deb1",
+                    &["apt-get", "install", "-y", "/tmp/hello.deb"],
+                    120,
+                )
+                .await;
+                assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+                let r = exec(&mut c, "deb1", &["hello"]).await;
+                assert_eq!(r.stdout.trim(), "Hello, world!", "{}", r.stderr);
+                let r = exec(&mut c, "deb1", &["cat", "/proc/self/uid_map"]).await;
+                assert_ne!(
+                    r.stdout.split_whitespace().nth(1),
+                    Some("0"),
+                    "{}",
+                    r.stdout
+                );
+            }
+        }
         // Stop is a clean shutdown, not a kill after the timeout.
         let t = Instant::now();
         let v = stop(&mut c, "deb1", 20, false).await;

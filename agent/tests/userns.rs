@@ -209,44 +209,61 @@ async fn fresh_or_remounted_procfs_and_sysfs_reach_nothing_of_the_host() {
         let h = Host::new().await;
         let mut c = h.client().await;
         create_started(&mut c, spec("unse", Some("10.77.9.20"))).await;
-        let before = std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap();
-        // Never run the attacks below as host root by mistake: each would
-        // only rewrite what is there, but it must not get that far.
-        let r = exec(&mut c, "unse", &["cat", "/proc/self/uid_map"]).await;
-        assert_ne!(r.stdout.split_whitespace().nth(1), Some("0"), "{}", r.stdout);
-        // Each write puts back the value that is there (or asks sysrq for
-        // its help text): had it worked, the host would be unchanged.
-        let attack = "mkdir -p /mnt/p && mount -t proc proc /mnt/p && echo mounted-proc; \
-             f=/mnt/p/sys/kernel/core_pattern; v=$(cat $f); echo \"$v\" > $f && echo wrote-fresh; \
-             mount -o remount,rw /proc/sys && echo remounted-proc-sys; \
-             f=/proc/sys/kernel/core_pattern; v=$(cat $f); echo \"$v\" > $f && echo wrote-remounted; \
-             mount -o remount,rw /sys && echo remounted-sys; \
-             f=/sys/kernel/mm/transparent_hugepage/enabled; v=$(sed 's/.*\\[\\(.*\\)\\].*/\\1/' $f); \
-             echo \"$v\" > $f && echo wrote-sys; \
-             echo h > /proc/sysrq-trigger && echo sysrq-masked; \
-             umount /proc/sysrq-trigger; echo h > /proc/sysrq-trigger && echo sysrq-unmasked; \
-             echo 1 > /proc/sys/net/ipv4/ip_forward && echo own-netns-sysctl; true";
-        let r = exec(&mut c, "unse", &["sh", "-c", attack]).await;
-        let out = r.stdout;
-        // Its own namespaces: allowed (a VPS is a server).
-        assert!(out.contains("mounted-proc"), "{out}{}", r.stderr);
-        assert!(out.contains("own-netns-sysctl"), "{out}{}", r.stderr);
-        // The host's kernel: refused, whatever the mounts say.
-        for host_write in [
-            "wrote-fresh",
-            "wrote-remounted",
-            "wrote-sys",
-            "sysrq-masked",
-            "sysrq-unmasked",
-        ] {
-            assert!(!out.contains(host_write), "{host_write}: {out}");
-        }
-        assert_eq!(
-            std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap(),
-            before
-        );
+        assert_host_kernel_out_of_reach(&mut c, "unse").await;
     })
     .await;
+}
+
+/// Root in VPS `name` mounts a fresh procfs, remounts /proc/sys and /sys
+/// read-write and unmounts the sysrq mask: its own namespaces allow it, and
+/// every write to the host's kernel is still refused.
+async fn assert_host_kernel_out_of_reach(
+    c: &mut ferry_proto::agent::v1::agent_service_client::AgentServiceClient<
+        tonic::transport::Channel,
+    >,
+    name: &str,
+) {
+    let before = std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap();
+    // Never run the attacks below as host root by mistake: each would
+    // only rewrite what is there, but it must not get that far.
+    let r = exec(c, name, &["cat", "/proc/self/uid_map"]).await;
+    assert_ne!(
+        r.stdout.split_whitespace().nth(1),
+        Some("0"),
+        "{}",
+        r.stdout
+    );
+    // Each write puts back the value that is there (or asks sysrq for
+    // its help text): had it worked, the host would be unchanged.
+    let attack = "mkdir -p /mnt/p && mount -t proc proc /mnt/p && echo mounted-proc; \
+         f=/mnt/p/sys/kernel/core_pattern; v=$(cat $f); echo \"$v\" > $f && echo wrote-fresh; \
+         mount -o remount,rw /proc/sys && echo remounted-proc-sys; \
+         f=/proc/sys/kernel/core_pattern; v=$(cat $f); echo \"$v\" > $f && echo wrote-remounted; \
+         mount -o remount,rw /sys && echo remounted-sys; \
+         f=/sys/kernel/mm/transparent_hugepage/enabled; v=$(sed 's/.*\\[\\(.*\\)\\].*/\\1/' $f); \
+         echo \"$v\" > $f && echo wrote-sys; \
+         echo h > /proc/sysrq-trigger && echo sysrq-masked; \
+         umount /proc/sysrq-trigger; echo h > /proc/sysrq-trigger && echo sysrq-unmasked; \
+         echo 1 > /proc/sys/net/ipv4/ip_forward && echo own-netns-sysctl; true";
+    let r = exec(c, name, &["sh", "-c", attack]).await;
+    let out = r.stdout;
+    // Its own namespaces: allowed (a VPS is a server).
+    assert!(out.contains("mounted-proc"), "{out}{}", r.stderr);
+    assert!(out.contains("own-netns-sysctl"), "{out}{}", r.stderr);
+    // The host's kernel: refused, whatever the mounts say.
+    for host_write in [
+        "wrote-fresh",
+        "wrote-remounted",
+        "wrote-sys",
+        "sysrq-masked",
+        "sysrq-unmasked",
+    ] {
+        assert!(!out.contains(host_write), "{host_write}: {out}");
+    }
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap(),
+        before
+    );
 }
 
 /// The range is the VPS's in the cluster sense: it moves with it, and the
@@ -312,6 +329,11 @@ async fn a_migrated_vps_keeps_its_range_and_its_confinement() {
             r.stdout
         );
         assert!(!r.stdout.contains("wrote"), "{}", r.stdout);
+        // The break-out attempts, again on the new node.
+        assert_host_kernel_out_of_reach(&mut cb, "unsm").await;
+        let bin = b.dir.join("probe");
+        build_probe("syscalls", &bin);
+        assert_kernel_calls_refused(&mut cb, &b, "unsm", &bin).await;
         // The host's switch for the lazy restore is back where it was.
         assert_eq!(uffd(), uffd_before);
     })

@@ -693,3 +693,44 @@ pub fn build_probe(name: &str, out: &std::path::Path) {
         .expect("running cc (Debian: build-essential)");
     assert!(st.success(), "building the {name} probe");
 }
+
+/// Parses a probe's "NAME RESULT" lines.
+#[allow(dead_code)]
+pub fn probe_results(text: &str) -> std::collections::BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// Runs the `syscalls` probe (built at `bin`) as root in VPS `name` on `h`:
+/// every call that reaches the host kernel as a whole must get EPERM.
+#[allow(dead_code)]
+pub async fn assert_kernel_calls_refused(
+    c: &mut AgentServiceClient<Channel>,
+    h: &Host,
+    name: &str,
+    bin: &Path,
+) {
+    let inside = h.data_dir().join(format!("vps/{name}/rootfs/probe"));
+    std::fs::copy(bin, &inside).expect("copying the probe into the VPS");
+    let r = exec(c, name, &["/probe"]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let got = probe_results(&r.stdout);
+    for call in [
+        "bpf",
+        "perf_event_open",
+        "keyctl",
+        "add_key",
+        "userfaultfd",
+        "kcmp",
+        "init_module",
+        "kexec_load",
+    ] {
+        assert_eq!(
+            got.get(call).map(String::as_str),
+            Some("EPERM"),
+            "{call} inside the VPS: {got:?}"
+        );
+    }
+}
