@@ -1562,3 +1562,101 @@ async fn pre_copy_body() {
     })
     .await;
 }
+
+/// The drain issue's first bug: right after a committed move the reconciler
+/// sent the target `create{start}` for a VPS whose restore was still on its
+/// way, and the target booted a fresh copy over it. An arriving VPS now
+/// refuses every outside call (start, stop, destroy, a repeated create)
+/// until its move settles, and then runs the restored tree, not a new boot.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_arriving_vps_refuses_outside_calls_until_its_move_settles() {
+    bounded(240, async {
+        let _heavy = HEAVY.lock().await;
+        let lan = Lan::new();
+        let a = Host::on_lan(&lan, "10.77.0.81/16", vec![]).await;
+        let b = Host::on_lan(&lan, "10.77.0.82/16", vec![]).await;
+        let mut ca = a.client().await;
+        let name = format!("arr{}", std::process::id());
+        create_started(&mut ca, spec(&name, Some("10.77.13.10"))).await;
+        start_counter(&mut ca, &name).await;
+        // Some files, so the rootfs phase leaves the poller time to hit.
+        exec(
+            &mut ca,
+            &name,
+            &["sh", "-c", "head -c 20000000 /dev/urandom > /root/bulk"],
+        )
+        .await;
+        let before = counter(&mut ca, &name).await;
+        let marker = b.data_dir().join(format!("vps/{name}/incoming"));
+        // While the move runs, the target is asked to start, stop and destroy
+        // the VPS as soon as it has a record of it.
+        let stop_polling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let poller = {
+            let (mut cb, name, stop_polling) =
+                (b.client().await, name.clone(), stop_polling.clone());
+            tokio::spawn(async move {
+                let mut refused = Vec::new();
+                while !stop_polling.load(std::sync::atomic::Ordering::SeqCst) {
+                    if marker.exists() {
+                        let start = cb
+                            .start_vps(pb::StartVpsRequest {
+                                name: name.clone(),
+                                generation: 0,
+                            })
+                            .await;
+                        let destroy = cb
+                            .destroy_vps(pb::DestroyVpsRequest {
+                                name: name.clone(),
+                                force: true,
+                                generation: 0,
+                            })
+                            .await;
+                        for r in [start.map(|_| ()), destroy.map(|_| ())] {
+                            if let Err(e) = r {
+                                refused.push((e.code(), e.message().to_string()));
+                            }
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                refused
+            })
+        };
+        let ev = migrate_vps(
+            &mut ca,
+            &name,
+            &b,
+            pb::MigrationMode::StopCopy,
+            false,
+            |_| {},
+        )
+        .await;
+        stop_polling.store(true, std::sync::atomic::Ordering::SeqCst);
+        let refused = poller.await.expect("poller");
+        assert!(ev.error.is_empty(), "{ev:?}");
+        assert!(!refused.is_empty(), "the poller never caught the arrival");
+        for (code, msg) in &refused {
+            assert_eq!(*code, tonic::Code::FailedPrecondition, "{msg}");
+            assert!(msg.contains("still arriving"), "{msg}");
+        }
+        // The restored tree runs: the counter loop (started by exec, which a
+        // fresh boot would not run) goes on from where it was.
+        let mut cb = b.client().await;
+        let v = get(&mut cb, &name).await;
+        assert!(running(&v), "{v:?}");
+        let after = counter(&mut cb, &name).await;
+        assert!(after >= before, "counter went back: {before} -> {after}");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let later = counter(&mut cb, &name).await;
+        assert!(
+            later > after,
+            "the counter loop did not survive: {after} -> {later}"
+        );
+        assert!(!marker_exists(&b, &name));
+    })
+    .await;
+}
+
+fn marker_exists(h: &Host, name: &str) -> bool {
+    h.data_dir().join(format!("vps/{name}/incoming")).exists()
+}

@@ -16,6 +16,9 @@ impl Agent {
         if config.generation > 0 {
             if let Ok(existing) = self.record(&config.name) {
                 if existing.config.generation == config.generation {
+                    // Not a VPS still arriving: its create-and-start would
+                    // boot a fresh copy beside the restore on its way.
+                    self.refuse_arriving(&config.name)?;
                     return Ok(existing);
                 }
             }

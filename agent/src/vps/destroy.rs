@@ -11,6 +11,7 @@ impl Agent {
         let lock = self.lock_for(name);
         let _g = lock.lock().await;
         self.record(name)?;
+        self.refuse_arriving(name)?;
         if self.status(name).is_running() {
             if !force {
                 return Err(AgentError::FailedPrecondition(format!(

@@ -16,6 +16,26 @@ use crate::error::{AgentError, Result};
 /// Marks a VPS dir that is still arriving; holds the migration id.
 pub const INCOMING_MARKER: &str = "incoming";
 
+impl Agent {
+    /// Is VPS `name` here still arriving by a migration (its record laid
+    /// down, its move not settled)?
+    pub fn arriving(&self, name: &str) -> bool {
+        self.paths.vps(name).join(INCOMING_MARKER).exists()
+    }
+
+    /// Refuses an outside call on a VPS still arriving: only its migration
+    /// may act on it until the move settles (a create or start in that
+    /// window once cold-booted a second copy over the real restore).
+    pub(super) fn refuse_arriving(&self, name: &str) -> Result<()> {
+        if self.arriving(name) {
+            return Err(AgentError::FailedPrecondition(format!(
+                "VPS {name} is still arriving by migration; it can be managed here once the move settles"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// How long a restored VPS waits for its source's decision before this node
 /// gives up on it.
 const HOLD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);

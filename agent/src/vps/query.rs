@@ -6,6 +6,9 @@ use super::{Agent, Status, VpsRecord};
 use crate::error::Result;
 use crate::runtime::RuntimeState;
 
+/// Heartbeat status of a VPS still arriving by migration.
+pub const ARRIVING: &str = "arriving";
+
 impl Agent {
     pub async fn get(&self, name: &str) -> Result<pb::Vps> {
         let rec = self.record(name)?;
@@ -148,6 +151,24 @@ impl Agent {
                 generation: r.config.generation,
                 status: status.into(),
             });
+        }
+        // VPSes still arriving by a migration: the controller leaves them to it.
+        for e in std::fs::read_dir(self.paths.vps_root())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !self.arriving(&name) {
+                continue;
+            }
+            if let Ok(r) = self.record(&name) {
+                reports.push(ferry_proto::controller::v1::VpsReport {
+                    name,
+                    generation: r.config.generation,
+                    status: ARRIVING.into(),
+                });
+            }
         }
         (reports, usage)
     }

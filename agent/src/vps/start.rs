@@ -24,6 +24,7 @@ impl Agent {
     pub async fn start(self: &Arc<Self>, name: &str) -> Result<()> {
         let lock = self.lock_for(name);
         let _g = lock.lock().await;
+        self.refuse_arriving(name)?;
         self.start_locked(name).await
     }
 

@@ -18,6 +18,7 @@ impl Agent {
     pub async fn stop(&self, name: &str, timeout: Duration, force: bool) -> Result<()> {
         let lock = self.lock_for(name);
         let _g = lock.lock().await;
+        self.refuse_arriving(name)?;
         self.stop_locked(name, timeout, force).await
     }
 
@@ -96,6 +97,7 @@ impl Agent {
     ) -> Result<()> {
         let lock = self.lock_for(name);
         let _g = lock.lock().await;
+        self.refuse_arriving(name)?;
         self.stop_locked(name, timeout, force).await?;
         self.start_locked(name).await
     }

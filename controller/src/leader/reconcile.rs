@@ -15,6 +15,8 @@ use crate::host::Controller;
 use crate::state::{ClusterState, Desired};
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// A node's report for a VPS still arriving by migration (the agent's word).
+pub const ARRIVING: &str = "arriving";
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Agent calls in flight at once.
 const PARALLEL: usize = 16;
@@ -81,6 +83,8 @@ pub fn plan(
             continue;
         }
         let action = match (report.vps.get(&v.spec.name), v.desired) {
+            // Still arriving: its migration settles it, nobody else.
+            (Some((_, st)), _) if st == ARRIVING => None,
             // Moved here just now: the target is still finishing it.
             (None, _) if settling.contains(&v.spec.name) => None,
             (None, d) => Some(Action::Create {
@@ -117,10 +121,12 @@ pub fn plan(
         if node.down {
             continue;
         }
-        for (name, (generation, _)) in &report.vps {
+        for (name, (generation, status)) in &report.vps {
             let ours = s.vps.get(name).is_some_and(|v| &v.node == node_name);
             let migrating = s.vps.get(name).is_some_and(|v| v.migration.is_some());
-            if *generation > 0 && !ours && !migrating {
+            // An arrival is its migration's to keep or drop.
+            let arriving = status == ARRIVING;
+            if *generation > 0 && !ours && !migrating && !arriving {
                 steps.push(Step {
                     node: node_name.clone(),
                     node_addr: node.addr.clone(),
@@ -415,5 +421,25 @@ mod tests {
         let mut down = s.clone();
         down.nodes.get_mut("a").unwrap().down = true;
         assert!(plan(&down, &seen(&[]), &HashSet::new()).is_empty());
+    }
+
+    /// A VPS its node reports as still arriving by migration is left to the
+    /// migration, however long it takes: never created, started or synced
+    /// there (the cold boot over a restore), never destroyed as a stray.
+    #[test]
+    fn an_arriving_vps_is_left_to_its_migration() {
+        let s = state();
+        assert!(plan(&s, &seen(&[("v", 1, ARRIVING)]), &HashSet::new()).is_empty());
+        let mut newer = s.clone();
+        newer.vps.get_mut("v").unwrap().generation = 2;
+        assert!(plan(&newer, &seen(&[("v", 1, ARRIVING)]), &HashSet::new()).is_empty());
+        // On a node the cluster did not put it on (a move rolled back): kept
+        // for the target's own abort to remove.
+        assert!(plan(
+            &s,
+            &seen(&[("v", 1, "running"), ("gone", 4, ARRIVING)]),
+            &HashSet::new()
+        )
+        .is_empty());
     }
 }
