@@ -9,7 +9,9 @@
 //! - [`leader`]: the leader's timers: node liveness and the reconciler.
 //! - [`member`], [`host`]: a replica's Raft instance and the process around it.
 //! - [`network`], [`raft_service`]: Raft between replicas over gRPC.
-//! - [`api`]: the cluster API.
+//! - [`api`]: the cluster API (the wire side).
+//! - [`ops`]: operations the API and the leader's tasks share (starting and
+//!   following a migration).
 //! - [`store`]: redb-backed Raft log and state machine with snapshots.
 //! - [`error`].
 
@@ -19,6 +21,7 @@ pub mod host;
 pub mod leader;
 pub mod member;
 pub mod network;
+pub mod ops;
 pub mod raft_service;
 pub mod scheduler;
 pub mod state;

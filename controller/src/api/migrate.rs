@@ -1,42 +1,17 @@
-//! Live migration through the cluster. `MigrateVps` checks the request against
-//! the state (bad input writes no Raft entry), records the migration in Raft
-//! (which holds the target's room), then asks the source agent to run it,
-//! giving it the controllers' addresses so the decision is a Raft commit
-//! (`DecideMigration`). Progress streams back and its phases are recorded.
-//!
-//! The controller only starts and watches a migration: the agents run it and
-//! settle it with `DecideMigration`, so a controller failover (or a client
-//! that goes away) does not stop it, and the record ends with the decision.
-
-use std::sync::Arc;
-use std::time::Duration;
+//! `MigrateVps` and `DecideMigration`: the wire side of cluster migrations.
+//! Starting and following one is [`crate::ops::migration`]'s, shared with
+//! drain, restore and the rebalancer.
 
 use ferry_proto::agent::v1 as apb;
 use ferry_proto::controller::v1 as cpb;
-use futures::stream::BoxStream;
-use futures::StreamExt;
-use tracing::Instrument;
 
 use super::{applied, now_ms};
 use crate::error::ControllerError;
 use crate::host::Controller;
-use crate::member::Member;
-use crate::state::migration::check_begin;
+use crate::ops::migration::{self, Move};
 use crate::state::{MigrationCmd, Request, Response};
 
-pub type MigrationStream = BoxStream<'static, Result<apb::MigrationEvent, tonic::Status>>;
-
-const AGENT_CONNECT: Duration = Duration::from_secs(5);
-
-fn mode_name(m: apb::MigrationMode) -> &'static str {
-    match m {
-        apb::MigrationMode::Auto => "auto",
-        apb::MigrationMode::PostCopy => "post-copy",
-        apb::MigrationMode::PreCopy => "pre-copy",
-        apb::MigrationMode::StopCopy => "stop-copy",
-        apb::MigrationMode::Cold => "cold",
-    }
-}
+pub use crate::ops::migration::MigrationStream;
 
 pub async fn migrate(
     ctl: &Controller,
@@ -50,182 +25,17 @@ pub async fn migrate(
     }
     let mode = apb::MigrationMode::try_from(r.mode)
         .map_err(|_| ControllerError::invalid("mode", format!("{} is not a mode", r.mode)))?;
-    let m = ctl.member().await?;
-    m.read_barrier().await?;
-    m.sm.read(|a| check_begin(&a.state, &r.name, &r.to_node))
-        .map_err(|(code, message)| ControllerError::Rejected { code, message })?;
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let id = format!("m{nanos:x}");
-    let v = match applied(
-        m.propose(Request::Migration(MigrationCmd::Begin {
-            name: r.name.clone(),
-            id: id.clone(),
-            target: r.to_node.clone(),
-            mode: mode_name(mode).into(),
-            now_ms: now_ms(),
-        }))
-        .await?,
-    )? {
-        Response::Vps(v) => v,
-        other => return Err(ControllerError::Raft(format!("unexpected {other:?}"))),
-    };
-    let Some(mig) = v.migration.clone() else {
-        return Err(ControllerError::Raft(
-            "the migration was not recorded".into(),
-        ));
-    };
-    let span = tracing::info_span!("migrate", vps = %r.name, migration = %id, source = %v.node, target = %mig.target);
-    let (src_addr, dst_addr) = m.sm.read(|a| {
-        let addr = |n: &str| a.state.nodes.get(n).map(|n| n.addr.clone());
-        (addr(&v.node), addr(&mig.target))
-    });
-    let (Some(src_addr), Some(dst_addr)) = (src_addr, dst_addr) else {
-        cancel(&m, &r.name, &id, "a node left the cluster").await;
-        return Err(ControllerError::Raft(
-            "a node of the migration is gone".into(),
-        ));
-    };
-    let controllers: Vec<String> = m.status().members.into_iter().map(|x| x.addr).collect();
-    let req = apb::MigrateVpsRequest {
-        name: r.name.clone(),
-        target_addr: dst_addr,
-        target_node: mig.target.clone(),
-        mode: mode as i32,
-        migration_id: id.clone(),
-        generation: v.generation + 1,
-        verify: r.verify,
-        controllers,
-    };
-    let events = match start_on_source(&v.node, &src_addr, req).await {
-        Ok(s) => s,
-        Err(e) => {
-            cancel(&m, &r.name, &id, &e.to_string()).await;
-            return Err(e);
-        }
-    };
-    tracing::info!(parent: &span, "migration started on the source agent");
-    Ok(relay(m, r.name, id, events).instrument(span).await)
-}
-
-async fn start_on_source(
-    node: &str,
-    addr: &str,
-    req: apb::MigrateVpsRequest,
-) -> Result<tonic::Streaming<apb::MigrationEvent>, ControllerError> {
-    let unreachable = |e: String| ControllerError::Agent {
-        node: node.to_string(),
-        code: tonic::Code::Unavailable,
-        message: format!("agent at {addr} is unreachable: {e}"),
-    };
-    let a: ferry_proto::addr::Addr = addr.parse().map_err(unreachable)?;
-    let ch = tokio::time::timeout(
-        AGENT_CONNECT,
-        ferry_proto::addr::connect_node_named(&a, node),
+    let started = migration::start(
+        ctl,
+        Move {
+            name: r.name,
+            to_node: r.to_node,
+            mode,
+            verify: r.verify,
+        },
     )
-    .await
-    .map_err(|_| unreachable("timed out".into()))?
-    .map_err(|e| unreachable(e.to_string()))?;
-    ferry_proto::limits::agent_client(ch)
-        .migrate_vps(req)
-        .await
-        .map(|r| r.into_inner())
-        .map_err(|s| ControllerError::Agent {
-            node: node.to_string(),
-            code: s.code(),
-            message: s.message().to_string(),
-        })
-}
-
-/// Forwards the source's events to the caller and records each new phase in
-/// Raft (off the forwarding path). Runs to the end even if the caller leaves.
-async fn relay(
-    m: Arc<Member>,
-    name: String,
-    id: String,
-    mut events: tonic::Streaming<apb::MigrationEvent>,
-) -> MigrationStream {
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let (phase_tx, mut phase_rx) = tokio::sync::watch::channel(String::new());
-    {
-        let (m, name, id) = (m.clone(), name.clone(), id.clone());
-        tokio::spawn(
-            async move {
-                while phase_rx.changed().await.is_ok() {
-                    let phase = phase_rx.borrow_and_update().clone();
-                    let cmd = MigrationCmd::Phase {
-                        name: name.clone(),
-                        id: id.clone(),
-                        phase,
-                    };
-                    // Display only: a lost phase update is harmless.
-                    let _ = m.propose(Request::Migration(cmd)).await;
-                }
-            }
-            .in_current_span(),
-        );
-    }
-    tokio::spawn(
-        async move {
-            let mut last = String::new();
-            let mut ended = false;
-            while let Some(item) = events.next().await {
-                match item {
-                    Ok(ev) => {
-                        if ev.done {
-                            ended = true;
-                            if !ev.error.is_empty() {
-                                // The source settles this itself; repeating it
-                                // is harmless (the first decision stands).
-                                cancel(&m, &name, &id, "the migration failed").await;
-                            }
-                        } else if ev.phase != last {
-                            last = ev.phase.clone();
-                            let _ = phase_tx.send(last.clone());
-                        }
-                        let _ = tx.send(Ok(ev)).await;
-                    }
-                    Err(s) => {
-                        let _ = tx
-                            .send(Err(tonic::Status::unavailable(format!(
-                                "lost the source agent's progress stream ({}); the agents \
-                                 settle the migration themselves: see `ferryctl vps get {name}`",
-                                s.message()
-                            ))))
-                            .await;
-                        return;
-                    }
-                }
-            }
-            if !ended {
-                let _ = tx
-                    .send(Err(tonic::Status::unavailable(format!(
-                        "the source agent's progress stream ended early; the agents settle \
-                         the migration themselves: see `ferryctl vps get {name}`"
-                    ))))
-                    .await;
-            }
-        }
-        .in_current_span(),
-    );
-    tokio_stream::wrappers::ReceiverStream::new(rx).boxed()
-}
-
-/// Cancels a migration that never got going (best effort: the first
-/// decision stands).
-async fn cancel(m: &Member, name: &str, id: &str, reason: &str) {
-    let cmd = MigrationCmd::Decide {
-        name: name.to_string(),
-        id: id.to_string(),
-        commit: false,
-        reason: reason.to_string(),
-        now_ms: now_ms(),
-    };
-    if let Err(e) = m.propose(Request::Migration(cmd)).await {
-        tracing::warn!(error = %e, "could not record the migration's cancellation");
-    }
+    .await?;
+    Ok(started.events)
 }
 
 /// The decision point, asked by the migration's agents.
