@@ -284,6 +284,12 @@ impl Host {
 impl Drop for Host {
     fn drop(&mut self) {
         self.kill_agent();
+        // For a post-mortem: FERRY_KEEP_TEST_DIRS=1 leaves the host's dir
+        // (logs, run state, images) in place; the next run's sweep removes it.
+        if std::env::var_os("FERRY_KEEP_TEST_DIRS").is_some() {
+            eprintln!("kept {}", self.dir.display());
+            return;
+        }
         cleanup(&self.id);
     }
 }
