@@ -299,6 +299,7 @@ pub fn dump(criu: &Path, req: &DumpRequest<'_>) -> Result<DumpFacts, CriuError> 
             true
         },
     );
+    super::keep_log(&req.images.join(DUMP_LOG));
     let resp = match resp {
         Ok(r) => r,
         Err(e) => {

@@ -157,6 +157,27 @@ fn probe(path: &Path) -> Result<CriuInfo, CriuError> {
 
 /// Why a CRIU request failed: its own message (unless it is the harmless
 /// RLIMIT line this root always gets), then the last errors of its log.
+/// With FERRY_CRIU_KEEP_LOGS=DIR, a copy of each CRIU log goes to DIR (a
+/// migration's image dir, and its log, go when it ends): for profiling and
+/// post-mortems, with FERRY_CRIU_LOG_LEVEL=4 for timestamps.
+pub fn keep_log(log: &Path) {
+    let Some(dir) = std::env::var_os("FERRY_CRIU_KEEP_LOGS") else {
+        return;
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let name = log
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let to = Path::new(&dir).join(format!("{nanos}-{name}"));
+    if let Err(e) = std::fs::create_dir_all(&dir).and_then(|_| std::fs::copy(log, &to)) {
+        tracing::warn!(error = %e, log = %log.display(), "FERRY_CRIU_KEEP_LOGS: could not copy");
+    }
+}
+
 pub fn failure(errmsg: Option<String>, log: &Path) -> String {
     format!(
         "{}{}",

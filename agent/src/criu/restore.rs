@@ -151,6 +151,7 @@ pub fn restore(
             on_notify(action)
         },
     )?;
+    super::keep_log(&req.images.join(RESTORE_LOG));
     if !resp.success {
         return Err(fail(super::failure(
             resp.cr_errmsg,
