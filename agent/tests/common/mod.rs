@@ -10,6 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod checker;
 pub mod cluster;
 #[allow(unused_imports)]
 pub use cluster::*;
@@ -286,7 +287,7 @@ impl Drop for Host {
         self.kill_agent();
         // For a post-mortem: FERRY_KEEP_TEST_DIRS=1 leaves the host's dir
         // (logs, run state, images) in place; the next run's sweep removes it.
-        if std::env::var_os("FERRY_KEEP_TEST_DIRS").is_some() {
+        if std::env::var("FERRY_KEEP_TEST_DIRS").as_deref() == Ok("1") {
             eprintln!("kept {}", self.dir.display());
             return;
         }
