@@ -6,7 +6,9 @@
 //! - [`state`]: the replicated state and its commands, one module per command
 //!   family (nodes, vps, ippool, members, events).
 //! - [`scheduler`]: deterministic placement with explanations.
-//! - [`leader`]: the leader's timers: node liveness and the reconciler.
+//! - [`planner`]: where each VPS of a drain or restore goes.
+//! - [`leader`]: the leader's timers: node liveness, the reconciler, the
+//!   drain driver.
 //! - [`member`], [`host`]: a replica's Raft instance and the process around it.
 //! - [`network`], [`raft_service`]: Raft between replicas over gRPC.
 //! - [`api`]: the cluster API (the wire side).
@@ -22,6 +24,7 @@ pub mod leader;
 pub mod member;
 pub mod network;
 pub mod ops;
+pub mod planner;
 pub mod raft_service;
 pub mod scheduler;
 pub mod state;

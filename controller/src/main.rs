@@ -51,6 +51,10 @@ struct Cli {
     /// With --init: allowed sum of memory limits per node, as a multiple of its memory.
     #[arg(long, default_value_t = 1.0)]
     memory_overcommit: f64,
+    /// With --init: migrations one node takes part in at once, as source or
+    /// target (drains and the rebalancer wait for a slot).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    max_migrations_per_node: u32,
     /// Join an existing cluster's trust: a token from `ferryctl controller
     /// join-token`, presented to the replica at --via.
     #[arg(long, env = "FERRY_JOIN_TOKEN", requires = "via")]
@@ -177,6 +181,7 @@ fn main() -> anyhow::Result<()> {
             },
             cpu_overcommit: cli.cpu_overcommit,
             memory_overcommit: cli.memory_overcommit,
+            max_migrations_per_node: cli.max_migrations_per_node,
         };
         let mut first_admin = None;
         let pki = if cli.insecure_dev {

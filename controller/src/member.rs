@@ -430,6 +430,7 @@ impl Member {
             self_id: self.id,
             snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
             purged_index: m.purged.map(|l| l.index).unwrap_or(0),
+            drains: Vec::new(),
         }
     }
 }

@@ -31,6 +31,14 @@ pub struct SchedConfig {
     pub cpu_overcommit: f64,
     /// Allowed sum of memory limits as a multiple of the node's memory.
     pub memory_overcommit: f64,
+    /// Migrations one node takes part in at once, as source or target: a
+    /// drain never swamps a node.
+    #[serde(default = "default_max_migrations")]
+    pub max_migrations_per_node: u32,
+}
+
+fn default_max_migrations() -> u32 {
+    4
 }
 
 impl Default for SchedConfig {
@@ -39,6 +47,7 @@ impl Default for SchedConfig {
             policy: Policy::Binpack,
             cpu_overcommit: 4.0,
             memory_overcommit: 1.0,
+            max_migrations_per_node: default_max_migrations(),
         }
     }
 }
@@ -56,6 +65,11 @@ pub struct PlacementReq<'a> {
     pub exclude_node: &'a str,
     pub node_selector: &'a BTreeMap<String, String>,
     pub anti_affinity_group: &'a str,
+    /// Nodes not to choose (a drain's earlier failed targets).
+    pub avoid: &'a [String],
+    /// A migration: a node with [`SchedConfig::max_migrations_per_node`]
+    /// migrations in flight (in or out) takes no more for now.
+    pub migration: bool,
 }
 
 /// Why a node cannot take the VPS, or None.
@@ -92,6 +106,18 @@ fn reject_reason(
     }
     if r.exclude_node == n.name {
         return Some("the VPS is there already".into());
+    }
+    if r.avoid.contains(&n.name) {
+        return Some("a move there failed before".into());
+    }
+    if r.migration {
+        let busy = a.map(|a| a.migrations).unwrap_or(0);
+        if busy >= s.sched.max_migrations_per_node {
+            return Some(format!(
+                "busy: {busy} migrations in flight (limit {})",
+                s.sched.max_migrations_per_node
+            ));
+        }
     }
     for (k, v) in r.node_selector {
         if n.labels.get(k) != Some(v) {

@@ -46,7 +46,7 @@ pub enum UserCmd {
 }
 
 /// `90s`, `30m`, `1h`, `2d` as seconds.
-fn parse_ttl(s: &str) -> Result<u32> {
+pub fn parse_ttl(s: &str) -> Result<u32> {
     let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u32 = n
         .parse()
@@ -127,6 +127,53 @@ pub enum NodeCmd {
     Uncordon {
         name: String,
     },
+    /// Empty a node for maintenance: cordon it, then move every VPS on it to
+    /// a node the scheduler picks, running ones live (stopped ones cold).
+    /// Exit code 0 when complete, 2 when incomplete or cancelled.
+    Drain {
+        name: String,
+        /// Mode for running VPSes: auto, post-copy, pre-copy, stop-copy, cold.
+        #[arg(long, default_value = "auto")]
+        mode: String,
+        /// Moves at a time (at most 16).
+        #[arg(long, default_value_t = 2)]
+        parallel: u32,
+        /// Print the plan (each VPS, its target and why) and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Start nothing new after this long (90s, 30m, 2h); the drain then
+        /// ends incomplete with what is left.
+        #[arg(long)]
+        deadline: Option<String>,
+        /// Show progress until the drain ends.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// A node's drain or restore: under way, or the last one.
+    DrainStatus {
+        name: String,
+        #[arg(long, short)]
+        follow: bool,
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Start no more moves of the node's drain or restore.
+    DrainCancel {
+        name: String,
+    },
+    /// After maintenance: uncordon the node and move back, live, the VPSes
+    /// its last drain moved away that are still where the drain put them.
+    Restore {
+        name: String,
+        #[arg(long, default_value = "auto")]
+        mode: String,
+        #[arg(long, default_value_t = 2)]
+        parallel: u32,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long, short)]
+        follow: bool,
+    },
     /// A single-use token for a new node: `ferry-agent --join TOKEN
     /// --controller ADDR --node-name NAME` (it gets its certificate).
     JoinToken {
@@ -167,7 +214,8 @@ pub async fn status(c: &mut ControllerServiceClient<Channel>, output: Output) ->
             "{}",
             serde_json::to_string_pretty(
                 &json!({"leader_id": s.leader_id, "leader_addr": s.leader_addr, "term": s.term,
-                "commit_index": s.commit_index, "last_applied": s.last_applied, "answered_by": s.self_id, "members": members})
+                "commit_index": s.commit_index, "last_applied": s.last_applied, "answered_by": s.self_id, "members": members,
+                "drains": s.drains.iter().map(crate::drain_view::drain_json).collect::<Vec<_>>()})
             )?
         );
         return Ok(());
@@ -190,6 +238,9 @@ pub async fn status(c: &mut ControllerServiceClient<Channel>, output: Output) ->
         })
         .collect();
     table::print(&["ID", "ADDRESS", "ROLE", ""], &rows);
+    for d in &s.drains {
+        println!("{}", crate::drain_view::summary(d));
+    }
     Ok(())
 }
 
@@ -226,11 +277,60 @@ fn node_json(n: &cpb::Node) -> serde_json::Value {
         "capacity": {"cpu_millicores": cap.cpu_millicores, "memory_bytes": cap.memory_bytes},
         "allocated": {"cpu_millicores": al.cpu_millicores, "memory_bytes": al.memory_bytes},
         "vps_count": n.vps_count, "last_heartbeat_unix_ms": n.last_heartbeat_unix_ms, "templates": n.templates,
-        "usage": n.usage.map(|u| json!({"memory_bytes": u.memory_bytes, "vps_running": u.vps_running, "disk_bytes": u.disk_bytes}))})
+        "usage": n.usage.map(|u| json!({"memory_bytes": u.memory_bytes, "vps_running": u.vps_running, "disk_bytes": u.disk_bytes})),
+        "drain": n.drain.as_ref().map(crate::drain_view::drain_json)})
 }
 
-pub async fn node(c: &mut ControllerServiceClient<Channel>, cmd: NodeCmd) -> Result<()> {
+pub async fn node(
+    addrs: &str,
+    c: &mut ControllerServiceClient<Channel>,
+    cmd: NodeCmd,
+) -> Result<i32> {
+    use crate::drain_view;
     match cmd {
+        NodeCmd::Drain {
+            name,
+            mode,
+            parallel,
+            dry_run,
+            deadline,
+            follow,
+        } => {
+            let s = drain_view::Start {
+                node: name,
+                mode,
+                parallel,
+                dry_run,
+                deadline,
+                follow,
+                restore: false,
+            };
+            return drain_view::start(addrs, c, s).await;
+        }
+        NodeCmd::Restore {
+            name,
+            mode,
+            parallel,
+            dry_run,
+            follow,
+        } => {
+            let s = drain_view::Start {
+                node: name,
+                mode,
+                parallel,
+                dry_run,
+                deadline: None,
+                follow,
+                restore: true,
+            };
+            return drain_view::start(addrs, c, s).await;
+        }
+        NodeCmd::DrainStatus {
+            name,
+            follow,
+            output,
+        } => return drain_view::status(addrs, c, &name, follow, output).await,
+        NodeCmd::DrainCancel { name } => return drain_view::cancel(c, &name).await,
         NodeCmd::Ls { output } => {
             let nodes = c
                 .list_nodes(cpb::ListNodesRequest {})
@@ -242,7 +342,7 @@ pub async fn node(c: &mut ControllerServiceClient<Channel>, cmd: NodeCmd) -> Res
                     "{}",
                     serde_json::to_string_pretty(&nodes.iter().map(node_json).collect::<Vec<_>>())?
                 );
-                return Ok(());
+                return Ok(0);
             }
             let rows: Vec<Vec<String>> = nodes
                 .iter()
@@ -273,7 +373,7 @@ pub async fn node(c: &mut ControllerServiceClient<Channel>, cmd: NodeCmd) -> Res
             let n = c.get_node(cpb::GetNodeRequest { name }).await?.into_inner();
             if output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&node_json(&n))?);
-                return Ok(());
+                return Ok(0);
             }
             let cap = n.capacity.unwrap_or_default();
             let al = n.allocated.unwrap_or_default();
@@ -330,6 +430,13 @@ pub async fn node(c: &mut ControllerServiceClient<Channel>, cmd: NodeCmd) -> Res
                         n.templates.join(",")
                     },
                 ),
+                (
+                    "Drain",
+                    n.drain
+                        .as_ref()
+                        .map(crate::drain_view::summary)
+                        .unwrap_or_else(|| "-".into()),
+                ),
                 ("Heartbeat", {
                     let now = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
@@ -362,7 +469,7 @@ pub async fn node(c: &mut ControllerServiceClient<Channel>, cmd: NodeCmd) -> Res
         }
         NodeCmd::JoinToken { ttl } => join_token(c, cpb::JoinKind::Node, &ttl).await?,
     }
-    Ok(())
+    Ok(0)
 }
 
 /// A VPS's placement rules in one line ("-" for none).

@@ -6,9 +6,11 @@
 //!   across nodes, controller replicas.
 //! - `units`: sizes and CPU amounts as operators type them.
 //! - `table`: aligned tables.
+//! - `migrate_view`, `drain_view`: following a migration, a drain or a restore.
 
 mod agent_cmd;
 mod cluster_cmd;
+mod drain_view;
 mod migrate_view;
 mod table;
 mod units;
@@ -133,9 +135,10 @@ async fn run(mut cli: Cli) -> anyhow::Result<i32> {
         Cmd::Vps(v) if cli.controller.is_some() => {
             cluster_cmd::vps(&mut cluster_cmd::connect(cluster()?).await?, *v).await
         }
-        Cmd::Node(n) => cluster_cmd::node(&mut cluster_cmd::connect(cluster()?).await?, n)
-            .await
-            .map(|_| 0),
+        Cmd::Node(n) => {
+            let addrs = cluster()?;
+            cluster_cmd::node(addrs, &mut cluster_cmd::connect(addrs).await?, n).await
+        }
         Cmd::Cluster(ClusterCmd::Status { output }) => {
             cluster_cmd::status(&mut cluster_cmd::connect(cluster()?).await?, output)
                 .await

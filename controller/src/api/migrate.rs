@@ -32,6 +32,7 @@ pub async fn migrate(
             to_node: r.to_node,
             mode,
             verify: r.verify,
+            drain: None,
         },
     )
     .await?;

@@ -2,6 +2,7 @@
 //! ([`Member::propose`]) or a linearizable read ([`Member::read_barrier`] then
 //! the local state). One module per concept; this file only routes.
 
+mod drain;
 mod events;
 pub(crate) mod members;
 mod migrate;
@@ -46,7 +47,17 @@ impl ControllerService for Api {
         &self,
         _: Request<cpb::ClusterStatusRequest>,
     ) -> R<cpb::ClusterStatusResponse> {
-        Ok(Response::new(self.ctl.member().await?.status()))
+        let m = self.ctl.member().await?;
+        let mut st = m.status();
+        st.drains = m.sm.read(|a| {
+            a.state
+                .drains
+                .values()
+                .filter(|d| d.state == crate::state::drain::DrainState::Running)
+                .map(|d| drain::to_pb(&a.state, d, Some(&self.ctl)))
+                .collect()
+        });
+        Ok(Response::new(st))
     }
     async fn add_member(
         &self,
@@ -81,6 +92,29 @@ impl ControllerService for Api {
     async fn cordon_node(&self, req: Request<cpb::CordonNodeRequest>) -> R<cpb::Node> {
         Ok(Response::new(
             nodes::cordon(&self.ctl, req.into_inner()).await?,
+        ))
+    }
+    async fn drain_node(&self, req: Request<cpb::DrainNodeRequest>) -> R<cpb::DrainNodeResponse> {
+        Ok(Response::new(
+            drain::drain(&self.ctl, req.into_inner()).await?,
+        ))
+    }
+    async fn restore_node(
+        &self,
+        req: Request<cpb::RestoreNodeRequest>,
+    ) -> R<cpb::DrainNodeResponse> {
+        Ok(Response::new(
+            drain::restore(&self.ctl, req.into_inner()).await?,
+        ))
+    }
+    async fn get_drain(&self, req: Request<cpb::GetDrainRequest>) -> R<cpb::Drain> {
+        Ok(Response::new(
+            drain::get(&self.ctl, &req.into_inner().node).await?,
+        ))
+    }
+    async fn cancel_drain(&self, req: Request<cpb::CancelDrainRequest>) -> R<cpb::Drain> {
+        Ok(Response::new(
+            drain::cancel(&self.ctl, &req.into_inner().node).await?,
         ))
     }
     async fn heartbeat(&self, req: Request<cpb::HeartbeatRequest>) -> R<cpb::HeartbeatResponse> {

@@ -30,6 +30,10 @@ pub(crate) fn to_pb(s: &ClusterState, n: &NodeRecord) -> cpb::Node {
             vps_running: n.usage.vps_running,
             disk_bytes: n.usage.disk_bytes,
         }),
+        drain: s
+            .drains
+            .get(&n.name)
+            .map(|d| super::drain::to_pb(s, d, None)),
     }
 }
 

@@ -115,6 +115,8 @@ fn precheck(s: &ClusterState, cmd: &VpsCmd) -> Result<(), ControllerError> {
         exclude_node: "",
         node_selector,
         anti_affinity_group,
+        avoid: &[],
+        migration: false,
     };
     scheduler::place(s, &req)
         .map(|_| ())

@@ -1,9 +1,11 @@
 //! What only the leader does, on timers: notice nodes that stop reporting
-//! ([`liveness`]) and drive agents to the desired state ([`reconcile`]).
+//! ([`liveness`]), drive agents to the desired state ([`reconcile`]), and
+//! drive drains and restores ([`drain`]).
 //! Heartbeats are kept in the leader's memory; only changes (a node down or
 //! back, a VPS's observed state) are written through Raft. A new leader starts
 //! with an empty table and gives every node a full timeout before judging it.
 
+pub mod drain;
 pub mod liveness;
 pub mod reconcile;
 
@@ -31,6 +33,8 @@ pub struct LeaderState {
     pub since: Mutex<Option<Instant>>,
     /// When each node's usage was last written through Raft.
     pub reported: Mutex<HashMap<String, Instant>>,
+    /// The drain driver's starts and the progress of its moves.
+    pub drain: drain::DriverState,
 }
 
 impl LeaderState {
@@ -94,6 +98,15 @@ pub fn spawn(ctl: Arc<Controller>) {
             tokio::time::sleep(Duration::from_millis(500)).await;
             if leading(&c).await {
                 liveness::tick(&c).await;
+            }
+        }
+    });
+    let c = ctl.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if leading(&c).await {
+                drain::tick(&c).await;
             }
         }
     });

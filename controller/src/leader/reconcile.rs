@@ -404,6 +404,7 @@ mod tests {
             mode: "stop-copy".into(),
             phase: "rootfs".into(),
             started_ms: 0,
+            drain: None,
         });
         assert!(plan(&moving, &seen(&[("v", 1, "stopped")]), &HashSet::new()).is_empty());
         assert!(plan(&moving, &seen(&[]), &HashSet::new()).is_empty());

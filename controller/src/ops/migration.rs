@@ -38,6 +38,8 @@ pub struct Move {
     pub to_node: String,
     pub mode: apb::MigrationMode,
     pub verify: bool,
+    /// The drain or restore it is for (its item must be pending).
+    pub drain: Option<crate::state::drain::DrainRef>,
 }
 
 /// A migration under way.
@@ -79,6 +81,7 @@ pub async fn start(ctl: &Controller, r: Move) -> Result<Started, ControllerError
             target: r.to_node.clone(),
             mode: mode_name(mode).into(),
             now_ms: now_ms(),
+            drain: r.drain.clone(),
         }))
         .await?,
     )? {

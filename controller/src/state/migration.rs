@@ -12,6 +12,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::drain::DrainRef;
 use super::{reject, ClusterState, RejectCode, Response, VpsRecord};
 use crate::scheduler::{self, PlacementReq};
 
@@ -23,6 +24,9 @@ pub struct Migration {
     pub mode: String,
     pub phase: String,
     pub started_ms: i64,
+    /// The drain or restore it was started for.
+    #[serde(default)]
+    pub drain: Option<DrainRef>,
 }
 
 /// How the last migration of a VPS ended (the decision, kept for retries).
@@ -41,6 +45,10 @@ pub enum MigrationCmd {
         target: String,
         mode: String,
         now_ms: i64,
+        /// Started for this drain's item of the VPS: refused unless that item
+        /// is pending, and marks it moving.
+        #[serde(default)]
+        drain: Option<DrainRef>,
     },
     /// Progress, for operators (no new generation).
     Phase {
@@ -135,7 +143,21 @@ pub fn check_begin(
         exclude_node: &v.node,
         node_selector: &v.node_selector,
         anti_affinity_group: &v.anti_affinity_group,
+        avoid: &[],
+        migration: true,
     };
+    let limit = s.sched.max_migrations_per_node;
+    let busy = s.alloc.get(&v.node).map(|a| a.migrations).unwrap_or(0);
+    if busy >= limit {
+        return Err((
+            RejectCode::ResourceExhausted,
+            format!(
+                "node {} (where VPS {name} is) has {busy} migrations in flight (limit {limit}); \
+                 try again when one ends",
+                v.node
+            ),
+        ));
+    }
     scheduler::place(s, &req).map_err(|why| (RejectCode::ResourceExhausted, why))
 }
 
@@ -148,7 +170,13 @@ impl ClusterState {
                 target,
                 mode,
                 now_ms,
+                drain,
             } => {
+                if let Some(r) = &drain {
+                    if let Err(why) = super::drain::check_item_begins(self, r, &name) {
+                        return reject(RejectCode::FailedPrecondition, why);
+                    }
+                }
                 let (node, why) = match check_begin(self, &name, &target) {
                     Ok(p) => p,
                     Err((code, msg)) => return reject(code, msg),
@@ -160,9 +188,10 @@ impl ClusterState {
                 new.migration = Some(Migration {
                     id: id.clone(),
                     target: node.clone(),
-                    mode,
+                    mode: mode.clone(),
                     phase: "starting".into(),
                     started_ms: now_ms,
+                    drain: drain.clone(),
                 });
                 self.replace_vps(&old, new.clone());
                 self.events.push(
@@ -171,6 +200,9 @@ impl ClusterState {
                     &name,
                     format!("migration {id} to {node} begins ({why})"),
                 );
+                if let Some(r) = &drain {
+                    super::drain::on_begun(self, r, &name, &id, &node, &mode);
+                }
                 Response::Vps(Box::new(new))
             }
             MigrationCmd::Phase { name, id, phase } => {
@@ -238,6 +270,9 @@ impl ClusterState {
                 };
                 self.replace_vps(&old, new.clone());
                 self.events.push(now_ms, "vps", &name, msg);
+                if let Some(r) = &m.drain {
+                    super::drain::on_decided(self, r, &name, &id, commit, &reason, now_ms);
+                }
                 Response::Vps(Box::new(new))
             }
         }
@@ -329,6 +364,7 @@ mod tests {
             target: target.into(),
             mode: "auto".into(),
             now_ms: 1,
+            drain: None,
         }))
     }
 

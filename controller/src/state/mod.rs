@@ -3,6 +3,7 @@
 //! computes the same result from the same state (times come in the command,
 //! placement and address choices break ties by name and number).
 
+pub mod drain;
 pub mod events;
 pub mod ippool;
 pub mod members;
@@ -38,6 +39,9 @@ pub struct ClusterState {
     /// Join tokens, operators' certificates, revocations.
     #[serde(default)]
     pub security: security::Security,
+    /// Each node's drain or restore under way, or its last one.
+    #[serde(default)]
+    pub drains: BTreeMap<String, drain::Drain>,
     /// Per-node sums of the VPSes placed there, kept as VPSes come and go so
     /// placement never scans every VPS (derived: not in snapshots).
     #[serde(skip)]
@@ -58,6 +62,8 @@ pub struct NodeAlloc {
     pub count: u32,
     /// Anti-affinity group → VPSes of it on the node.
     pub groups: BTreeMap<String, u32>,
+    /// Migrations in flight from or to the node.
+    pub migrations: u32,
 }
 
 /// A command in the Raft log.
@@ -68,6 +74,7 @@ pub enum Request {
     Migration(MigrationCmd),
     Member(members::MemberCmd),
     Security(security::SecurityCmd),
+    Drain(drain::DrainCmd),
     /// Cluster settings, proposed once at bootstrap.
     Configure {
         ip_pool: Option<ipnet::Ipv4Net>,
@@ -94,6 +101,7 @@ pub enum Response {
     Node(NodeRecord),
     Vps(Box<VpsRecord>),
     MemberId(u64),
+    Drain(Box<drain::Drain>),
     /// How many certificates a revocation took.
     Revoked(u32),
     /// The command changed nothing, for this reason.
@@ -145,6 +153,9 @@ impl ClusterState {
         a.cpu_millicores += v.spec.cpu_millicores as u64;
         a.memory_bytes += v.spec.memory_bytes;
         a.count += 1;
+        if v.migration.is_some() {
+            a.migrations += 1;
+        }
         if !v.anti_affinity_group.is_empty() {
             *a.groups.entry(v.anti_affinity_group.clone()).or_default() += 1;
         }
@@ -165,6 +176,9 @@ impl ClusterState {
             a.cpu_millicores -= v.spec.cpu_millicores as u64;
             a.memory_bytes -= v.spec.memory_bytes;
             a.count -= 1;
+            if v.migration.is_some() {
+                a.migrations -= 1;
+            }
             if let Some(g) = a.groups.get_mut(&v.anti_affinity_group) {
                 *g -= 1;
                 if *g == 0 {
@@ -181,6 +195,7 @@ impl ClusterState {
             Request::Migration(c) => self.apply_migration(c),
             Request::Member(c) => self.apply_member(c),
             Request::Security(c) => self.apply_security(c),
+            Request::Drain(c) => self.apply_drain(c),
             Request::Batch(reqs) => {
                 Response::Batch(reqs.into_iter().map(|r| self.apply(r)).collect())
             }

@@ -261,6 +261,8 @@ impl ClusterState {
                     exclude_node: "",
                     node_selector: &node_selector,
                     anti_affinity_group: &anti_affinity_group,
+                    avoid: &[],
+                    migration: false,
                 };
                 let (node, reason) = match scheduler::place(self, &req) {
                     Ok(p) => p,
