@@ -360,3 +360,124 @@ async fn a_node_drains_live_through_a_leader_kill_and_restores() {
     })
     .await;
 }
+
+/// Creates running VPSes `names` (with IPs) where the scheduler must put
+/// them on `node` (the `others` cordoned meanwhile), so they are not pinned:
+/// a drain may move them. Waits until each runs.
+async fn create_unpinned_on(
+    ctl: &Controllers,
+    c: &mut Ctl,
+    node: &str,
+    others: &[&str],
+    vpses: &[(String, String)],
+) {
+    for n in others {
+        let (code, _, err) = ctl.ferryctl(&["node", "cordon", n]);
+        assert_eq!(code, 0, "{err}");
+    }
+    for (name, ip) in vpses {
+        c.create_vps(cpb::CreateVpsRequest {
+            spec: Some(spec(name, Some(ip))),
+            ..Default::default()
+        })
+        .await
+        .expect("create");
+    }
+    for n in others {
+        let (code, _, err) = ctl.ferryctl(&["node", "uncordon", n]);
+        assert_eq!(code, 0, "{err}");
+    }
+    for (name, _) in vpses {
+        let v = record_when(c, name, |v| v.observed == "running").await;
+        assert_eq!(v.node, node);
+    }
+}
+
+/// The target agent SIGKILLed during a drain's move: that move rolls back
+/// (the VPS runs on at the source), it is retried on the other node, and
+/// the drain completes with every attempt's reason on record.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_move_whose_target_dies_is_retried_elsewhere_and_the_drain_completes() {
+    bounded(600, async {
+        let _heavy = HEAVY.lock().await;
+        let ctl = Controllers::start().await;
+        let lan = Lan::new();
+        let a = Host::on_lan(&lan, "10.77.0.94/16", ctl.agent_args("tk-a")).await;
+        let mut b = Host::on_lan(&lan, "10.77.0.95/16", ctl.agent_args("tk-b")).await;
+        let mut cc = Host::on_lan(&lan, "10.77.0.96/16", ctl.agent_args("tk-c")).await;
+        let mut c = ctl.client(0).await;
+        for n in ["tk-a", "tk-b", "tk-c"] {
+            wait_node(&mut c, n, "ready", 20).await;
+        }
+        let tag = format!("tk{}", std::process::id());
+        let vpses: Vec<(String, String)> = (0..3)
+            .map(|i| (format!("{tag}v{i}"), format!("10.77.22.{}", 10 + i)))
+            .collect();
+        create_unpinned_on(&ctl, &mut c, "tk-a", &["tk-b", "tk-c"], &vpses).await;
+        for (name, _) in &vpses {
+            start_counter(&a, name).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let checker = Checker::start(
+            vec![
+                ("tk-a".into(), a.sock()),
+                ("tk-b".into(), b.sock()),
+                ("tk-c".into(), cc.sock()),
+            ],
+            lan.client.clone(),
+            vpses.clone(),
+        );
+        let (code, out, err) = ctl.ferryctl(&["node", "drain", "tk-a", "--parallel", "1"]);
+        assert_eq!(code, 0, "{out}{err}");
+
+        // The first move's target dies under it.
+        let end = Instant::now() + Duration::from_secs(60);
+        let (victim, target) = loop {
+            let d = c
+                .get_drain(cpb::GetDrainRequest {
+                    node: "tk-a".into(),
+                })
+                .await
+                .expect("drain")
+                .into_inner();
+            // Past the preflight: the target holds part of the VPS.
+            if let Some(i) = d.items.iter().find(|i| {
+                i.status == "moving" && !matches!(i.phase.as_str(), "" | "starting" | "preflight")
+            }) {
+                eprintln!("{} moving to {} in phase {}", i.vps, i.target, i.phase);
+                break (i.vps.clone(), i.target.clone());
+            }
+            assert!(Instant::now() < end, "nothing moved: {d:#?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        if target == "tk-b" {
+            b.kill_agent();
+        } else {
+            cc.kill_agent();
+        }
+        eprintln!("killed {target}'s agent while {victim} moved there");
+
+        let d = wait_drain_end(&ctl, "tk-a", 240).await;
+        let survivor = if target == "tk-b" { "tk-c" } else { "tk-b" };
+        assert_eq!(d.state, "complete", "{d:#?}");
+        let i = d.items.iter().find(|i| i.vps == victim).unwrap();
+        assert_eq!(i.target, survivor, "{i:?}");
+        assert!(i.attempts.len() >= 2, "{i:?}");
+        assert_eq!(i.attempts[0].target, target);
+        assert!(!i.attempts[0].error.is_empty(), "{i:?}");
+        for (name, ip) in &vpses {
+            let v = record_when(&mut c, name, |v| v.observed == "running").await;
+            assert_eq!(v.node, survivor, "{v:?}");
+            let n0 = counter(&lan, ip).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert!(counter(&lan, ip).await > n0, "{name} counts on");
+        }
+        let samples = checker.finish().await;
+        eprintln!("exactly-once checker: {samples} samples, no violation");
+        let (code, out, _) = ctl.ferryctl(&["node", "drain-status", "tk-a"]);
+        assert_eq!(code, 0);
+        eprintln!("{out}");
+        assert!(out.contains(&format!("attempt 1 to {target}")), "{out}");
+    })
+    .await;
+}

@@ -112,7 +112,7 @@ pub fn items_table(d: &cpb::Drain) {
                     "-".into()
                 },
                 i.attempts.len().to_string(),
-                dash(&i.reason),
+                reason_of(i),
             ]
         })
         .collect();
@@ -122,6 +122,26 @@ pub fn items_table(d: &cpb::Drain) {
         ],
         &rows,
     );
+}
+
+/// Why it is skipped or failed; for one that moved after a failed attempt,
+/// what went wrong before.
+fn reason_of(i: &cpb::DrainItem) -> String {
+    if !i.reason.is_empty() {
+        return i.reason.clone();
+    }
+    let failed: Vec<String> = i
+        .attempts
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| !a.error.is_empty())
+        .map(|(n, a)| format!("attempt {} to {}: {}", n + 1, a.target, a.error))
+        .collect();
+    if failed.is_empty() {
+        "-".into()
+    } else {
+        failed.join("; ")
+    }
 }
 
 pub fn drain_json(d: &cpb::Drain) -> serde_json::Value {
