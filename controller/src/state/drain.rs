@@ -711,6 +711,10 @@ impl ClusterState {
                 for v in self.vps.values().filter(|v| v.node == node) {
                     items.insert(v.spec.name.clone(), Item::pending("", ""));
                 }
+                // An earlier drain's moves, still where it put them, stay
+                // for the restore (a drain run again takes what was left).
+                moved_away = prev.map(|p| p.moved_away.clone()).unwrap_or_default();
+                moved_away.retain(|name, at| self.vps.get(name).is_some_and(|v| v.node == *at));
             }
             Kind::Restore => {
                 moved_away = prev.map(|p| p.moved_away.clone()).unwrap_or_default();
@@ -1040,6 +1044,45 @@ mod tests {
         assert_eq!(r.state, DrainState::Complete);
         assert_eq!(s.vps["v1"].node, "a");
         assert!(r.moved_away.is_empty());
+    }
+
+    #[test]
+    fn a_second_drain_keeps_what_the_first_moved_for_the_restore() {
+        let mut s = cluster();
+        start(&mut s, "a", Kind::Drain);
+        begin(&mut s, "a", Kind::Drain, "v1", "m1", "c");
+        decide(&mut s, "v1", "m1", true);
+        s.apply(Request::Drain(DrainCmd::Skip {
+            node: "a".into(),
+            id: "drain-a".into(),
+            vps: "v2".into(),
+            reason: "no room".into(),
+            now_ms: 13,
+        }));
+        assert_eq!(
+            tick(&mut s, "a", Kind::Drain, 20).state,
+            DrainState::Incomplete
+        );
+        // Room was made; the operator drains again.
+        s.apply(Request::Drain(DrainCmd::Start {
+            node: "a".into(),
+            id: "drain-a2".into(),
+            kind: Kind::Drain,
+            mode: "auto".into(),
+            parallel: 2,
+            deadline_ms: 0,
+            now_ms: 30,
+        }));
+        assert_eq!(s.drains["a"].items.keys().collect::<Vec<_>>(), ["v2"]);
+        assert_eq!(s.drains["a"].moved_away["v1"], "c");
+        s.apply(Request::Drain(DrainCmd::Cancel {
+            node: "a".into(),
+            now_ms: 31,
+        }));
+        let Response::Drain(r) = start(&mut s, "a", Kind::Restore) else {
+            panic!()
+        };
+        assert!(r.items.contains_key("v1"), "{r:?}");
     }
 
     #[test]
