@@ -8,7 +8,8 @@
 # The controllers form a Raft cluster; the agents join it; VPSes are created
 # across the nodes; then
 # one VPS serving HTTP is live-migrated to another node while a client polls
-# it, and the downtime is printed as Ferry measured it and as the client saw it.
+# it, and the downtime is printed as Ferry measured it and as the client saw it;
+# last, that node is drained for maintenance (its VPSes move live) and restored.
 # Cleans up after itself, even when interrupted. Root required.
 #   scripts/cluster-demo.sh          run it and tear it down
 #   scripts/cluster-demo.sh --keep   leave it running (then: scripts/cluster-demo.sh down)
@@ -178,6 +179,21 @@ awk '$2 == "ok" { if (last && $1 - last > gap) gap = $1 - last; last = $1; ok++ 
      END { printf "the client saw: %d answers, %d failed polls, longest gap between answers %d ms\n", ok, fail, gap }' \
   "$DIR/poll.log"
 echo "(a poll caught by the freeze waits for its 0.5 s timeout: TCP would resend its SYN only after 1 s)"
+
+# Maintenance: drain the node demo-cache moved to, then restore it. Its web
+# VPS has nowhere to go (one per node: anti-affinity), so the drain moves the
+# rest, live, and ends incomplete (exit 2), saying what stays and why.
+echo; echo "== maintenance: drain $to, then restore it"
+ctl node drain "$to" --dry-run
+rc=0; ctl node drain "$to" --parallel 2 --follow || rc=$?
+[ "$rc" = 2 ] || { echo "the drain of $to should end incomplete (exit 2), got $rc" >&2; exit 1; }
+moved=$(field demo-cache node)
+[ "$moved" != "$to" ] || { echo "demo-cache is still on $to" >&2; exit 1; }
+echo "demo-cache runs on $moved now, and answers: $(curl -s -m 3 "http://$ip/")"
+ctl node restore "$to" --follow
+back=$(field demo-cache node)
+[ "$back" = "$to" ] || { echo "demo-cache did not come back to $to" >&2; exit 1; }
+echo "demo-cache is back on $to, and answers: $(curl -s -m 3 "http://$ip/")"
 if [ "${1:-}" = --keep ]; then
   echo; echo "left running. Try: $BIN/ferryctl --credentials $ADMIN --controller $CTRL vps ls; tear down with: scripts/cluster-demo.sh down"
 fi

@@ -481,3 +481,120 @@ async fn a_move_whose_target_dies_is_retried_elsewhere_and_the_drain_completes()
     })
     .await;
 }
+
+/// The drained node's agent stops answering (SIGSTOP) mid-drain: the node
+/// goes down, the drain pauses and starts nothing while it is; SIGCONT
+/// brings the node back, the drain resumes and completes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_pauses_while_its_node_is_down_and_resumes() {
+    bounded(600, async {
+        let _heavy = HEAVY.lock().await;
+        let ctl = Controllers::start().await;
+        let lan = Lan::new();
+        let a = Host::on_lan(&lan, "10.77.0.97/16", ctl.agent_args("pa-a")).await;
+        let b = Host::on_lan(&lan, "10.77.0.98/16", ctl.agent_args("pa-b")).await;
+        let mut c = ctl.client(0).await;
+        for n in ["pa-a", "pa-b"] {
+            wait_node(&mut c, n, "ready", 20).await;
+        }
+        let tag = format!("pa{}", std::process::id());
+        let vpses: Vec<(String, String)> = (0..4)
+            .map(|i| (format!("{tag}v{i}"), format!("10.77.23.{}", 10 + i)))
+            .collect();
+        create_unpinned_on(&ctl, &mut c, "pa-a", &["pa-b"], &vpses).await;
+        for (name, _) in &vpses {
+            start_counter(&a, name).await;
+        }
+        let checker = Checker::start(
+            vec![("pa-a".into(), a.sock()), ("pa-b".into(), b.sock())],
+            lan.client.clone(),
+            vpses.clone(),
+        );
+        let (code, out, err) = ctl.ferryctl(&["node", "drain", "pa-a", "--parallel", "1"]);
+        assert_eq!(code, 0, "{out}{err}");
+        let get = |mut c: Ctl| async move {
+            c.get_drain(cpb::GetDrainRequest {
+                node: "pa-a".into(),
+            })
+            .await
+            .expect("drain")
+            .into_inner()
+        };
+        let end = Instant::now() + Duration::from_secs(60);
+        while !get(c.clone())
+            .await
+            .items
+            .iter()
+            .any(|i| i.status == "moved")
+        {
+            assert!(Instant::now() < end, "nothing moved");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let pid = a.agent_pid().expect("agent pid");
+        run_ok("kill", &["-STOP", &pid.to_string()]);
+        let end = Instant::now() + Duration::from_secs(30);
+        let paused = loop {
+            let d = get(c.clone()).await;
+            if d.state == "paused" {
+                break d;
+            }
+            assert!(Instant::now() < end, "the drain never paused: {d:#?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert!(paused.reason.contains("pa-a is down"), "{paused:?}");
+        let (_, out, _) = ctl.ferryctl(&["node", "show", "pa-a"]);
+        assert!(out.contains("drain of pa-a paused"), "{out}");
+        // Nothing new starts while it is paused.
+        let pending = |d: &cpb::Drain| {
+            d.items
+                .iter()
+                .filter(|i| i.status == "pending")
+                .map(|i| i.vps.clone())
+                .collect::<Vec<_>>()
+        };
+        let before = pending(&paused);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let d = get(c.clone()).await;
+        for v in &before {
+            let i = d.items.iter().find(|i| &i.vps == v).unwrap();
+            assert!(
+                i.status == "pending"
+                    || i.attempts.len()
+                        == paused
+                            .items
+                            .iter()
+                            .find(|p| &p.vps == v)
+                            .unwrap()
+                            .attempts
+                            .len(),
+                "{v} started while the drain was paused: {d:#?}"
+            );
+        }
+        run_ok("kill", &["-CONT", &pid.to_string()]);
+        let d = wait_drain_end(&ctl, "pa-a", 240).await;
+        assert_eq!(d.state, "complete", "{d:#?}");
+        for (name, ip) in &vpses {
+            let v = record_when(&mut c, name, |v| v.observed == "running").await;
+            assert_eq!(v.node, "pa-b", "{v:?}");
+            let n0 = counter(&lan, ip).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert!(counter(&lan, ip).await > n0, "{name} counts on");
+        }
+        let events: Vec<cpb::Event> = c
+            .watch_events(cpb::WatchEventsRequest {
+                after_seq: 0,
+                follow: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .filter_map(|e| async { e.ok() })
+            .collect()
+            .await;
+        let said = |s: &str| events.iter().any(|e| e.message.contains(s));
+        assert!(said("drain of pa-a paused"), "{events:?}");
+        assert!(said("drain of pa-a resumes"), "{events:?}");
+        checker.finish().await;
+    })
+    .await;
+}

@@ -705,25 +705,20 @@ impl ClusterState {
             );
         }
         let mut items = BTreeMap::new();
-        let mut moved_away = BTreeMap::new();
+        // What earlier drains moved away and is still where they put it: a
+        // drain run again keeps it for the restore; a restore brings it back.
+        let mut moved_away = prev.map(|p| p.moved_away.clone()).unwrap_or_default();
+        moved_away.retain(|name, at| self.vps.get(name).is_some_and(|v| v.node == *at));
         match kind {
             Kind::Drain => {
                 for v in self.vps.values().filter(|v| v.node == node) {
                     items.insert(v.spec.name.clone(), Item::pending("", ""));
                 }
-                // An earlier drain's moves, still where it put them, stay
-                // for the restore (a drain run again takes what was left).
-                moved_away = prev.map(|p| p.moved_away.clone()).unwrap_or_default();
-                moved_away.retain(|name, at| self.vps.get(name).is_some_and(|v| v.node == *at));
             }
             Kind::Restore => {
-                moved_away = prev.map(|p| p.moved_away.clone()).unwrap_or_default();
                 for (name, at) in &moved_away {
-                    if self.vps.get(name).is_some_and(|v| v.node == *at) {
-                        items.insert(name.clone(), Item::pending(&node, at));
-                    }
+                    items.insert(name.clone(), Item::pending(&node, at));
                 }
-                moved_away.retain(|name, _| items.contains_key(name));
             }
         }
         let d = Drain {
