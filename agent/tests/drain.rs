@@ -10,6 +10,7 @@ use common::*;
 
 use std::time::{Duration, Instant};
 
+use ferry_proto::addr::Addr;
 use ferry_proto::controller::v1 as cpb;
 use ferry_proto::controller::v1::controller_service_client::ControllerServiceClient;
 use futures::StreamExt;
@@ -189,11 +190,11 @@ async fn a_node_drains_live_through_a_leader_kill_and_restores() {
         assert!(before.iter().all(|n| *n > 0), "counters run: {before:?}");
         let checker = Checker::start(
             vec![
-                ("dr-a".into(), a.sock()),
-                ("dr-b".into(), b.sock()),
-                ("dr-c".into(), cc.sock()),
+                ("dr-a".into(), Addr::Unix(a.sock())),
+                ("dr-b".into(), Addr::Unix(b.sock())),
+                ("dr-c".into(), Addr::Unix(cc.sock())),
             ],
-            lan.client.clone(),
+            Some(lan.client.clone()),
             movers.clone(),
         );
 
@@ -420,11 +421,11 @@ async fn a_move_whose_target_dies_is_retried_elsewhere_and_the_drain_completes()
         tokio::time::sleep(Duration::from_millis(300)).await;
         let checker = Checker::start(
             vec![
-                ("tk-a".into(), a.sock()),
-                ("tk-b".into(), b.sock()),
-                ("tk-c".into(), cc.sock()),
+                ("tk-a".into(), Addr::Unix(a.sock())),
+                ("tk-b".into(), Addr::Unix(b.sock())),
+                ("tk-c".into(), Addr::Unix(cc.sock())),
             ],
-            lan.client.clone(),
+            Some(lan.client.clone()),
             vpses.clone(),
         );
         let (code, out, err) = ctl.ferryctl(&["node", "drain", "tk-a", "--parallel", "1"]);
@@ -506,8 +507,11 @@ async fn a_drain_pauses_while_its_node_is_down_and_resumes() {
             start_counter(&a, name).await;
         }
         let checker = Checker::start(
-            vec![("pa-a".into(), a.sock()), ("pa-b".into(), b.sock())],
-            lan.client.clone(),
+            vec![
+                ("pa-a".into(), Addr::Unix(a.sock())),
+                ("pa-b".into(), Addr::Unix(b.sock())),
+            ],
+            Some(lan.client.clone()),
             vpses.clone(),
         );
         let (code, out, err) = ctl.ferryctl(&["node", "drain", "pa-a", "--parallel", "1"]);

@@ -10,6 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+#[path = "../../../cluster-tests/src/checker.rs"]
 pub mod checker;
 pub mod cluster;
 #[allow(unused_imports)]

@@ -181,6 +181,18 @@ async fn move_one(
         .remove(&name);
     let mut started = match started {
         Ok(s) => s,
+        Err(crate::error::ControllerError::Agent {
+            node,
+            code: tonic::Code::Unavailable,
+            message,
+        }) => {
+            // The source agent did not answer: nothing was recorded. Not the
+            // target's fault, so no attempt is spent; the item is tried
+            // again, and if the node stays silent it goes down and the
+            // drain pauses.
+            tracing::warn!(vps = %name, %node, %message, "the source agent did not answer; trying again");
+            return;
+        }
         Err(e) => {
             tracing::warn!(vps = %name, %target, error = %e, "the move did not start");
             // Counted only if nothing else settled the item meanwhile (a

@@ -69,6 +69,22 @@ pub async fn start(ctl: &Controller, r: Move) -> Result<Started, ControllerError
     m.read_barrier().await?;
     m.sm.read(|a| check_begin(&a.state, &r.name, &r.to_node))
         .map_err(|(code, message)| ControllerError::Rejected { code, message })?;
+    // Reach the source agent before anything is recorded: an unreachable
+    // source writes no Raft entry (and costs a drain's item no attempt).
+    let source = m.sm.read(|a| {
+        a.state
+            .vps
+            .get(&r.name)
+            .and_then(|v| a.state.nodes.get(&v.node))
+            .map(|n| (n.name.clone(), n.addr.clone()))
+    });
+    let Some((source_node, source_addr)) = source else {
+        return Err(ControllerError::Rejected {
+            code: crate::state::RejectCode::NotFound,
+            message: format!("VPS {:?} or its node is gone", r.name),
+        });
+    };
+    let source_client = connect_source(&source_node, &source_addr).await?;
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
@@ -94,11 +110,9 @@ pub async fn start(ctl: &Controller, r: Move) -> Result<Started, ControllerError
         ));
     };
     let span = tracing::info_span!("migrate", vps = %r.name, migration = %id, source = %v.node, target = %mig.target);
-    let (src_addr, dst_addr) = m.sm.read(|a| {
-        let addr = |n: &str| a.state.nodes.get(n).map(|n| n.addr.clone());
-        (addr(&v.node), addr(&mig.target))
-    });
-    let (Some(src_addr), Some(dst_addr)) = (src_addr, dst_addr) else {
+    let dst_addr =
+        m.sm.read(|a| a.state.nodes.get(&mig.target).map(|n| n.addr.clone()));
+    let (Some(dst_addr), true) = (dst_addr, v.node == source_node) else {
         cancel(&m, &r.name, &id, "a node left the cluster").await;
         return Err(ControllerError::Raft(
             "a node of the migration is gone".into(),
@@ -115,7 +129,7 @@ pub async fn start(ctl: &Controller, r: Move) -> Result<Started, ControllerError
         verify: r.verify,
         controllers,
     };
-    let events = match start_on_source(&v.node, &src_addr, req).await {
+    let events = match start_on_source(&v.node, source_client, req).await {
         Ok(s) => s,
         Err(e) => {
             cancel(&m, &r.name, &id, &e.to_string()).await;
@@ -132,11 +146,10 @@ pub async fn start(ctl: &Controller, r: Move) -> Result<Started, ControllerError
     })
 }
 
-async fn start_on_source(
-    node: &str,
-    addr: &str,
-    req: apb::MigrateVpsRequest,
-) -> Result<tonic::Streaming<apb::MigrationEvent>, ControllerError> {
+type AgentClient = apb::agent_service_client::AgentServiceClient<tonic::transport::Channel>;
+
+/// A client of the source agent, or `Unavailable` naming it.
+async fn connect_source(node: &str, addr: &str) -> Result<AgentClient, ControllerError> {
     let unreachable = |e: String| ControllerError::Agent {
         node: node.to_string(),
         code: tonic::Code::Unavailable,
@@ -150,7 +163,15 @@ async fn start_on_source(
     .await
     .map_err(|_| unreachable("timed out".into()))?
     .map_err(|e| unreachable(e.to_string()))?;
-    ferry_proto::limits::agent_client(ch)
+    Ok(ferry_proto::limits::agent_client(ch))
+}
+
+async fn start_on_source(
+    node: &str,
+    mut client: AgentClient,
+    req: apb::MigrateVpsRequest,
+) -> Result<tonic::Streaming<apb::MigrationEvent>, ControllerError> {
+    client
         .migrate_vps(req)
         .await
         .map(|r| r.into_inner())

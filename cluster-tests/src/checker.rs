@@ -1,11 +1,12 @@
 //! The exactly-once checker for multi-host tests: while a test runs, it
 //! samples every agent's own list (10 Hz) and each watched VPS's counter
-//! (served over HTTP at `http://IP/counter` from the LAN's client host), and
-//! records a violation when a VPS runs settled (running, no migration in
-//! flight) on two nodes in one sample, or a counter goes back.
+//! (served over HTTP at `http://IP/counter`, fetched from a client on the
+//! LAN), and records a violation when a VPS runs settled (running, no
+//! migration in flight) on two nodes in one sample, or a counter goes back.
+//!
+//! Self-contained (the agent's tests include this file too).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,10 +21,12 @@ pub struct Checker {
 }
 
 impl Checker {
-    /// `agents`: node name → agent socket; `counters`: VPS name → its IP.
+    /// `agents`: node name → its agent's address; `client_netns`: the
+    /// namespace (a /run/netns path) to fetch counters from, None for this
+    /// process's own; `counters`: VPS name → its IP.
     pub fn start(
-        agents: Vec<(String, PathBuf)>,
-        client_netns: String,
+        agents: Vec<(String, ferry_proto::addr::Addr)>,
+        client_netns: Option<String>,
         counters: Vec<(String, String)>,
     ) -> Checker {
         let stop = Arc::new(AtomicBool::new(false));
@@ -34,9 +37,8 @@ impl Checker {
             let (stop, found, samples) = (stop.clone(), found.clone(), samples.clone());
             tasks.push(tokio::spawn(async move {
                 let mut clients = Vec::new();
-                for (node, sock) in &agents {
-                    let addr = ferry_proto::addr::Addr::Unix(sock.clone());
-                    if let Ok(ch) = ferry_proto::addr::connect_node(&addr).await {
+                for (node, addr) in &agents {
+                    if let Ok(ch) = ferry_proto::addr::connect_node(addr).await {
                         clients.push((node.clone(), ferry_proto::limits::agent_client(ch)));
                     }
                 }
@@ -81,9 +83,16 @@ impl Checker {
                 let mut last: BTreeMap<String, u64> = BTreeMap::new();
                 while !stop.load(Ordering::SeqCst) {
                     for (vps, ip) in &counters {
-                        let out = tokio::process::Command::new("nsenter")
-                            .arg(format!("--net={client_netns}"))
-                            .args(["--", "curl", "-s", "-m", "1"])
+                        let mut cmd = match &client_netns {
+                            Some(ns) => {
+                                let mut c = tokio::process::Command::new("nsenter");
+                                c.arg(format!("--net={ns}")).args(["--", "curl"]);
+                                c
+                            }
+                            None => tokio::process::Command::new("curl"),
+                        };
+                        let out = cmd
+                            .args(["-s", "-m", "1"])
                             .arg(format!("http://{ip}/counter"))
                             .output()
                             .await;
