@@ -1588,8 +1588,8 @@ async fn an_arriving_vps_refuses_outside_calls_until_its_move_settles() {
         .await;
         let before = counter(&mut ca, &name).await;
         let marker = b.data_dir().join(format!("vps/{name}/incoming"));
-        // While the move runs, the target is asked to start, stop and destroy
-        // the VPS as soon as it has a record of it.
+        // While the move runs, the target is asked to start and to create
+        // the VPS again as soon as it has a record of it.
         let stop_polling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let poller = {
             let (mut cb, name, stop_polling) =
@@ -1604,16 +1604,23 @@ async fn an_arriving_vps_refuses_outside_calls_until_its_move_settles() {
                                 generation: 0,
                             })
                             .await;
-                        let destroy = cb
-                            .destroy_vps(pb::DestroyVpsRequest {
-                                name: name.clone(),
-                                force: true,
-                                generation: 0,
+                        // A repeated create, not a destroy: the marker may
+                        // go between the check and the call, and a destroy
+                        // that lands just after the move settled is allowed
+                        // (and would end the test's VPS). Both calls share
+                        // the refusal with stop, restart and destroy.
+                        let create = cb
+                            .create_vps(pb::CreateVpsRequest {
+                                spec: Some(spec(&name, Some("10.77.13.10"))),
+                                start: true,
                             })
                             .await;
-                        for r in [start.map(|_| ()), destroy.map(|_| ())] {
-                            if let Err(e) = r {
-                                refused.push((e.code(), e.message().to_string()));
+                        for r in [start.map(|_| ()), create.map(|_| ())] {
+                            match r {
+                                // Settled meanwhile: the VPS is there.
+                                Err(e) if e.code() == tonic::Code::AlreadyExists => {}
+                                Err(e) => refused.push((e.code(), e.message().to_string())),
+                                Ok(()) => {}
                             }
                         }
                     }
