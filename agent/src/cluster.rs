@@ -148,6 +148,7 @@ pub async fn decide_migration(
                         name: name.to_string(),
                         migration_id: migration_id.to_string(),
                         commit,
+                        query: false,
                     })
                     .await
             };
@@ -179,6 +180,36 @@ pub async fn decide_migration(
         }
         tokio::time::sleep(DECIDE_RETRY_PAUSE).await;
     }
+}
+
+/// Asks the controllers what was decided about a migration, writing
+/// nothing: Some((moved, generation)) once decided, None while undecided or
+/// when no controller answered this round.
+pub async fn query_decision(
+    controllers: &[String],
+    name: &str,
+    migration_id: &str,
+) -> Option<(bool, u64)> {
+    for a in controllers.iter().filter_map(|a| a.parse::<Addr>().ok()) {
+        let call = async {
+            let ch = ferry_proto::addr::connect_controller(&a)
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            ferry_proto::limits::controller_client(ch)
+                .decide_migration(cpb::DecideMigrationRequest {
+                    name: name.to_string(),
+                    migration_id: migration_id.to_string(),
+                    commit: false,
+                    query: true,
+                })
+                .await
+        };
+        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(3), call).await {
+            let r = r.into_inner();
+            return r.decided.then_some((r.moved, r.generation));
+        }
+    }
+    None
 }
 
 /// Renews this node's certificate through the controllers when a third of

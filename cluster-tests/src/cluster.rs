@@ -50,6 +50,7 @@ pub struct Cluster {
     pub net: Net,
     pub hosts: Vec<Host>,
     bin: PathBuf,
+    agent_env: Vec<(usize, String, String)>,
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -68,6 +69,12 @@ impl Cluster {
 
     /// `roles[i]` is host i+1's. Every controller host gets a replica.
     pub async fn start(roles: &[Role]) -> Cluster {
+        Self::start_with(roles, &[]).await
+    }
+
+    /// [`Cluster::start`] with environment variables for some hosts' agents:
+    /// `(host, NAME, value)` (e.g. a `FERRY_FAILPOINT`).
+    pub async fn start_with(roles: &[Role], agent_env: &[(usize, &str, &str)]) -> Cluster {
         sweep::leftovers(8);
         let id = format!(
             "fc{}x{}",
@@ -93,6 +100,10 @@ impl Cluster {
                 })
                 .collect(),
             bin: bin_dir(),
+            agent_env: agent_env
+                .iter()
+                .map(|(i, k, v)| (*i, k.to_string(), v.to_string()))
+                .collect(),
         };
         c.form().await;
         c
@@ -256,6 +267,7 @@ impl Cluster {
             self.bin.join("ferry-controller"),
             &self.net.netns_path(i),
             args,
+            Vec::new(),
             self.dir.join(format!("controller{i}.log")),
         )
     }
@@ -287,6 +299,11 @@ impl Cluster {
             self.bin.join("ferry-agent"),
             &self.net.netns_path(i),
             args,
+            self.agent_env
+                .iter()
+                .filter(|(h, _, _)| *h == i)
+                .map(|(_, k, v)| (k.clone(), v.clone()))
+                .collect(),
             self.dir.join(format!("agent{i}.log")),
         )
     }

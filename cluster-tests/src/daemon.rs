@@ -9,18 +9,28 @@ pub struct Daemon {
     bin: PathBuf,
     netns: String,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     pub log: PathBuf,
     child: Option<Child>,
 }
 
 impl Daemon {
-    /// Starts `bin ARGS` in `netns` (a /run/netns path), logging to `log`.
-    pub fn spawn(name: &str, bin: PathBuf, netns: &str, args: Vec<String>, log: PathBuf) -> Daemon {
+    /// Starts `bin ARGS` in `netns` (a /run/netns path) with `env` added,
+    /// logging to `log`.
+    pub fn spawn(
+        name: &str,
+        bin: PathBuf,
+        netns: &str,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        log: PathBuf,
+    ) -> Daemon {
         let mut d = Daemon {
             name: name.to_string(),
             bin,
             netns: netns.to_string(),
             args,
+            env,
             log,
             child: None,
         };
@@ -40,6 +50,7 @@ impl Daemon {
             .arg("--")
             .arg(&self.bin)
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)

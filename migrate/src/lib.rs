@@ -9,7 +9,9 @@
 //!   per phase, with the single decision point in [`phases::commit`].
 //! - [`archive`]: the checkpoint archive file (magic, version, metadata,
 //!   compressed trees, checksum).
+//! - [`failpoint`]: fault injection for tests (`FERRY_FAILPOINT`).
 
 pub mod archive;
+pub mod failpoint;
 pub mod phases;
 pub mod tree;

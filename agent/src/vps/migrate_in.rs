@@ -40,6 +40,15 @@ impl Agent {
 /// gives up on it.
 const HOLD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
+/// In a cluster, how long a held VPS (all of its memory here) waits for its
+/// source's word before it asks the controllers itself, then how often.
+/// Between its restore here and the decision the source only asks for the
+/// decision, so a longer wait means the source is slow or cut off; a move
+/// decided already then runs here at once instead of when the source is
+/// back (or after HOLD_TIMEOUT).
+const FOLLOW_AFTER: std::time::Duration = std::time::Duration::from_secs(3);
+const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub struct Incoming {
     pub name: String,
     rec: VpsRecord,
@@ -68,6 +77,20 @@ impl Agent {
     fn was_aborted(&self, id: &str) -> bool {
         let a = self.aborted.lock().unwrap_or_else(|p| p.into_inner());
         a.iter().any(|x| x == id)
+    }
+
+    /// When this node carried out the commit of migration `id`, if it did.
+    fn committed_at(&self, id: &str) -> Option<std::time::Instant> {
+        let c = self.committed.lock().unwrap_or_else(|p| p.into_inner());
+        c.iter().find(|(x, _)| x == id).map(|(_, t)| *t)
+    }
+
+    fn mark_committed(&self, id: &str, at: std::time::Instant) {
+        let mut c = self.committed.lock().unwrap_or_else(|p| p.into_inner());
+        if c.len() >= ABORTED_KEPT {
+            c.pop_front();
+        }
+        c.push_back((id.to_string(), at));
     }
 
     fn mark_aborted(&self, id: &str) {
@@ -315,13 +338,53 @@ impl Agent {
         // ever: after HOLD_TIMEOUT, give up (node-local), or ask the cluster
         // what was decided and follow it (a no-op once it has finished).
         let agent = Arc::clone(self);
+        let id = req.migration_id.clone();
         tokio::spawn(async move {
             tokio::time::sleep(HOLD_TIMEOUT).await;
-            agent.settle_held(&req.migration_id).await;
+            agent.settle_held(&id).await;
         });
+        // Post-copy arrivals wait for their source: they need its memory.
+        if req.page_server.is_empty() {
+            let agent = Arc::clone(self);
+            tokio::spawn(async move {
+                agent.follow_decision(&req.migration_id).await;
+            });
+        }
         Ok(pb::MigrateRestoreResponse {
             restore_ms: t.elapsed().as_millis() as u64,
         })
+    }
+
+    /// A held arrival whose memory is all here (not post-copy), in a
+    /// cluster: once its move is decided, follows the decision without
+    /// waiting for the source.
+    async fn follow_decision(self: &Arc<Self>, id: &str) {
+        let (name, controllers) = match self.incoming.lock().await.get(id) {
+            Some(i) if !i.controllers.is_empty() => (i.name.clone(), i.controllers.clone()),
+            _ => return,
+        };
+        tokio::time::sleep(FOLLOW_AFTER).await;
+        let end = std::time::Instant::now() + HOLD_TIMEOUT;
+        while std::time::Instant::now() < end {
+            if !self.incoming.lock().await.contains_key(id) {
+                return; // finished the usual way
+            }
+            if let Some((moved, generation)) =
+                crate::cluster::query_decision(&controllers, &name, id).await
+            {
+                tracing::warn!(vps = %name, migration = %id, moved, "the source did not finish a decided move; following the decision");
+                let finish = pb::MigrateFinishRequest {
+                    migration_id: id.to_string(),
+                    commit: moved,
+                    generation,
+                };
+                if let Err(e) = self.migrate_finish(finish).await {
+                    tracing::error!(vps = %name, migration = %id, error = %e, "following the decision");
+                }
+                return;
+            }
+            tokio::time::sleep(FOLLOW_EVERY).await;
+        }
     }
 
     /// Ends a held arrival whose source went quiet. In a cluster the Raft
@@ -529,9 +592,19 @@ impl Agent {
         };
         let Some(mut i) = removed else {
             if req.commit {
+                if let Some(at) = self.committed_at(&req.migration_id) {
+                    // This node ran it already, following the decision.
+                    return Ok(pb::MigrateFinishResponse {
+                        vps: None,
+                        ran_ms_ago: at.elapsed().as_millis() as u64,
+                    });
+                }
                 return Err(AgentError::not_found("migration", &req.migration_id));
             }
-            return Ok(pb::MigrateFinishResponse { vps: None });
+            return Ok(pb::MigrateFinishResponse {
+                vps: None,
+                ran_ms_ago: 0,
+            });
         };
         let name = i.name.clone();
         let lock = self.lock_for(&name);
@@ -549,6 +622,7 @@ impl Agent {
                 let _window = self.freeze_window();
                 h.go().await?;
             }
+            let ran_at = std::time::Instant::now();
             // It runs: the LAN learns where first.
             self.announce(&rec);
             // Like the daemon, the tunnel goes on if this agent stops.
@@ -579,6 +653,7 @@ impl Agent {
                 });
             }
             self.save_record(&rec)?;
+            self.mark_committed(&req.migration_id, ran_at);
             let _ = std::fs::remove_file(self.paths.vps(&name).join(INCOMING_MARKER));
             self.watch(&name);
             drop(_g);
@@ -607,6 +682,7 @@ impl Agent {
             tracing::info!(vps = %name, "migration arrived");
             return Ok(pb::MigrateFinishResponse {
                 vps: Some(self.get(&name).await?),
+                ran_ms_ago: 0,
             });
         }
         if let Some(h) = i.held.take() {
@@ -615,7 +691,10 @@ impl Agent {
         drop(i.lazy.take());
         drop(i.tunnel.take());
         self.discard_incoming(&name, &i.images).await;
-        Ok(pb::MigrateFinishResponse { vps: None })
+        Ok(pb::MigrateFinishResponse {
+            vps: None,
+            ran_ms_ago: 0,
+        })
     }
 
     /// Removes an arriving VPS: its kernel objects (the cgroup's removal kills

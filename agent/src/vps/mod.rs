@@ -101,6 +101,9 @@ pub struct Agent {
     /// Migration ids aborted before their prepare arrived (the newest
     /// [`migrate_in`]'s ABORTED_KEPT): such a prepare is refused.
     aborted: std::sync::Mutex<std::collections::VecDeque<String>>,
+    /// Migration ids this node finished as committed (the newest
+    /// ABORTED_KEPT): a source's late finish of one is answered Ok.
+    committed: std::sync::Mutex<std::collections::VecDeque<(String, std::time::Instant)>>,
     /// Held while a create checks names and addresses, so two creates cannot
     /// both take the same one.
     create_lock: tokio::sync::Mutex<()>,
@@ -282,6 +285,7 @@ impl Agent {
             migrating: Default::default(),
             incoming: Default::default(),
             aborted: Default::default(),
+            committed: Default::default(),
             create_lock: Default::default(),
         });
         crate::rcu::recover(&agent.paths.run_dir);

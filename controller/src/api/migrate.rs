@@ -48,6 +48,40 @@ pub async fn decide(
         return Err(ControllerError::invalid("migration_id", "missing"));
     }
     let m = ctl.member().await?;
+    if r.query {
+        m.read_barrier().await?;
+        return m.sm.read(|a| {
+            let v = a
+                .state
+                .vps
+                .get(&r.name)
+                .ok_or_else(|| ControllerError::Rejected {
+                    code: crate::state::RejectCode::NotFound,
+                    message: format!("VPS {:?} not found", r.name),
+                })?;
+            if let Some(o) = v.last_migration.as_ref().filter(|o| o.id == r.migration_id) {
+                return Ok(cpb::DecideMigrationResponse {
+                    moved: o.moved,
+                    generation: v.generation,
+                    decided: true,
+                });
+            }
+            if v.migration
+                .as_ref()
+                .is_some_and(|mg| mg.id == r.migration_id)
+            {
+                return Ok(cpb::DecideMigrationResponse {
+                    moved: false,
+                    generation: v.generation,
+                    decided: false,
+                });
+            }
+            Err(ControllerError::Rejected {
+                code: crate::state::RejectCode::FailedPrecondition,
+                message: format!("VPS {} has no migration {}", r.name, r.migration_id),
+            })
+        });
+    }
     let cmd = MigrationCmd::Decide {
         name: r.name.clone(),
         id: r.migration_id.clone(),
@@ -66,6 +100,7 @@ pub async fn decide(
                 .as_ref()
                 .is_some_and(|o| o.id == r.migration_id && o.moved),
             generation: v.generation,
+            decided: true,
         }),
         other => Err(ControllerError::Raft(format!("unexpected {other:?}"))),
     }

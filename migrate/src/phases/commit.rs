@@ -32,22 +32,27 @@ pub async fn run(
     }
     st.decided = Some(true);
     p.done_phase("commit", 0);
+    crate::failpoint::hit("commit-before-finish").await;
     p.phase("resume", "").await;
-    finish_committed(target, job)
+    let ran_ago = finish_committed(target, job)
         .await
         .map_err(MigrateError::at("resume"))?;
     if let Some(t) = st.frozen_at {
-        st.downtime = Some(t.elapsed());
+        // The target may have run it before our word came (it follows the
+        // decision itself when we are slow): the downtime ended then.
+        st.downtime = Some(t.elapsed().saturating_sub(ran_ago));
     }
     p.done_phase("resume", 0);
     Ok(())
 }
 
 /// Tells the target to let the VPS run, retrying through transient failures.
+/// Returns how long ago the VPS started running there (zero unless the target
+/// had followed the decision without us).
 pub async fn finish_committed(
     target: &mut AgentServiceClient<Channel>,
     job: &Job,
-) -> Result<(), String> {
+) -> Result<Duration, String> {
     let end = Instant::now() + FINISH_RETRY;
     loop {
         let r = target
@@ -58,7 +63,7 @@ pub async fn finish_committed(
             })
             .await;
         match r {
-            Ok(_) => return Ok(()),
+            Ok(r) => return Ok(Duration::from_millis(r.into_inner().ran_ms_ago)),
             Err(s) if Instant::now() < end && s.code() == tonic::Code::Unavailable => {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }

@@ -27,7 +27,7 @@ pub async fn rollback(
         match src.decide(false).await {
             Ok(true) => {
                 return match commit::finish_committed(target, job).await {
-                    Ok(()) => {
+                    Ok(_) => {
                         src.release().await.ok();
                         "the move had been committed; the target runs the VPS".into()
                     }
