@@ -413,6 +413,15 @@ impl Cluster {
         self.net.heal(i);
     }
 
+    /// Host i stops hearing from, and reaching, the `peers` hosts.
+    pub fn partition(&self, i: usize, peers: &[usize]) {
+        self.net.partition(i, peers);
+    }
+
+    pub fn unpartition(&self, i: usize) {
+        self.net.unpartition(i);
+    }
+
     pub fn agent(&mut self, i: usize) -> &mut Daemon {
         self.hosts[i - 1]
             .agent

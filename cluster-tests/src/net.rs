@@ -7,6 +7,8 @@
 //! bridge and `uplink` plugged into its node bridge `ferrybr0`
 //! (10.85.0.1<i>/16) on the LAN. Cutting a host takes both of its root-side
 //! veth ends down: it is off both networks, its processes run on.
+//! Partitioning a host from some peers drops only their packets (nftables
+//! in the host's namespace), so the test can still talk to both sides.
 
 use crate::{run_ok, run_quiet};
 
@@ -104,6 +106,41 @@ impl Net {
         for e in self.ends(i) {
             run_ok("ip", &["link", "set", &e, "up"]);
         }
+    }
+
+    /// Partitions host `i` from `peers` on the management network (an
+    /// nftables table in host i's namespace drops their packets both ways);
+    /// this test process and everyone else still reach it.
+    pub fn partition(&self, i: usize, peers: &[usize]) {
+        let ips: Vec<String> = peers.iter().map(|p| Net::mgmt_ip(*p)).collect();
+        let set = ips.join(", ");
+        let rules = format!(
+            "table inet ferrytest {{\n\
+             chain in {{ type filter hook input priority -10; ip saddr {{ {set} }} drop; }}\n\
+             chain out {{ type filter hook output priority -10; ip daddr {{ {set} }} drop; }}\n}}\n"
+        );
+        let path = std::env::temp_dir().join(format!("{}-part{i}.nft", self.id));
+        std::fs::write(&path, rules).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let p = path.to_string_lossy().into_owned();
+        run_ok("ip", &["netns", "exec", &self.netns(i), "nft", "-f", &p]);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    /// Ends host `i`'s partition.
+    pub fn unpartition(&self, i: usize) {
+        run_quiet(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.netns(i),
+                "nft",
+                "delete",
+                "table",
+                "inet",
+                "ferrytest",
+            ],
+        );
     }
 
     /// Removes the namespaces and bridges (links of `hosts` hosts).
