@@ -2,7 +2,7 @@
 //! Rust): host 1's controller `--init` makes the CA and the first admin's
 //! credentials; the other replicas join with tokens and are added; each
 //! agent joins with a node token. This test process then speaks as that
-//! admin (once per process: one cluster at a time, see [`Cluster::lock`]).
+//! admin (one cluster at a time per process, see [`Cluster::lock`]).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -55,7 +55,6 @@ pub struct Cluster {
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 static ONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-static CREDS: std::sync::Once = std::sync::Once::new();
 
 pub const CONTROLLER_PORT: u16 = 7800;
 pub const AGENT_PORT: u16 = 7700;
@@ -161,10 +160,10 @@ impl Cluster {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
         let admin = self.admin_pem();
-        CREDS.call_once(|| {
-            let creds = ferry_proto::tls::Credentials::load(&admin).expect("admin.pem");
-            ferry_proto::addr::use_credentials(&creds).expect("credentials");
-        });
+        // This process speaks as this cluster's admin from now on (clusters
+        // run one at a time: see `lock`).
+        let creds = ferry_proto::tls::Credentials::load(&admin).expect("admin.pem");
+        ferry_proto::addr::use_credentials(&creds).expect("credentials");
         let mut c = self.client_of(first).await;
         for &i in ctl_hosts.iter().skip(1) {
             let token = c

@@ -6,20 +6,14 @@
 //! as done, and the operator's `vps migrate` ends in success with the
 //! downtime the VPS really had.
 
+mod common;
+use common::*;
+
 use std::time::{Duration, Instant};
 
 use ferry_cluster_tests::{Cluster, Role};
 use ferry_proto::agent::v1 as apb;
 use ferry_proto::controller::v1 as cpb;
-
-async fn counter(ip: &str) -> Option<u64> {
-    let out = tokio::process::Command::new("curl")
-        .args(["-s", "-m", "2", &format!("http://{ip}/counter")])
-        .output()
-        .await
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_decided_move_runs_on_the_target_when_its_source_stalls() {
@@ -34,19 +28,7 @@ async fn a_decided_move_runs_on_the_target_when_its_source_stalls() {
         let name = format!("dm{}", std::process::id());
         let ip = "10.85.3.10";
         c.create_vps(cpb::CreateVpsRequest {
-            spec: Some(apb::VpsSpec {
-                name: name.clone(),
-                template: "busybox".into(),
-                limits: Some(apb::Limits {
-                    memory_bytes: 64 << 20,
-                    ..Default::default()
-                }),
-                net: Some(apb::NetConfig {
-                    ip: ip.into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
+            spec: Some(spec(&name, Some(ip), 64)),
             placement: Some(cpb::Placement {
                 node: Cluster::node(1),
                 ..Default::default()
@@ -68,14 +50,7 @@ async fn a_decided_move_runs_on_the_target_when_its_source_stalls() {
             assert!(Instant::now() < end, "{v:?}{}", cl.logs());
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let (code, _, err) = cl.ferryctl_agent(
-            1,
-            &[
-                "vps", "exec", &name, "--", "setsid", "sh", "-c",
-                "i=0; while :; do i=$((i+1)); echo $i > /var/www/.counter; mv /var/www/.counter /var/www/counter; sleep 0.05; done </dev/null >/dev/null 2>&1 &",
-            ],
-        );
-        assert_eq!(code, 0, "{err}");
+        start_counter(&cl, 1, &name);
         tokio::time::sleep(Duration::from_millis(300)).await;
         let before = counter(ip).await.expect("counter before");
 

@@ -6,7 +6,7 @@
 
 use crate::scheduler::{self, PlacementReq};
 use crate::state::drain::{Drain, DrainCmd, Item, ItemStatus, Kind};
-use crate::state::{ClusterState, RejectCode, Request, Response};
+use crate::state::{ClusterState, Desired, RejectCode, Request, Response, VpsRecord};
 
 /// What to do with one pending item now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,12 +24,20 @@ pub enum Choice {
     Nowhere(String),
 }
 
-/// The mode a VPS moves in: its drain's for a running VPS, cold otherwise.
-fn mode_for(observed: &str, drain_mode: &str) -> String {
-    if observed == "running" {
+/// The mode a VPS moves in. A VPS meant to be stopped and reported stopped
+/// moves cold. Otherwise its drain's mode, except that a VPS not reported
+/// running gets `auto`: what a node last reported can lag (a VPS resumed
+/// after a failed move reads as stopped for a moment), and with `auto` the
+/// source agent, which knows, moves a running VPS live and a stopped one
+/// cold; a named live mode for a stopped VPS, or cold for a running one, is
+/// refused.
+fn mode_for(v: &VpsRecord, drain_mode: &str) -> String {
+    if v.desired == Desired::Stopped && v.observed == "stopped" {
+        "cold".into()
+    } else if v.observed == "running" {
         drain_mode.to_string()
     } else {
-        "cold".to_string()
+        "auto".into()
     }
 }
 
@@ -71,7 +79,7 @@ pub fn choose(s: &ClusterState, d: &Drain, vps: &str, item: &Item) -> Choice {
     match scheduler::place(s, &req) {
         Ok((target, why)) => Choice::Move {
             target,
-            mode: mode_for(&v.observed, &d.mode),
+            mode: mode_for(v, &d.mode),
             why: match d.kind {
                 Kind::Drain => why,
                 Kind::Restore => "back to where the drain took it from".into(),
@@ -177,7 +185,7 @@ impl ClusterState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Capacity, Desired, NodeCmd, VpsCmd, VpsSpecData};
+    use crate::state::{Capacity, NodeCmd, VpsCmd, VpsSpecData};
 
     pub(crate) fn node(s: &mut ClusterState, name: &str, mem_mib: u64, labels: &[(&str, &str)]) {
         let r = s.apply(Request::Node(NodeCmd::Register {
@@ -255,12 +263,17 @@ mod tests {
         vps(&mut s, "stop", "a", 64);
         vps(&mut s, "pin", "a", 64);
         s.vps.get_mut("stop").unwrap().observed = "stopped".into();
+        s.vps.get_mut("stop").unwrap().desired = Desired::Stopped;
+        // Running, but reported otherwise for now: its agent picks the mode.
+        vps(&mut s, "lag", "a", 64);
+        s.vps.get_mut("lag").unwrap().observed = "stopped".into();
         s.vps.get_mut("pin").unwrap().pin_node = "a".into();
         let p = plan(&s, "a", Kind::Drain, "post-copy").unwrap();
         let by: std::collections::BTreeMap<&str, &PlanItem> =
             p.iter().map(|i| (i.vps.as_str(), i)).collect();
         assert_eq!(by["run"].mode, "post-copy");
         assert_eq!(by["stop"].mode, "cold");
+        assert_eq!(by["lag"].mode, "auto");
         assert_eq!(by["pin"].target, "");
         assert!(by["pin"].why.contains("pinned to node a"), "{p:?}");
     }

@@ -135,7 +135,13 @@ fn reason_of(i: &cpb::DrainItem) -> String {
         .iter()
         .enumerate()
         .filter(|(_, a)| !a.error.is_empty())
-        .map(|(n, a)| format!("attempt {} to {}: {}", n + 1, a.target, a.error))
+        .map(|(n, a)| {
+            if a.target.is_empty() {
+                format!("attempt {}: {}", n + 1, a.error)
+            } else {
+                format!("attempt {} to {}: {}", n + 1, a.target, a.error)
+            }
+        })
         .collect();
     if failed.is_empty() {
         "-".into()

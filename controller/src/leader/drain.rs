@@ -193,6 +193,24 @@ async fn move_one(
             tracing::warn!(vps = %name, %node, %message, "the source agent did not answer; trying again");
             return;
         }
+        Err(crate::error::ControllerError::Rejected { message, .. }) => {
+            // Refused before anything was recorded (the cluster changed since
+            // the plan: the source went down, a node got busy). Counted, so a
+            // refusal that persists ends in `failed`, but not held against
+            // the target: the next plan may choose it again.
+            tracing::warn!(vps = %name, %target, %message, "the move was refused");
+            let cmd = DrainCmd::AttemptFailed {
+                node: r.node.clone(),
+                id: r.id.clone(),
+                vps: name.clone(),
+                attempts,
+                target: String::new(),
+                reason: format!("refused before it started: {message}"),
+                now_ms: now_ms(),
+            };
+            let _ = m.propose(Request::Drain(cmd)).await;
+            return;
+        }
         Err(e) => {
             tracing::warn!(vps = %name, %target, error = %e, "the move did not start");
             // Counted only if nothing else settled the item meanwhile (a

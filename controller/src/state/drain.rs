@@ -132,11 +132,12 @@ impl Item {
         }
     }
 
-    /// Targets of the attempts that failed (not chosen again).
+    /// Targets of the attempts that failed (not chosen again; an attempt
+    /// refused before it started names none).
     pub fn failed_targets(&self) -> Vec<String> {
         self.attempts
             .iter()
-            .filter(|a| !a.error.is_empty())
+            .filter(|a| !a.error.is_empty() && !a.target.is_empty())
             .map(|a| a.target.clone())
             .collect()
     }
@@ -257,12 +258,18 @@ pub(super) fn check_item_begins(s: &ClusterState, r: &DrainRef, vps: &str) -> Re
     let Some(d) = s.drains.get(&r.node).filter(|d| d.id == r.id) else {
         return Err(format!("drain {} of node {} is not current", r.id, r.node));
     };
-    if d.state != DrainState::Running || d.paused.is_some() {
+    if let Some(why) = &d.paused {
+        return Err(format!(
+            "drain {} of node {} is paused ({why})",
+            r.id, r.node
+        ));
+    }
+    if d.state != DrainState::Running {
         return Err(format!(
             "drain {} of node {} is {}",
             r.id,
             r.node,
-            d.paused.as_deref().unwrap_or(d.state.name())
+            d.state.name()
         ));
     }
     match d.items.get(vps) {
@@ -369,7 +376,13 @@ fn fail_or_retry(i: &mut Item, kind: Kind, node: &str, vps: &str) -> String {
             .attempts
             .iter()
             .enumerate()
-            .map(|(n, a)| format!("attempt {} to {}: {}", n + 1, a.target, a.error))
+            .map(|(n, a)| {
+                if a.target.is_empty() {
+                    format!("attempt {}: {}", n + 1, a.error)
+                } else {
+                    format!("attempt {} to {}: {}", n + 1, a.target, a.error)
+                }
+            })
             .collect::<Vec<_>>()
             .join("; ");
         format!(
@@ -661,10 +674,12 @@ impl ClusterState {
         }
     }
 
+    /// A pending item of a drain under way and not paused (a move refused
+    /// because its drain paused meanwhile costs the item no attempt).
     fn pending_item(&mut self, node: &str, id: &str, vps: &str) -> Option<&mut Item> {
         self.drains
             .get_mut(node)
-            .filter(|d| d.id == id && d.state == DrainState::Running)
+            .filter(|d| d.id == id && d.state == DrainState::Running && d.paused.is_none())
             .and_then(|d| d.items.get_mut(vps))
             .filter(|i| i.status == ItemStatus::Pending)
     }
@@ -1078,6 +1093,31 @@ mod tests {
             panic!()
         };
         assert!(r.items.contains_key("v1"), "{r:?}");
+    }
+
+    #[test]
+    fn a_move_refused_because_the_drain_paused_costs_no_attempt() {
+        let mut s = cluster();
+        start(&mut s, "a", Kind::Drain);
+        s.nodes.get_mut("a").unwrap().down = true;
+        tick(&mut s, "a", Kind::Drain, 20);
+        let r = begin(&mut s, "a", Kind::Drain, "v1", "m1", "b");
+        assert!(
+            matches!(&r, Response::Rejected { message, .. } if message.contains("is paused")),
+            "{r:?}"
+        );
+        // The driver reports the refused start; it is not the target's fault.
+        let r = s.apply(Request::Drain(DrainCmd::AttemptFailed {
+            node: "a".into(),
+            id: "drain-a".into(),
+            vps: "v1".into(),
+            attempts: 0,
+            target: "b".into(),
+            reason: "paused".into(),
+            now_ms: 21,
+        }));
+        assert!(matches!(r, Response::Rejected { .. }), "{r:?}");
+        assert!(s.drains["a"].items["v1"].attempts.is_empty());
     }
 
     #[test]
