@@ -829,8 +829,13 @@ async fn cluster_migration_is_one_raft_decision_and_survives_a_controller_failov
             "template missing: {err}"
         );
         // With the template on mig-b too, the stopped VPS moves cold: files
-        // only, and the record follows.
+        // only, and the record follows. (Once mig-a has made it: the
+        // reconciler creates it there after the record.)
         import_template(&b, &mut c, "mig-b", "mini", &tar).await;
+        wait_record(&mut c, &format!("{name}t"), "made on mig-a", |v| {
+            v.observed == "stopped"
+        })
+        .await;
         let (code, out, err) =
             ctl.ferryctl(&["vps", "migrate", &format!("{name}t"), "--to", "mig-b"]);
         assert_eq!(code, 0, "{out}{err}");
