@@ -59,6 +59,28 @@ static ONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 pub const CONTROLLER_PORT: u16 = 7800;
 pub const AGENT_PORT: u16 = 7700;
 
+/// Runs `cmd`: exit code, stdout, stderr.
+pub fn run(mut cmd: std::process::Command) -> (i32, String, String) {
+    let out = cmd.output().expect("ferryctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A single-use join token of `kind`, as an operator makes one.
+async fn join_token(c: &mut Ctl, kind: cpb::JoinKind) -> String {
+    c.create_join_token(cpb::CreateJoinTokenRequest {
+        kind: kind as i32,
+        ttl_secs: 600,
+    })
+    .await
+    .expect("join token")
+    .into_inner()
+    .token
+}
+
 impl Cluster {
     /// One cluster at a time in a test process (they share the admin
     /// credentials and this machine's two cores).
@@ -166,15 +188,7 @@ impl Cluster {
         ferry_proto::addr::use_credentials(&creds).expect("credentials");
         let mut c = self.client_of(first).await;
         for &i in ctl_hosts.iter().skip(1) {
-            let token = c
-                .create_join_token(cpb::CreateJoinTokenRequest {
-                    kind: cpb::JoinKind::Controller as i32,
-                    ttl_secs: 600,
-                })
-                .await
-                .expect("token")
-                .into_inner()
-                .token;
+            let token = join_token(&mut c, cpb::JoinKind::Controller).await;
             let d = self.spawn_controller(
                 i,
                 vec![
@@ -214,15 +228,7 @@ impl Cluster {
             .map(|h| h.i)
             .collect();
         for &i in &agents {
-            let token = c
-                .create_join_token(cpb::CreateJoinTokenRequest {
-                    kind: cpb::JoinKind::Node as i32,
-                    ttl_secs: 600,
-                })
-                .await
-                .expect("token")
-                .into_inner()
-                .token;
+            let token = join_token(&mut c, cpb::JoinKind::Node).await;
             let d = self.spawn_agent(i, token);
             self.hosts[i - 1].agent = Some(d);
         }
@@ -370,37 +376,29 @@ impl Cluster {
         ferry_proto::limits::agent_client(ch)
     }
 
+    /// `ferryctl --credentials ADMIN ARGS`, not run yet (e.g. for a thread
+    /// of its own beside the test).
+    pub fn ferryctl_cmd(&self, args: &[&str]) -> std::process::Command {
+        let mut cmd = std::process::Command::new(self.bin.join("ferryctl"));
+        cmd.arg("--credentials").arg(self.admin_pem()).args(args);
+        cmd
+    }
+
     /// `ferryctl --credentials ADMIN --controller ALL ARGS`: exit code,
     /// stdout, stderr.
     pub fn ferryctl(&self, args: &[&str]) -> (i32, String, String) {
-        let out = std::process::Command::new(self.bin.join("ferryctl"))
-            .arg("--credentials")
-            .arg(self.admin_pem())
-            .args(["--controller", &self.controllers()])
-            .args(args)
-            .output()
-            .expect("ferryctl");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let all = self.controllers();
+        let mut full = vec!["--controller", all.as_str()];
+        full.extend_from_slice(args);
+        run(self.ferryctl_cmd(&full))
     }
 
     /// `ferryctl --agent HOST_I ARGS` (node-local calls: exec, ...).
     pub fn ferryctl_agent(&self, i: usize, args: &[&str]) -> (i32, String, String) {
-        let out = std::process::Command::new(self.bin.join("ferryctl"))
-            .arg("--credentials")
-            .arg(self.admin_pem())
-            .args(["--agent", &Self::agent_addr(i)])
-            .args(args)
-            .output()
-            .expect("ferryctl");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let agent = Self::agent_addr(i);
+        let mut full = vec!["--agent", agent.as_str()];
+        full.extend_from_slice(args);
+        run(self.ferryctl_cmd(&full))
     }
 
     /// Takes host i off both networks (its processes run on).

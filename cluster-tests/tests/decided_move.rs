@@ -37,52 +37,17 @@ async fn a_decided_move_runs_on_the_target_when_its_source_stalls() {
         })
         .await
         .expect("create");
-        let end = Instant::now() + Duration::from_secs(60);
-        loop {
-            let v = c
-                .get_vps(cpb::GetVpsRequest { name: name.clone() })
-                .await
-                .expect("get")
-                .into_inner();
-            if v.observed == "running" {
-                break;
-            }
-            assert!(Instant::now() < end, "{v:?}{}", cl.logs());
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        record_when(&mut c, &name, |v| v.observed == "running").await;
         start_counter(&cl, 1, &name);
         tokio::time::sleep(Duration::from_millis(300)).await;
         let before = counter(ip).await.expect("counter before");
 
-        let (ctl_bin, creds, addrs) = (
-            ferry_cluster_tests::bin_dir().join("ferryctl"),
-            cl.admin_pem(),
-            cl.controllers(),
+        let mover = ferryctl_thread(
+            &cl,
+            &["vps", "migrate", &name, "--to", "n2", "--mode", "stop-copy"],
         );
-        let n = name.clone();
-        let mover = std::thread::spawn(move || {
-            std::process::Command::new(ctl_bin)
-                .arg("--credentials")
-                .arg(creds)
-                .args(["--controller", &addrs])
-                .args(["vps", "migrate", &n, "--to", "n2", "--mode", "stop-copy"])
-                .output()
-                .expect("ferryctl")
-        });
         // The decision: the record moves to n2.
-        let end = Instant::now() + Duration::from_secs(60);
-        loop {
-            let v = c
-                .get_vps(cpb::GetVpsRequest { name: name.clone() })
-                .await
-                .expect("get")
-                .into_inner();
-            if v.node == "n2" {
-                break;
-            }
-            assert!(Instant::now() < end, "never decided: {v:?}{}", cl.logs());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        record_when(&mut c, &name, |v| v.node == "n2").await;
         let decided = Instant::now();
         // It runs on n2 long before the source's 20 s stall ends.
         let mut a2 = cl.agent_client(2).await;
@@ -110,17 +75,12 @@ async fn a_decided_move_runs_on_the_target_when_its_source_stalls() {
         assert!(after >= before, "counter went back: {before} -> {after}");
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(counter(ip).await.unwrap_or(0) > after, "it counts on n2");
-        let out = tokio::task::spawn_blocking(move || mover.join())
+        let (code, text) = tokio::task::spawn_blocking(move || mover.join())
             .await
             .expect("join")
             .expect("mover");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
         eprintln!("{text}");
-        assert!(out.status.success(), "{text}{}", cl.logs());
+        assert_eq!(code, 0, "{text}{}", cl.logs());
         assert!(text.contains("migrated (stop-copy)"), "{text}");
         // The downtime it reports ends when the target ran the VPS, not when
         // the stalled source's word came 20 s after the decision.

@@ -10,29 +10,8 @@ use common::*;
 use std::time::{Duration, Instant};
 
 use ferry_cluster_tests::checker::Checker;
-use ferry_cluster_tests::{bin_dir, Cluster, Role};
+use ferry_cluster_tests::{Cluster, Role};
 use ferry_proto::controller::v1 as cpb;
-
-/// `ferryctl ARGS` against the cluster, run on a thread of its own (for a
-/// `--follow` beside the test).
-fn ferryctl_thread(cl: &Cluster, args: &[&str]) -> std::thread::JoinHandle<(i32, String)> {
-    let mut cmd = std::process::Command::new(bin_dir().join("ferryctl"));
-    cmd.arg("--credentials")
-        .arg(cl.admin_pem())
-        .args(["--controller", &cl.controllers()])
-        .args(args);
-    std::thread::spawn(move || {
-        let out = cmd.output().expect("ferryctl");
-        (
-            out.status.code().unwrap_or(-1),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    })
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_drains_live_through_a_leader_kill_and_restores() {

@@ -197,6 +197,19 @@ pub fn agents(n: usize) -> Vec<(String, ferry_proto::addr::Addr)> {
         .collect()
 }
 
+/// `ferryctl ARGS` against the cluster on a thread of its own (a
+/// `--follow` beside the test): exit code, stdout and stderr together.
+pub fn ferryctl_thread(cl: &Cluster, args: &[&str]) -> std::thread::JoinHandle<(i32, String)> {
+    let all = cl.controllers();
+    let mut full = vec!["--controller", all.as_str()];
+    full.extend_from_slice(args);
+    let cmd = cl.ferryctl_cmd(&full);
+    std::thread::spawn(move || {
+        let (code, out, err) = ferry_cluster_tests::cluster::run(cmd);
+        (code, format!("{out}{err}"))
+    })
+}
+
 /// Bounds a test: a hang fails it instead of holding CI.
 pub async fn bounded<F: std::future::Future<Output = ()>>(secs: u64, f: F) {
     tokio::time::timeout(Duration::from_secs(secs), f)
