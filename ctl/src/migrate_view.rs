@@ -6,14 +6,8 @@ use ferry_proto::agent::v1 as pb;
 use indicatif::{ProgressBar, ProgressStyle};
 
 pub fn parse_mode(s: &str) -> Result<pb::MigrationMode> {
-    Ok(match s {
-        "auto" => pb::MigrationMode::Auto,
-        "post-copy" => pb::MigrationMode::PostCopy,
-        "pre-copy" => pb::MigrationMode::PreCopy,
-        "stop-copy" => pb::MigrationMode::StopCopy,
-        "cold" => pb::MigrationMode::Cold,
-        other => bail!("--mode {other:?}: use auto, post-copy, pre-copy, stop-copy or cold"),
-    })
+    ferry_proto::modes::parse(s)
+        .ok_or_else(|| anyhow::anyhow!("--mode {s:?}: use {}", ferry_proto::modes::all()))
 }
 
 /// Prints progress until the final event; exit code 0 on success, 1 on failure.

@@ -9,6 +9,7 @@
 //!
 //! - [`names`]: naming rules both sides enforce.
 //! - [`ids`]: user-namespace id ranges of unprivileged VPSes.
+//! - [`modes`]: migration modes by name.
 //! - [`tls`]: mutual TLS: the cluster CA and identities, the TLS transport,
 //!   per-call authorization.
 //! - [`limits`]: gRPC message size limits and clients built with them.
@@ -19,6 +20,7 @@
 pub mod addr;
 pub mod ids;
 pub mod limits;
+pub mod modes;
 pub mod names;
 pub mod tls;
 

@@ -7,7 +7,6 @@ use ferry_proto::controller::v1 as cpb;
 use super::{applied, now_ms};
 use crate::error::ControllerError;
 use crate::host::Controller;
-use crate::ops::migration::mode_name;
 use crate::planner;
 use crate::state::drain::{Drain, DrainCmd, ItemStatus, Kind, DEFAULT_PARALLEL, MAX_PARALLEL};
 use crate::state::{ClusterState, RejectCode, Request, Response};
@@ -86,7 +85,7 @@ fn parallel(p: u32) -> Result<u32, ControllerError> {
 
 fn mode(m: i32) -> Result<&'static str, ControllerError> {
     apb::MigrationMode::try_from(m)
-        .map(mode_name)
+        .map(ferry_proto::modes::name)
         .map_err(|_| ControllerError::invalid("mode", format!("{m} is not a migration mode")))
 }
 

@@ -42,16 +42,6 @@ impl DriverState {
     }
 }
 
-fn parse_mode(m: &str) -> apb::MigrationMode {
-    match m {
-        "post-copy" => apb::MigrationMode::PostCopy,
-        "pre-copy" => apb::MigrationMode::PreCopy,
-        "stop-copy" => apb::MigrationMode::StopCopy,
-        "cold" => apb::MigrationMode::Cold,
-        _ => apb::MigrationMode::Auto,
-    }
-}
-
 pub async fn tick(ctl: &Arc<Controller>) {
     let Ok(m) = ctl.member().await else {
         return;
@@ -168,7 +158,7 @@ async fn move_one(
         Move {
             name: name.clone(),
             to_node: target.clone(),
-            mode: parse_mode(&mode),
+            mode: ferry_proto::modes::parse(&mode).unwrap_or(apb::MigrationMode::Auto),
             verify: false,
             drain: Some(r.clone()),
         },

@@ -52,16 +52,6 @@ pub struct Started {
     pub events: MigrationStream,
 }
 
-pub fn mode_name(m: apb::MigrationMode) -> &'static str {
-    match m {
-        apb::MigrationMode::Auto => "auto",
-        apb::MigrationMode::PostCopy => "post-copy",
-        apb::MigrationMode::PreCopy => "pre-copy",
-        apb::MigrationMode::StopCopy => "stop-copy",
-        apb::MigrationMode::Cold => "cold",
-    }
-}
-
 /// Records the migration and starts it on the source agent.
 pub async fn start(ctl: &Controller, r: Move) -> Result<Started, ControllerError> {
     let mode = r.mode;
@@ -95,7 +85,7 @@ pub async fn start(ctl: &Controller, r: Move) -> Result<Started, ControllerError
             name: r.name.clone(),
             id: id.clone(),
             target: r.to_node.clone(),
-            mode: mode_name(mode).into(),
+            mode: ferry_proto::modes::name(mode).into(),
             now_ms: now_ms(),
             drain: r.drain.clone(),
         }))
