@@ -28,6 +28,22 @@ use serde::{Deserialize, Serialize};
 
 use super::{reject, ClusterState, RejectCode, Response};
 
+/// The longest reason an item keeps. Reasons come from agents (a node's
+/// error text) and from the scheduler (one clause per node): a record in
+/// Raft must not grow with either.
+pub const REASON_MAX: usize = 1024;
+
+fn clip(s: &str) -> String {
+    if s.len() <= REASON_MAX {
+        return s.to_string();
+    }
+    let mut end = REASON_MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
 /// Migrations tried for one item before it is `failed`.
 pub const MAX_ATTEMPTS: usize = 3;
 /// Moves at a time when none is given, and the most a drain may ask for.
@@ -348,7 +364,7 @@ pub(super) fn on_decided(
         let why = if reason.is_empty() {
             "the migration was cancelled".to_string()
         } else {
-            reason.to_string()
+            clip(reason)
         };
         if let Some(a) = i.attempts.last_mut() {
             if a.error.is_empty() {
@@ -596,13 +612,12 @@ impl ClusterState {
                     );
                 };
                 i.status = ItemStatus::Skipped;
-                i.reason = reason.clone();
-                self.events.push(
-                    now_ms,
-                    "node",
-                    &node,
-                    format!("drain of {node}: {vps} skipped, it stays where it is: {reason}"),
+                i.reason = clip(&reason);
+                let msg = format!(
+                    "drain of {node}: {vps} skipped, it stays where it is: {}",
+                    i.reason
                 );
+                self.events.push(now_ms, "node", &node, msg);
                 Response::Ok
             }
             DrainCmd::AttemptFailed {
@@ -629,7 +644,7 @@ impl ClusterState {
                 i.attempts.push(Attempt {
                     target,
                     migration_id: String::new(),
-                    error: reason,
+                    error: clip(&reason),
                 });
                 let msg = fail_or_retry(i, kind, &node, &vps);
                 self.events.push(now_ms, "node", &node, msg);
@@ -660,7 +675,7 @@ impl ClusterState {
                         // (a failed attempt only: a lost progress stream of
                         // a move that succeeded is no error).
                         if !error.is_empty() && !a.error.is_empty() {
-                            a.error = error;
+                            a.error = clip(&error);
                         }
                     }
                     if i.migration_id == migration_id {
@@ -1118,6 +1133,23 @@ mod tests {
         }));
         assert!(matches!(r, Response::Rejected { .. }), "{r:?}");
         assert!(s.drains["a"].items["v1"].attempts.is_empty());
+    }
+
+    #[test]
+    fn a_reason_from_a_node_is_kept_short() {
+        let mut s = cluster();
+        start(&mut s, "a", Kind::Drain);
+        let long = "é".repeat(5000);
+        s.apply(Request::Drain(DrainCmd::Skip {
+            node: "a".into(),
+            id: "drain-a".into(),
+            vps: "v1".into(),
+            reason: long,
+            now_ms: 13,
+        }));
+        let r = &s.drains["a"].items["v1"].reason;
+        assert!(r.len() <= REASON_MAX + '…'.len_utf8(), "{}", r.len());
+        assert!(r.ends_with('…'));
     }
 
     #[test]
