@@ -12,7 +12,8 @@
 //! - [`daemon`]: a daemon process inside a host, and the fault verbs on it.
 //! - [`cluster`]: forming the cluster (CA, join tokens), clients, ferryctl.
 //! - [`checker`]: the exactly-once checker.
-//! - [`sweep`]: teardown, also of what a killed earlier run left.
+//! - [`sweep`]: teardown, also of what a killed earlier run left; [`reap`]:
+//!   killing and unmounting what a run left.
 //!
 //! Tests need root and the workspace's binaries built (`scripts/test.sh`
 //! builds them first).
@@ -21,6 +22,7 @@ pub mod checker;
 pub mod cluster;
 pub mod daemon;
 pub mod net;
+pub mod reap;
 pub mod sweep;
 
 pub use cluster::{Cluster, Role};

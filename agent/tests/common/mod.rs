@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 #[path = "../../../cluster-tests/src/checker.rs"]
 pub mod checker;
 pub mod cluster;
+#[path = "../../../cluster-tests/src/reap.rs"]
+mod reap;
 #[allow(unused_imports)]
 pub use cluster::*;
 
@@ -296,14 +298,6 @@ impl Drop for Host {
     }
 }
 
-fn cgroup_mounts() -> Vec<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    info.lines()
-        .filter(|l| l.contains(" - cgroup ") || l.contains(" - cgroup2 "))
-        .filter_map(|l| l.split(' ').nth(4).map(PathBuf::from))
-        .collect()
-}
-
 /// Removes everything a test host made, agent or no agent.
 pub fn cleanup(id: &str) {
     let dir = Path::new(ROOT).join(id);
@@ -311,51 +305,10 @@ pub fn cleanup(id: &str) {
     // With the slash: `ft1x1` must not match `ft1x1Ab3/`, a concurrent
     // test's controllers (their dir shares the prefix), which it killed.
     let dir_s = format!("{}/", dir.to_string_lossy());
-    for p in pids_matching(|cmdline| cmdline.contains(&dir_s)) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(p),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
+    reap::kill_naming(&dir_s);
     let inst = ferry_agent::paths::Paths::instance_id(&dir.join("run"));
-    for m in cgroup_mounts() {
-        let base = m.join("ferry").join(&inst);
-        if !base.exists() {
-            continue;
-        }
-        for _ in 0..100 {
-            let mut leaves = Vec::new();
-            collect_dirs(&base, &mut leaves);
-            leaves.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-            for d in &leaves {
-                if let Ok(procs) = std::fs::read_to_string(d.join("cgroup.procs")) {
-                    for p in procs.lines().filter_map(|l| l.trim().parse().ok()) {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(p),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
-                    }
-                }
-                let _ = std::fs::remove_dir(d);
-            }
-            if !base.exists() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    // Deepest mounts first.
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut mounts: Vec<String> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|m| m.starts_with(&dir_s))
-        .map(str::to_string)
-        .collect();
-    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-    for m in mounts {
-        let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
-    }
+    reap::kill_cgroup_tree(&Path::new("ferry").join(inst));
+    reap::unmount_under(&dir_s);
     let _ = std::fs::remove_dir_all(&dir);
     if Path::new("/run/netns").join(id).exists() {
         let _ = Command::new("ip").args(["netns", "del", id]).status();
@@ -364,33 +317,6 @@ pub fn cleanup(id: &str) {
     if Path::new("/sys/class/net").join(id).exists() {
         let _ = Command::new("ip").args(["link", "del", id]).status();
     }
-}
-
-fn collect_dirs(d: &Path, out: &mut Vec<PathBuf>) {
-    out.push(d.to_path_buf());
-    if let Ok(rd) = std::fs::read_dir(d) {
-        for e in rd.flatten() {
-            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                collect_dirs(&e.path(), out);
-            }
-        }
-    }
-}
-
-fn pids_matching(f: impl Fn(&str) -> bool) -> Vec<i32> {
-    let me = std::process::id() as i32;
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|p| *p != me)
-        .filter(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline"))
-                .map(|b| f(&String::from_utf8_lossy(&b).replace('\0', " ")))
-                .unwrap_or(false)
-        })
-        .collect()
 }
 
 /// Hosts of test processes that no longer run (a killed earlier run).
