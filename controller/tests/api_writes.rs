@@ -114,6 +114,87 @@ async fn bad_input_is_refused_without_a_raft_entry() {
         .code(),
         Code::NotFound
     );
+    // Drains: bad input is named; a dry run plans and writes nothing.
+    let drain = |node: &str| cpb::DrainNodeRequest {
+        node: node.into(),
+        ..Default::default()
+    };
+    let cases: Vec<(cpb::DrainNodeRequest, Code, &str)> = vec![
+        (drain(""), Code::InvalidArgument, "node"),
+        (drain("ghost"), Code::NotFound, "ghost"),
+        (
+            cpb::DrainNodeRequest {
+                parallel: 17,
+                ..drain("node-a")
+            },
+            Code::InvalidArgument,
+            "parallel",
+        ),
+        (
+            cpb::DrainNodeRequest {
+                mode: 99,
+                ..drain("node-a")
+            },
+            Code::InvalidArgument,
+            "mode",
+        ),
+        (
+            cpb::DrainNodeRequest {
+                deadline_secs: 30 * 24 * 3600,
+                ..drain("node-a")
+            },
+            Code::InvalidArgument,
+            "deadline_secs",
+        ),
+    ];
+    for (req, code, word) in cases {
+        let e = c.drain_node(req).await.unwrap_err();
+        assert_eq!(e.code(), code, "{}", e.message());
+        assert!(
+            e.message().contains(word),
+            "{:?} should name {word}",
+            e.message()
+        );
+    }
+    let plan = c
+        .drain_node(cpb::DrainNodeRequest {
+            dry_run: true,
+            ..drain("node-a")
+        })
+        .await
+        .expect("dry run")
+        .into_inner();
+    assert!(plan.drain.is_none());
+    assert_eq!(plan.plan.len(), 1, "{plan:?}");
+    assert_eq!(plan.plan[0].vps, "web1");
+    assert!(
+        plan.plan[0]
+            .reason
+            .starts_with("stays: no node can take it"),
+        "{plan:?}"
+    );
+    for e in [
+        c.get_drain(cpb::GetDrainRequest {
+            node: "node-a".into(),
+        })
+        .await
+        .unwrap_err(),
+        c.cancel_drain(cpb::CancelDrainRequest {
+            node: "node-a".into(),
+        })
+        .await
+        .unwrap_err(),
+    ] {
+        assert_eq!(e.code(), Code::NotFound, "{}", e.message());
+    }
+    let n = c
+        .get_node(cpb::GetNodeRequest {
+            name: "node-a".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(n.status, "ready", "a dry run cordons nothing");
 
     let after = cl
         .status(cl.leader(&[0, 1, 2]).await)

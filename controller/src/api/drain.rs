@@ -8,7 +8,9 @@ use super::{applied, now_ms};
 use crate::error::ControllerError;
 use crate::host::Controller;
 use crate::planner;
-use crate::state::drain::{Drain, DrainCmd, ItemStatus, Kind, DEFAULT_PARALLEL, MAX_PARALLEL};
+use crate::state::drain::{
+    Drain, DrainCmd, DrainState, ItemStatus, Kind, DEFAULT_PARALLEL, MAX_PARALLEL,
+};
 use crate::state::{ClusterState, RejectCode, Request, Response};
 
 /// The wire form of a drain; `live` adds the leader's progress of each move.
@@ -199,6 +201,23 @@ pub async fn get(ctl: &Controller, node: &str) -> Result<cpb::Drain, ControllerE
 pub async fn cancel(ctl: &Controller, node: &str) -> Result<cpb::Drain, ControllerError> {
     check_node(node)?;
     let m = ctl.member().await?;
+    // Refused before anything is written: no drain, or one that ended.
+    m.read_barrier().await?;
+    m.sm.read(|a| match a.state.drains.get(node) {
+        None => Err(ControllerError::Rejected {
+            code: RejectCode::NotFound,
+            message: format!("node {node:?} has no drain or restore"),
+        }),
+        Some(d) if d.state != DrainState::Running => Err(ControllerError::Rejected {
+            code: RejectCode::FailedPrecondition,
+            message: format!(
+                "the {} of {node} has ended ({})",
+                d.kind.name(),
+                d.state.name()
+            ),
+        }),
+        Some(_) => Ok(()),
+    })?;
     let cmd = DrainCmd::Cancel {
         node: node.to_string(),
         now_ms: now_ms(),
