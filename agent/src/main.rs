@@ -95,6 +95,10 @@ struct ServeArgs {
     /// (e.g. udp:53 for a resolver on the host; repeatable).
     #[arg(long = "vps-host-allow")]
     vps_host_allow: Vec<ferry_agent::net::firewall::Allow>,
+    /// How often the safety net releases what stopped VPSes still hold
+    /// (tests shorten it to race it against migrations).
+    #[arg(long, default_value_t = 30_000, hide = true)]
+    reap_interval_ms: u64,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -255,7 +259,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             );
         }
         let agent = Agent::open(cfg).await.context("starting the agent")?;
-        agent.spawn_reaper();
+        agent.spawn_reaper(std::time::Duration::from_millis(
+            args.reap_interval_ms.max(10),
+        ));
         if !args.controller.is_empty() {
             let link = ferry_agent::cluster::ClusterLink {
                 controllers: args.controller.clone(),

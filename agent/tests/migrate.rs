@@ -1672,3 +1672,55 @@ async fn an_arriving_vps_refuses_outside_calls_until_its_move_settles() {
 fn marker_exists(h: &Host, name: &str) -> bool {
     h.data_dir().join(format!("vps/{name}/incoming")).exists()
 }
+
+/// The agent's safety net (releasing what a stopped VPS still holds) raced
+/// against arrivals: a VPS held mid-restore (CRIU waiting for the go, init
+/// not reported running yet) read as stopped, the reaper tore it down, its
+/// restored tree was SIGKILLed, CRIU hung and a committed move failed with
+/// "VPS init did not report running in time" (1 run in 5 of the churn
+/// test). Here the reaper runs every 20 ms on both agents while the VPS
+/// moves back and forth in both live modes: every move arrives running.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_reaper_leaves_a_vps_arriving_mid_restore_alone() {
+    let _heavy = HEAVY.lock().await;
+    bounded(300, async {
+        let lan = Lan::new();
+        let fast = vec!["--reap-interval-ms".to_string(), "20".to_string()];
+        let a = Host::on_lan(&lan, "10.77.0.57/16", fast.clone()).await;
+        let b = Host::on_lan(&lan, "10.77.0.58/16", fast).await;
+        let name = format!("rp{}", std::process::id());
+        let mut ca = a.client().await;
+        let mut cb = b.client().await;
+        create_started(&mut ca, spec(&name, Some("10.77.9.15"))).await;
+        start_counter(&mut ca, &name).await;
+        let mut last = 0;
+        for k in 0..6 {
+            let mode = if k % 2 == 0 {
+                pb::MigrationMode::StopCopy
+            } else {
+                pb::MigrationMode::PostCopy
+            };
+            let (from, to, c) = if k % 2 == 0 {
+                (&mut ca, &b, &mut cb)
+            } else {
+                (&mut cb, &a, &mut ca)
+            };
+            let ev = migrate_vps(from, &name, to, mode, false, |_| {}).await;
+            assert!(
+                ev.error.is_empty(),
+                "move {k} ({mode:?}): {}\n{}\n{}",
+                ev.error,
+                a.agent_log(),
+                b.agent_log()
+            );
+            let v = get(c, &name).await;
+            assert!(running(&v), "move {k}: {v:?}");
+            // The running VPS came along: its counter goes on.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let n = counter(c, &name).await;
+            assert!(n > last, "move {k}: counter {last} -> {n}");
+            last = n;
+        }
+    })
+    .await;
+}

@@ -84,7 +84,15 @@ impl Agent {
     async fn release_if_stopped(&self, name: &str) {
         let lock = self.lock_for(name);
         let _g = lock.lock().await;
-        if self.status(name).is_running() || !self.holds_resources(name) {
+        // A VPS moving is its migration's: an arrival held mid-restore (CRIU
+        // waiting for the go, init not reported running yet) reads as
+        // stopped, and tearing it down SIGKILLed its restored tree, which
+        // hung CRIU and failed a committed move.
+        if self.arriving(name)
+            || self.migrating_id(name).is_some()
+            || self.status(name).is_running()
+            || !self.holds_resources(name)
+        {
             return;
         }
         if let Err(e) = self.teardown(name).await {
@@ -92,12 +100,13 @@ impl Agent {
         }
     }
 
-    /// The safety net behind the watches.
-    pub fn spawn_reaper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+    /// The safety net behind the watches: every `every`, releases what a
+    /// stopped VPS still holds.
+    pub fn spawn_reaper(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
         let agent = Arc::clone(self);
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(30)).await;
+                tokio::time::sleep(every).await;
                 let names: Vec<String> = std::fs::read_dir(&agent.paths.run_dir)
                     .into_iter()
                     .flatten()
