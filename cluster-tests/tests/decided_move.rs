@@ -104,3 +104,81 @@ async fn a_decided_move_runs_on_the_target_when_its_source_stalls() {
         .await
         .expect("test timed out");
 }
+
+/// A decided move whose restored VPS dies on the target before it runs
+/// (`FERRY_FAILPOINT=kill-held-arrival` on the target's agent SIGKILLs the
+/// held tree, standing in for a restore killed then): the target notices at
+/// once instead of waiting on a CRIU that never answers, keeps the VPS as
+/// a stopped VPS of its own with its files, leaves no monitor, CRIU or
+/// images behind; the operator is told, and the controller starts the VPS
+/// again there from its files. It never runs on both nodes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_decided_arrival_that_dies_stays_on_the_target_and_is_started_again() {
+    let _one = Cluster::lock().await;
+    bounded(300, async {
+        let cl = Cluster::start_with(
+            &[Role::Both, Role::Both, Role::Controller],
+            &[(2, "FERRY_FAILPOINT", "kill-held-arrival:0")],
+        )
+        .await;
+        let (_, mut c) = cl.leader().await;
+        let name = format!("la{}", std::process::id());
+        let ip = "10.85.3.20";
+        create_unpinned_on(&cl, &mut c, 1, &[(name.clone(), ip.to_string())], 64).await;
+        start_counter(&cl, 1, &name);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(counter(ip).await.is_some_and(|n| n > 0));
+        let checker = ferry_cluster_tests::checker::Checker::start(agents(2), None, Vec::new());
+
+        let t = Instant::now();
+        let (code, out, err) =
+            cl.ferryctl(&["vps", "migrate", &name, "--to", "n2", "--mode", "stop-copy"]);
+        let took = t.elapsed();
+        assert_ne!(code, 0, "{out}{err}");
+        assert!(
+            err.contains("died before it ran") && err.contains("stays on this node, stopped"),
+            "{out}{err}"
+        );
+        assert!(took < Duration::from_secs(30), "the failure took {took:?}");
+
+        // It is n2's, and the controller starts it again there.
+        let v = record_when(&mut c, &name, |v| v.node == "n2" && v.observed == "running").await;
+        assert_eq!(v.node, "n2");
+        let mut answered = None;
+        for _ in 0..50 {
+            answered = counter(ip).await;
+            if answered.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(answered.is_some(), "{name} does not answer at {ip} on n2");
+        let mut a1 = cl.agent_client(1).await;
+        assert!(
+            a1.get_vps(apb::GetVpsRequest { name: name.clone() })
+                .await
+                .is_err(),
+            "the source kept a copy"
+        );
+        // Nothing of the dead restore stays on n2.
+        let h2 = cl.dir.join("h2/agent/work");
+        let left: Vec<String> = std::fs::read_dir(&h2)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .collect();
+        assert!(left.is_empty(), "scratch left on n2: {left:?}");
+        let procs: Vec<String> = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .filter(|c| c.contains(&h2.display().to_string()))
+            .collect();
+        assert!(procs.is_empty(), "left running: {procs:#?}");
+        checker.finish().await;
+    })
+    .await;
+}

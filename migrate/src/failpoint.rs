@@ -4,7 +4,9 @@
 //! environment lookup.
 //!
 //! Points: `commit-before-finish` (the source, between the decision and
-//! telling the target to run the VPS).
+//! telling the target to run the VPS); `kill-held-arrival` (the target,
+//! after the decision: SIGKILLs the restored tree before it runs, standing
+//! in for a restore that dies then; SECS is ignored).
 
 use std::time::Duration;
 

@@ -216,15 +216,20 @@ impl VpsCgroup {
         out
     }
 
+    /// SIGKILLs every task in it.
+    pub fn kill_tasks(&self) {
+        for pid in self.pids() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+
     /// Kills whatever is left and removes the cgroup directories.
     pub fn destroy(&self) -> Result<()> {
         for attempt in 0..50 {
-            for pid in self.pids() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
+            self.kill_tasks();
             let mut busy = None;
             // Deepest first: the leaf and what the VPS made below it.
             let mut all: Vec<PathBuf> = self.dirs().iter().flat_map(|d| subtree(d)).collect();

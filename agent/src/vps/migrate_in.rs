@@ -620,7 +620,14 @@ impl Agent {
                     tracing::error!(vps = %name, error = %e, "the moved VPS's link stays down");
                 }
                 let _window = self.freeze_window();
-                h.go().await?;
+                if ferry_migrate::failpoint::delay("kill-held-arrival").is_some() {
+                    tracing::warn!(vps = %name, "FERRY_FAILPOINT: killing the held arrival");
+                    self.cgroup(&name).kill_tasks();
+                }
+                let cg = self.cgroup(&name);
+                if let Err(e) = h.go(move || !cg.pids().is_empty()).await {
+                    return Err(self.arrival_lost(&i, &rec, e).await);
+                }
             }
             let ran_at = std::time::Instant::now();
             // It runs: the LAN learns where first.
@@ -695,6 +702,38 @@ impl Agent {
             vps: None,
             ran_ms_ago: 0,
         })
+    }
+
+    /// A decided arrival whose restored processes never ran (its restore
+    /// died after the decision): the VPS is this node's now, so it stays
+    /// here as a stopped VPS with its files, and its kernel objects, images
+    /// and arrival marks go; a controller starts it again from its files
+    /// (its processes and memory are lost). Returns the error to report.
+    async fn arrival_lost(&self, i: &Incoming, rec: &VpsRecord, e: AgentError) -> AgentError {
+        let tail = crate::criu::log_tail;
+        tracing::error!(
+            vps = %i.name,
+            error = %e,
+            restore = %tail(&i.images.join(crate::criu::restore::RESTORE_LOG)),
+            monitor = %tail(&self.paths.vps_run(&i.name).join("monitor.log")),
+            "the decided arrival did not run; it stays here stopped"
+        );
+        crate::criu::clear_leftover_mounts(&i.images);
+        let mut kept = true;
+        if let Err(t) = self.teardown(&i.name).await {
+            tracing::error!(vps = %i.name, error = %t, "releasing the lost arrival");
+            kept = false;
+        }
+        crate::criu::remove_work_dir(&i.images);
+        if let Err(s) = self.save_record(rec) {
+            tracing::error!(vps = %i.name, error = %s, "recording the lost arrival");
+        }
+        let _ = std::fs::remove_file(self.paths.vps(&i.name).join(INCOMING_MARKER));
+        AgentError::Internal(format!(
+            "{e}; the move was decided, so VPS {} stays on this node{}, with its files but              not its processes: start it again",
+            i.name,
+            if kept { ", stopped" } else { "" }
+        ))
     }
 
     /// Removes an arriving VPS: its kernel objects (the cgroup's removal kills

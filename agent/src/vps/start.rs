@@ -263,7 +263,7 @@ impl Agent {
                 .take()
                 .ok_or_else(|| AgentError::Internal("monitor has no stdin".into()))?;
             return Ok(Some(Held {
-                _child: child,
+                child,
                 stdin,
                 reader,
                 run: run.to_path_buf(),
@@ -377,14 +377,15 @@ pub(crate) struct Resume {
 /// network is still locked. `go` lets it run; dropping it (or `abort`) makes
 /// CRIU kill the tree.
 pub(crate) struct Held {
-    _child: tokio::process::Child,
+    child: tokio::process::Child,
     stdin: tokio::process::ChildStdin,
     reader: tokio::io::BufReader<tokio::process::ChildStdout>,
     run: PathBuf,
 }
 
 impl Held {
-    pub async fn go(mut self) -> Result<()> {
+    /// Lets it run; `alive` says whether its restored tree is still there.
+    pub async fn go(mut self, alive: impl Fn() -> bool) -> Result<()> {
         use tokio::io::AsyncWriteExt;
         self.stdin
             .write_all(b"go\n")
@@ -392,9 +393,40 @@ impl Held {
             .map_err(|e| AgentError::io("telling the monitor to resume", e))?;
         let mut line = String::new();
         // Past the decision there is no going back, so this waits long: CRIU
-        // finishing a restore of gigabytes can take a while under load.
-        let read = tokio::time::timeout(GO_TIMEOUT, self.reader.read_line(&mut line)).await;
-        monitor_report(read, &line, &self.run)
+        // finishing a restore of gigabytes can take a while under load. But
+        // not for a tree that is gone: CRIU does not always notice its root
+        // die under it (it waits for ever).
+        let gone = async {
+            let mut missing = 0;
+            loop {
+                tokio::time::sleep(TREE_CHECK).await;
+                missing = if alive() { 0 } else { missing + 1 };
+                if missing >= 2 {
+                    return;
+                }
+            }
+        };
+        let read = tokio::select! {
+            r = tokio::time::timeout(GO_TIMEOUT, self.reader.read_line(&mut line)) => r,
+            () = gone => {
+                return Err(self.kill_with(AgentError::Internal(
+                    "the restored VPS died before it ran (its processes were killed)".into(),
+                )).await);
+            }
+        };
+        let res = monitor_report(read, &line, &self.run);
+        match res {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.kill_with(e).await),
+        }
+    }
+
+    /// A restore that never finishes (its tree killed under it, CRIU stuck)
+    /// must not leave the monitor and CRIU (tied to it) behind.
+    async fn kill_with(mut self, e: AgentError) -> AgentError {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+        e
     }
 
     pub async fn abort(mut self) {
@@ -407,6 +439,8 @@ impl Held {
 
 /// How long a held VPS may take to run once told to go.
 const GO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+/// How often a VPS told to go is checked for its restored tree.
+const TREE_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// CRIU's log level: FERRY_CRIU_LOG_LEVEL (0-4), default 2 (warnings); 4 for debugging.
 pub(crate) fn criu_log_level() -> i32 {
