@@ -10,6 +10,7 @@
 //! - [`names`]: naming rules both sides enforce.
 //! - [`ids`]: user-namespace id ranges of unprivileged VPSes.
 //! - [`modes`]: migration modes by name.
+//! - [`report`]: a VPS's status words in a node's heartbeat.
 //! - [`tls`]: mutual TLS: the cluster CA and identities, the TLS transport,
 //!   per-call authorization.
 //! - [`limits`]: gRPC message size limits and clients built with them.
@@ -22,6 +23,7 @@ pub mod ids;
 pub mod limits;
 pub mod modes;
 pub mod names;
+pub mod report;
 pub mod tls;
 
 pub mod agent {

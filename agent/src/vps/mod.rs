@@ -398,9 +398,18 @@ impl Agent {
     }
 
     /// Refuses a controller's call that carries an older generation than the
-    /// one this agent holds for the VPS (a newer one is recorded). Generation 0,
-    /// node-local use, is never refused.
+    /// one this agent holds for the VPS (a newer one is recorded); generation
+    /// 0 (node-local use) passes that check. Any call on a VPS going out by a
+    /// migration is refused until the migration ends.
     pub fn fence(&self, name: &str, generation: u64) -> Result<()> {
+        // A VPS going out by a migration is the migration's until it ends
+        // (it removes the copy here or resumes it): a destroy, stop or
+        // start now would race it.
+        if let Some(id) = self.migrating_id(name) {
+            return Err(AgentError::FailedPrecondition(format!(
+                "VPS {name} is migrating ({id}); try again once the move has ended"
+            )));
+        }
         if generation == 0 {
             return Ok(());
         }

@@ -1,13 +1,11 @@
 //! Get and list: the record, the runtime status and live usage.
 
 use ferry_proto::agent::v1 as pb;
+use ferry_proto::report;
 
 use super::{Agent, Status, VpsRecord};
 use crate::error::Result;
 use crate::runtime::RuntimeState;
-
-/// Heartbeat status of a VPS still arriving by migration.
-pub const ARRIVING: &str = "arriving";
 
 impl Agent {
     pub async fn get(&self, name: &str) -> Result<pb::Vps> {
@@ -138,14 +136,20 @@ impl Agent {
         let mut reports = Vec::new();
         for r in self.records() {
             let status = match self.status(&r.config.name) {
-                Status::Running(_) => "running",
-                Status::Stopping(_) => "stopping",
-                Status::Stopped(_) => "stopped",
+                Status::Running(_) => report::RUNNING,
+                Status::Stopping(_) => report::STOPPING,
+                Status::Stopped(_) => report::STOPPED,
             };
-            if status != "stopped" {
+            if status != report::STOPPED {
                 usage.vps_running += 1;
                 usage.memory_bytes += self.cgroup(&r.config.name).usage().memory_bytes;
             }
+            // Going out by a migration: its migration settles it.
+            let status = if self.migrating_id(&r.config.name).is_some() {
+                report::LEAVING
+            } else {
+                status
+            };
             reports.push(ferry_proto::controller::v1::VpsReport {
                 name: r.config.name,
                 generation: r.config.generation,
@@ -166,7 +170,7 @@ impl Agent {
                 reports.push(ferry_proto::controller::v1::VpsReport {
                     name,
                     generation: r.config.generation,
-                    status: ARRIVING.into(),
+                    status: report::ARRIVING.into(),
                 });
             }
         }

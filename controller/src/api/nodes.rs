@@ -1,6 +1,7 @@
 //! Nodes: an agent registers; operators list, inspect, cordon.
 
 use ferry_proto::controller::v1 as cpb;
+use ferry_proto::report;
 
 use super::{applied, now_ms};
 use crate::error::ControllerError;
@@ -154,7 +155,9 @@ pub async fn heartbeat(ctl: &Controller, r: cpb::HeartbeatRequest) -> Result<(),
                     .get(&v.spec.name)
                     .map(|(_, s)| s.clone())
                     .unwrap_or_else(|| "pending".into());
-                (now != v.observed).then(|| (v.spec.name.clone(), now))
+                // A VPS going out by a migration is as it was until the
+                // move settles.
+                (now != v.observed && now != report::LEAVING).then(|| (v.spec.name.clone(), now))
             })
             .collect();
         (

@@ -10,13 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_proto::agent::v1 as apb;
+use ferry_proto::report::{ARRIVING, LEAVING};
 
 use crate::host::Controller;
 use crate::state::{ClusterState, Desired};
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// A node's report for a VPS still arriving by migration (the agent's word).
-pub const ARRIVING: &str = "arriving";
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Agent calls in flight at once.
 const PARALLEL: usize = 16;
@@ -83,8 +82,9 @@ pub fn plan(
             continue;
         }
         let action = match (report.vps.get(&v.spec.name), v.desired) {
-            // Still arriving: its migration settles it, nobody else.
-            (Some((_, st)), _) if st == ARRIVING => None,
+            // Still arriving, or leaving: its migration settles it, nobody
+            // else.
+            (Some((_, st)), _) if st == ARRIVING || st == LEAVING => None,
             // Moved here just now: the target is still finishing it.
             (None, _) if settling.contains(&v.spec.name) => None,
             (None, d) => Some(Action::Create {
@@ -124,9 +124,11 @@ pub fn plan(
         for (name, (generation, status)) in &report.vps {
             let ours = s.vps.get(name).is_some_and(|v| &v.node == node_name);
             let migrating = s.vps.get(name).is_some_and(|v| v.migration.is_some());
-            // An arrival is its migration's to keep or drop.
-            let arriving = status == ARRIVING;
-            if *generation > 0 && !ours && !migrating && !arriving {
+            // An arrival is its migration's to keep or drop; a source's
+            // copy its migration's to remove (after a committed move) or
+            // resume (after a rolled-back one).
+            let moving = status == ARRIVING || status == LEAVING;
+            if *generation > 0 && !ours && !migrating && !moving {
                 steps.push(Step {
                     node: node_name.clone(),
                     node_addr: node.addr.clone(),
@@ -442,5 +444,30 @@ mod tests {
             &HashSet::new()
         )
         .is_empty());
+    }
+
+    /// The source's copy of a VPS a migration is moving away (its node
+    /// reports it leaving) is left to the migration: not destroyed as a
+    /// stray once the decision has moved the record (the migration removes
+    /// it itself), not started or stopped while it is still the VPS's node.
+    #[test]
+    fn a_leaving_vps_is_left_to_its_migration() {
+        let s = state();
+        // Still placed here.
+        assert!(plan(&s, &seen(&[("v", 1, LEAVING)]), &HashSet::new()).is_empty());
+        // Decided: the record is elsewhere now, the source still holds it.
+        let mut moved = s.clone();
+        moved.vps.get_mut("v").unwrap().node = "b".into();
+        let steps = plan(&moved, &seen(&[("v", 1, LEAVING)]), &HashSet::new());
+        assert!(
+            !steps.iter().any(|st| st.node == "a"),
+            "acted on the source's copy: {:?}",
+            steps.iter().map(|st| short(&st.action)).collect::<Vec<_>>()
+        );
+        // Once it no longer says so, a copy left behind is a stray.
+        let steps = plan(&moved, &seen(&[("v", 1, "running")]), &HashSet::new());
+        assert!(steps
+            .iter()
+            .any(|st| st.node == "a" && short(&st.action) == "destroy"));
     }
 }
