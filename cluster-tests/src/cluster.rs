@@ -26,6 +26,9 @@ pub enum Role {
     Controller,
     Agent,
     Both,
+    /// Nothing at first: a host a test adds later (see
+    /// [`Cluster::join_controller`]).
+    Spare,
 }
 
 impl Role {
@@ -188,38 +191,7 @@ impl Cluster {
         ferry_proto::addr::use_credentials(&creds).expect("credentials");
         let mut c = self.client_of(first).await;
         for &i in ctl_hosts.iter().skip(1) {
-            let token = join_token(&mut c, cpb::JoinKind::Controller).await;
-            let d = self.spawn_controller(
-                i,
-                vec![
-                    "--join".into(),
-                    token,
-                    "--via".into(),
-                    Self::controller_addr(first),
-                ],
-            );
-            self.hosts[i - 1].controller = Some(d);
-            let pem = self.host_dir(i).join("controller/pki/controller.pem");
-            let end = Instant::now() + Duration::from_secs(15);
-            while !pem.exists() {
-                assert!(Instant::now() < end, "replica {i} never joined");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            let end = Instant::now() + Duration::from_secs(30);
-            loop {
-                let r = c
-                    .add_member(cpb::AddMemberRequest {
-                        addr: Self::controller_addr(i),
-                    })
-                    .await;
-                match r {
-                    Ok(_) => break,
-                    Err(e) => {
-                        assert!(Instant::now() < end, "adding replica {i}: {e}");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                }
-            }
+            self.join_controller_via(&mut c, first, i).await;
         }
         let agents: Vec<usize> = self
             .hosts
@@ -255,6 +227,55 @@ impl Cluster {
                 self.logs()
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Host `i` joins as a controller replica, as an operator adds one: a
+    /// join token from a replica, the new replica started with it (`--join
+    /// TOKEN --via`), then added as a voter. For a [`Role::Spare`] host (its
+    /// role becomes [`Role::Controller`]) or a controller host whose data dir
+    /// a test removed.
+    pub async fn join_controller(&mut self, i: usize) {
+        let (via, mut c) = self.leader().await;
+        self.hosts[i - 1].role = match self.hosts[i - 1].role {
+            Role::Spare | Role::Controller => Role::Controller,
+            Role::Agent | Role::Both => Role::Both,
+        };
+        self.join_controller_via(&mut c, via, i).await;
+    }
+
+    async fn join_controller_via(&mut self, c: &mut Ctl, first: usize, i: usize) {
+        let token = join_token(c, cpb::JoinKind::Controller).await;
+        let d = self.spawn_controller(
+            i,
+            vec![
+                "--join".into(),
+                token,
+                "--via".into(),
+                Self::controller_addr(first),
+            ],
+        );
+        self.hosts[i - 1].controller = Some(d);
+        let pem = self.host_dir(i).join("controller/pki/controller.pem");
+        let end = Instant::now() + Duration::from_secs(15);
+        while !pem.exists() {
+            assert!(Instant::now() < end, "replica {i} never joined");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = c
+                .add_member(cpb::AddMemberRequest {
+                    addr: Self::controller_addr(i),
+                })
+                .await;
+            match r {
+                Ok(_) => break,
+                Err(e) => {
+                    assert!(Instant::now() < end, "adding replica {i}: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
         }
     }
 

@@ -12,6 +12,7 @@
 //! - [`daemon`]: a daemon process inside a host, and the fault verbs on it.
 //! - [`cluster`]: forming the cluster (CA, join tokens), clients, ferryctl.
 //! - [`checker`]: the exactly-once checker.
+//! - [`residue`]: what an agent still holds of VPSes that should be gone.
 //! - [`sweep`]: teardown, also of what a killed earlier run left; [`reap`]:
 //!   killing and unmounting what a run left.
 //!
@@ -23,6 +24,7 @@ pub mod cluster;
 pub mod daemon;
 pub mod net;
 pub mod reap;
+pub mod residue;
 pub mod sweep;
 
 pub use cluster::{Cluster, Role};

@@ -3,23 +3,13 @@
 //! write nor serves a read, stale or not, while the majority goes on; healed,
 //! it has the majority's writes and not its own refused one.
 
+mod common;
+use common::*;
+
 use std::time::{Duration, Instant};
 
 use ferry_cluster_tests::{Cluster, Role};
 use ferry_proto::controller::v1 as cpb;
-
-fn node_req(name: &str, port: u16) -> cpb::RegisterNodeRequest {
-    cpb::RegisterNodeRequest {
-        name: name.into(),
-        addr: format!("10.0.0.1:{port}"),
-        capacity: Some(cpb::Capacity {
-            cpu_millicores: 4000,
-            memory_bytes: 8 << 30,
-            disk_bytes: 0,
-        }),
-        labels: Default::default(),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_partitioned_replica_neither_commits_nor_serves_reads() {

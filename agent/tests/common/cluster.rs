@@ -189,27 +189,6 @@ impl Controllers {
     }
 }
 
-pub async fn wait_vps(
-    c: &mut ControllerServiceClient<tonic::transport::Channel>,
-    what: &str,
-    f: impl Fn(&[cpb::ClusterVps]) -> bool,
-) -> Vec<cpb::ClusterVps> {
-    let end = Instant::now() + Duration::from_secs(30);
-    loop {
-        let vs = c
-            .list_vps(cpb::ListVpsRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .vps;
-        if f(&vs) {
-            return vs;
-        }
-        assert!(Instant::now() < end, "timed out waiting for {what}: {vs:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 pub async fn wait_node(
     c: &mut ControllerServiceClient<tonic::transport::Channel>,
     name: &str,

@@ -216,3 +216,75 @@ pub async fn bounded<F: std::future::Future<Output = ()>>(secs: u64, f: F) {
         .await
         .expect("test timed out");
 }
+
+/// Every VPS record once `f` holds for the list.
+pub async fn vpses_when(
+    c: &mut Ctl,
+    what: &str,
+    f: impl Fn(&[cpb::ClusterVps]) -> bool,
+) -> Vec<cpb::ClusterVps> {
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let vs = c
+            .list_vps(cpb::ListVpsRequest::default())
+            .await
+            .expect("list vps")
+            .into_inner()
+            .vps;
+        if f(&vs) {
+            return vs;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}: {vs:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until node `name` has `status` ("ready", "down", ...).
+pub async fn node_when(c: &mut Ctl, name: &str, status: &str, secs: u64) -> cpb::Node {
+    let end = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Ok(n) = c.get_node(cpb::GetNodeRequest { name: name.into() }).await {
+            let n = n.into_inner();
+            if n.status == status {
+                return n;
+            }
+        }
+        assert!(Instant::now() < end, "node {name} never became {status}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// VPS `name` as host agent `a` has it.
+pub async fn on_agent(a: &mut ferry_cluster_tests::cluster::AgentClient, name: &str) -> apb::Vps {
+    a.get_vps(apb::GetVpsRequest { name: name.into() })
+        .await
+        .unwrap_or_else(|e| panic!("{name} on its agent: {e}"))
+        .into_inner()
+}
+
+/// A node registration (a controller-only cluster's writes).
+pub fn node_req(name: &str, port: u16) -> cpb::RegisterNodeRequest {
+    cpb::RegisterNodeRequest {
+        name: name.into(),
+        addr: format!("10.0.0.1:{port}"),
+        capacity: Some(cpb::Capacity {
+            cpu_millicores: 4000,
+            memory_bytes: 8 << 30,
+            disk_bytes: 0,
+        }),
+        labels: Default::default(),
+    }
+}
+
+/// Every node the replica behind `c` lists (retried while it finds its
+/// leader).
+pub async fn list_nodes(c: &mut Ctl) -> Vec<cpb::Node> {
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        match c.list_nodes(cpb::ListNodesRequest {}).await {
+            Ok(r) => return r.into_inner().nodes,
+            Err(e) => assert!(Instant::now() < end, "list nodes: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -240,10 +240,6 @@ impl Cluster {
     }
 }
 
-pub async fn wait_leader(c: &mut ControllerServiceClient<Channel>) {
-    assert!(has_leader(c).await, "no leader");
-}
-
 /// Whether the replica behind `c` knows a leader within 10 s.
 async fn has_leader(c: &mut ControllerServiceClient<Channel>) -> bool {
     let end = Instant::now() + Duration::from_secs(10);
@@ -271,13 +267,4 @@ pub fn node_req(name: &str, port: u16) -> cpb::RegisterNodeRequest {
         }),
         labels: Default::default(),
     }
-}
-
-/// Every node the replica behind `c` lists.
-pub async fn list_nodes(c: &mut ControllerServiceClient<Channel>) -> Vec<cpb::Node> {
-    c.list_nodes(cpb::ListNodesRequest {})
-        .await
-        .expect("list nodes")
-        .into_inner()
-        .nodes
 }
