@@ -71,6 +71,11 @@ struct ServeArgs {
     /// downtime here. The old value is put back after each freeze.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     expedite_rcu: bool,
+    /// How many VPSes moving away from this node may be frozen at once (0:
+    /// no limit). Moves side by side (a drain's) overlap in everything else;
+    /// with 1, one move's downtime never shares the CPU with another's.
+    #[arg(long, env = "FERRY_FREEZE_TURNS", default_value_t = 1)]
+    freeze_turns: usize,
     /// The largest checkpoint archive `vps restore --from` may upload, in
     /// bytes (an upload must also leave 1 GiB free on the data dir).
     #[arg(long, default_value_t = 64 << 30)]
@@ -214,6 +219,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .clone()
                 .unwrap_or_else(ferry_agent::criu::Criu::default_path),
             expedite_rcu: args.expedite_rcu,
+            freeze_turns: args.freeze_turns,
             max_upload_bytes: args.max_upload_bytes,
             import_dir: args.import_dir.clone(),
             management_ip,

@@ -37,6 +37,9 @@ impl Source for AgentSource {
     fn spec(&self) -> pb::VpsSpec {
         self.rec.config.to_pb()
     }
+    fn freeze_turns(&self) -> Option<Arc<tokio::sync::Semaphore>> {
+        Some(Arc::clone(&self.agent.freeze_turns))
+    }
     fn running(&self) -> bool {
         self.agent.status(&self.rec.config.name).is_running()
     }

@@ -54,6 +54,9 @@ pub struct AgentConfig {
     /// Expedite the kernel's RCU grace periods while a VPS is frozen (see
     /// [`crate::rcu`]).
     pub expedite_rcu: bool,
+    /// How many outgoing moves may have their VPS frozen at once (0: no
+    /// limit); see `Source::freeze_turns`.
+    pub freeze_turns: usize,
     /// The largest checkpoint archive a restore may upload.
     pub max_upload_bytes: u64,
     /// The only directory `ImportTemplatePath` reads from (None:
@@ -96,6 +99,8 @@ pub struct Agent {
     locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// VPSes leaving this node: name -> migration id.
     migrating: std::sync::Mutex<HashMap<String, String>>,
+    /// Turns at freezing for outgoing moves (see `Source::freeze_turns`).
+    pub(crate) freeze_turns: Arc<tokio::sync::Semaphore>,
     /// VPSes arriving from another node, by migration id.
     incoming: tokio::sync::Mutex<HashMap<String, migrate_in::Incoming>>,
     /// Migration ids aborted before their prepare arrived (the newest
@@ -193,6 +198,10 @@ impl Agent {
     /// Prepares directories, the cgroup layout, the bridge and the busybox
     /// template, then finds the VPSes left running by an earlier agent.
     pub async fn open(cfg: AgentConfig) -> Result<Arc<Agent>> {
+        let turns = match cfg.freeze_turns {
+            0 => tokio::sync::Semaphore::MAX_PERMITS,
+            n => n,
+        };
         for p in [&cfg.data_dir, &cfg.run_dir] {
             let s = p.to_string_lossy();
             if !p.is_absolute() || s.contains(',') || s.contains(':') {
@@ -283,6 +292,7 @@ impl Agent {
             capacity,
             locks: Default::default(),
             migrating: Default::default(),
+            freeze_turns: Arc::new(tokio::sync::Semaphore::new(turns)),
             incoming: Default::default(),
             aborted: Default::default(),
             committed: Default::default(),

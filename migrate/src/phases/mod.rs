@@ -74,6 +74,12 @@ pub trait Source: Send + Sync {
     async fn decide(&self, commit: bool) -> Result<bool, String>;
     /// Removes the source copy after a committed migration.
     async fn release(&self) -> Result<(), String>;
+    /// Turns at freezing on this node (a semaphore shared by its outgoing
+    /// moves), so that moves running side by side (a drain's) overlap in
+    /// everything but their downtime; None: no limit.
+    fn freeze_turns(&self) -> Option<Arc<tokio::sync::Semaphore>> {
+        None
+    }
 }
 
 /// What a dump gives the rest of the migration.
@@ -220,6 +226,28 @@ pub async fn run(
     ev
 }
 
+/// Waits for this node's turn at freezing (another move's VPS is frozen
+/// now); the turn lasts until the permit is dropped.
+async fn freeze_turn(
+    turns: Arc<tokio::sync::Semaphore>,
+    p: &mut Progress,
+) -> Result<tokio::sync::OwnedSemaphorePermit, MigrateError> {
+    if let Ok(t) = Arc::clone(&turns).try_acquire_owned() {
+        return Ok(t);
+    }
+    p.phase(
+        "queued",
+        "waiting for another VPS's downtime on this node to end",
+    )
+    .await;
+    let t = turns
+        .acquire_owned()
+        .await
+        .map_err(|_| MigrateError::Refused("this node stopped taking freezes".into()))?;
+    p.done_phase("queued", 0);
+    Ok(t)
+}
+
 /// How far a migration got; the rollback reads it.
 #[derive(Debug, Default)]
 pub struct State {
@@ -262,6 +290,8 @@ async fn steps(
     let mut sync = rootfs::RootfsSync::new(src.rootfs());
     sync.pass(target, job, p, "rootfs", Default::default())
         .await?;
+    // Held from the freeze until the VPS runs on the target.
+    let mut turn = None;
     if mode != Mode::Cold {
         let images = src.scratch().join("images");
         st.images = Some(images.clone());
@@ -274,6 +304,9 @@ async fn steps(
             Mode::PostCopy => (freeze::Memory::Served, None),
             _ => (freeze::Memory::All, None),
         };
+        if let Some(t) = src.freeze_turns() {
+            turn = Some(freeze_turn(t, p).await?);
+        }
         let frozen = freeze::run(src, target, job, &images, memory, p, st).await?;
         // The tree is frozen (dead on the source): the final delta is exact.
         sync.pass(target, job, p, "final-rootfs", frozen.mapped)
@@ -288,6 +321,8 @@ async fn steps(
     }
     restore::run(target, job, mode, st, p).await?;
     commit::run(src, target, job, st, p).await?;
+    // The VPS runs on the target: the next move may freeze.
+    drop(turn);
     if mode == Mode::PostCopy {
         // The VPS runs on the target; its memory still comes from here.
         p.phase("post-copy", "memory follows on demand").await;
@@ -298,4 +333,40 @@ async fn steps(
     }
     cleanup::run(src, st, p).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A move whose node has no free turn says it is queued, waits, and
+    /// freezes once the other move's VPS runs again; with a free turn it
+    /// says nothing and takes it at once.
+    #[tokio::test]
+    async fn a_move_waits_for_its_turn_to_freeze() {
+        let turns = Arc::new(tokio::sync::Semaphore::new(1));
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut p = Progress::new(tx, "m1");
+        let first = freeze_turn(Arc::clone(&turns), &mut p).await.expect("turn");
+        assert!(rx.try_recv().is_err(), "a free turn is taken silently");
+
+        let (tx2, mut rx2) = mpsc::channel(8);
+        let t2 = Arc::clone(&turns);
+        let second = tokio::spawn(async move {
+            let mut p = Progress::new(tx2, "m2");
+            let t = freeze_turn(t2, &mut p).await;
+            (
+                t.is_ok(),
+                p.phases.iter().map(|s| s.phase.clone()).collect::<Vec<_>>(),
+            )
+        });
+        let ev = rx2.recv().await.expect("an event");
+        assert_eq!(ev.phase, "queued");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!second.is_finished(), "it froze during the other's turn");
+        drop(first);
+        let (got, phases) = second.await.expect("join");
+        assert!(got);
+        assert_eq!(phases, ["queued"]);
+    }
 }
