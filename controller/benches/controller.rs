@@ -5,7 +5,6 @@
 //! `cargo bench -p ferry-controller --bench controller`. FERRY_BENCH_WRITERS
 //! (default 64) and FERRY_BENCH_SECS (default 5) shape the write run.
 
-#[path = "../tests/common/mod.rs"]
 mod common;
 
 use std::collections::BTreeMap;

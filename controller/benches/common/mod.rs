@@ -1,6 +1,6 @@
-//! Controller replicas as real processes on loopback, each with its own data
-//! dir and port: killed with SIGKILL, frozen with SIGSTOP (cut off from the
-//! others while its peers go on), restarted on the same data.
+//! Controller replicas for the benchmark: real processes on loopback, each
+//! with its own data dir and port, killed with SIGKILL, restarted on the same
+//! data. (The tests run replicas on the `cluster-tests/` harness, over TLS.)
 #![allow(dead_code)]
 
 use std::path::PathBuf;

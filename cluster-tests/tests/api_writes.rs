@@ -1,13 +1,28 @@
-//! Cluster API writes: bad input writes no Raft entry; concurrent creates never
-//! share an address or overfill a node.
+//! Cluster API writes against three controllers on hosts of their own,
+//! over mutual TLS, as an admin: bad input writes no Raft entry; concurrent
+//! creates through every controller never share an address or overfill a
+//! node; events are listed and followed on any controller.
 
 mod common;
+use common::*;
+
 use std::collections::BTreeSet;
 
-use common::*;
+use ferry_cluster_tests::cluster::Ctl;
+use ferry_cluster_tests::{Cluster, Role};
 use ferry_proto::agent::v1 as apb;
 use ferry_proto::controller::v1 as cpb;
 use tonic::Code;
+
+async fn commit_index(c: &mut Ctl) -> u64 {
+    c.cluster_status(cpb::ClusterStatusRequest {})
+        .await
+        .expect("cluster status")
+        .into_inner()
+        .commit_index
+}
+
+const THREE: [Role; 3] = [Role::Controller, Role::Controller, Role::Controller];
 
 fn vps(name: &str, mem_mib: u64, cpu: u32) -> cpb::CreateVpsRequest {
     cpb::CreateVpsRequest {
@@ -28,15 +43,14 @@ fn vps(name: &str, mem_mib: u64, cpu: u32) -> cpb::CreateVpsRequest {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_is_refused_without_a_raft_entry() {
-    let cl = Cluster::start(3).await;
-    let mut c = cl.replicas[1].client().await;
+    let _one = Cluster::lock().await;
+    let cl = Cluster::start(&THREE).await;
+    let (leader, mut l) = cl.leader().await;
+    // Through a follower (it forwards writes to the leader).
+    let mut c = cl.client_of(if leader == 2 { 3 } else { 2 }).await;
     c.register_node(node_req("node-a", 1)).await.unwrap();
     c.create_vps(vps("web1", 256, 500)).await.unwrap();
-    let before = cl
-        .status(cl.leader(&[0, 1, 2]).await)
-        .await
-        .unwrap()
-        .commit_index;
+    let before = commit_index(&mut l).await;
 
     let mut cases: Vec<(cpb::CreateVpsRequest, Code, &str)> = vec![
         (vps("Bad_Name", 256, 0), Code::InvalidArgument, "spec.name"),
@@ -196,18 +210,20 @@ async fn bad_input_is_refused_without_a_raft_entry() {
         .into_inner();
     assert_eq!(n.status, "ready", "a dry run cordons nothing");
 
-    let after = cl
-        .status(cl.leader(&[0, 1, 2]).await)
-        .await
-        .unwrap()
-        .commit_index;
+    let (_, mut l) = cl.leader().await;
+    let after = commit_index(&mut l).await;
     assert_eq!(after, before, "a refused request wrote to the Raft log");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_creates_never_share_an_address_or_overfill_a_node() {
-    let cl = Cluster::start(3).await;
-    let mut c = cl.replicas[0].client().await;
+    let _one = Cluster::lock().await;
+    let cl = Cluster::start(&THREE).await;
+    let mut c = cl.client_of(1).await;
+    let mut clients = Vec::new();
+    for i in 1..=3 {
+        clients.push(cl.client_of(i).await);
+    }
     // Three nodes of 4 CPUs and 8 GiB: 32 VPSes of 1 GiB fit at most (memory
     // overcommit 1.0 by default), so of 200 asked most must be refused.
     for (i, n) in ["node-a", "node-b", "node-c"].iter().enumerate() {
@@ -215,12 +231,14 @@ async fn concurrent_creates_never_share_an_address_or_overfill_a_node() {
     }
     let mut tasks = Vec::new();
     for i in 0..200 {
-        let r = cl.replicas[i % 3].addr.clone();
+        let mut c = clients[i % 3].clone();
         tasks.push(tokio::spawn(async move {
-            let a: ferry_proto::addr::Addr = r.parse().unwrap();
-            let ch = ferry_proto::addr::connect(&a).await.unwrap();
-            let mut c = ferry_proto::controller::v1::controller_service_client::ControllerServiceClient::new(ch);
-            c.create_vps(vps(&format!("v{i}"), if i % 2 == 0 { 128 } else { 1024 }, 100)).await
+            c.create_vps(vps(
+                &format!("v{i}"),
+                if i % 2 == 0 { 128 } else { 1024 },
+                100,
+            ))
+            .await
         }));
     }
     let mut acked = Vec::new();
@@ -279,10 +297,11 @@ async fn concurrent_creates_never_share_an_address_or_overfill_a_node() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn events_are_listed_and_followed_on_any_replica() {
-    let cl = Cluster::start(3).await;
-    let mut c = cl.replicas[0].client().await;
+    let _one = Cluster::lock().await;
+    let cl = Cluster::start(&THREE).await;
+    let mut c = cl.client_of(1).await;
     c.register_node(node_req("node-e", 1)).await.unwrap();
-    let mut f = cl.replicas[2].client().await;
+    let mut f = cl.client_of(3).await;
     let listed: Vec<cpb::Event> = {
         let mut s = f
             .watch_events(cpb::WatchEventsRequest {
