@@ -790,6 +790,7 @@ async fn cluster_migration_is_one_raft_decision_and_survives_a_controller_failov
         );
         c.delete_vps(cpb::DeleteVpsRequest {
             name: format!("{name}f"),
+            force: false,
         })
         .await
         .expect("delete filler");

@@ -121,7 +121,8 @@ async fn bad_input_is_refused_without_a_raft_entry() {
     );
     assert_eq!(
         c.delete_vps(cpb::DeleteVpsRequest {
-            name: "ghost".into()
+            name: "ghost".into(),
+            force: false,
         })
         .await
         .unwrap_err()

@@ -236,9 +236,12 @@ async fn the_controller_drives_agents_and_never_starts_a_vps_twice() {
             .await
             .expect_err("more than any node has");
         assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{}", e.message());
-        c.delete_vps(cpb::DeleteVpsRequest { name: b1.clone() })
-            .await
-            .expect("delete");
+        c.delete_vps(cpb::DeleteVpsRequest {
+            name: b1.clone(),
+            force: true,
+        })
+        .await
+        .expect("delete");
         let end = Instant::now() + Duration::from_secs(20);
         while bb
             .get_vps(apb::GetVpsRequest { name: b1.clone() })
@@ -339,9 +342,12 @@ async fn two_hundred_concurrent_creates_run_on_their_chosen_agents() {
         }
         assert_eq!(total, 200);
         for v in &vs {
-            c.delete_vps(cpb::DeleteVpsRequest { name: name_of(v) })
-                .await
-                .expect("delete");
+            c.delete_vps(cpb::DeleteVpsRequest {
+                name: name_of(v),
+                force: true,
+            })
+            .await
+            .expect("delete");
         }
         // Every node lets go of everything.
         for i in 1..=3 {

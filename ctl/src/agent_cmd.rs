@@ -446,7 +446,7 @@ pub fn split_ip(ip: Option<&str>) -> Result<(String, u32)> {
     }
 }
 
-fn limits_req(name: &str, l: &LimitArgs, autostart: Option<bool>) -> Result<pb::SetVpsRequest> {
+pub fn limits_req(name: &str, l: &LimitArgs, autostart: Option<bool>) -> Result<pb::SetVpsRequest> {
     let (cpu_millicores, memory_bytes, swap_bytes) = limit_values_opt(l)?;
     Ok(pb::SetVpsRequest {
         name: name.to_string(),

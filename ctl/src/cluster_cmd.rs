@@ -4,8 +4,9 @@
 
 use std::collections::HashMap;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Subcommand;
+use ferry_proto::agent::v1 as apb;
 use ferry_proto::controller::v1 as cpb;
 use ferry_proto::controller::v1::controller_service_client::ControllerServiceClient;
 use serde_json::json;
@@ -672,17 +673,228 @@ pub async fn vps(c: &mut ControllerServiceClient<Channel>, cmd: VpsCmd) -> Resul
                 .into_inner();
             return crate::migrate_view::follow(s).await;
         }
-        VpsCmd::Destroy { name, .. } => {
-            c.delete_vps(cpb::DeleteVpsRequest { name: name.clone() })
-                .await?;
-            println!("deleted VPS {name}");
+        VpsCmd::Destroy { name, force } => {
+            c.delete_vps(cpb::DeleteVpsRequest {
+                name: name.clone(),
+                force,
+            })
+            .await?;
+            println!("destroyed VPS {name}");
         }
-        _ => bail!(
-            "this command works node-local only for now (--agent ADDR on the VPS's node): \
-             cluster-wide start, stop, exec, logs and set come with the controller's reconciler"
-        ),
+        VpsCmd::Start { name } => {
+            let v = c
+                .start_vps(cpb::SetDesiredRequest { name: name.clone() })
+                .await?
+                .into_inner();
+            let v = observed(c, &name, "running", v.generation).await?;
+            let (_, mut a) = agent_of(c, &name).await?;
+            let pid = a
+                .get_vps(apb::GetVpsRequest { name: name.clone() })
+                .await?
+                .into_inner()
+                .init_pid;
+            println!("started VPS {name} (init pid {pid}) on {}", v.node);
+        }
+        VpsCmd::Stop {
+            name,
+            timeout,
+            force,
+        } => {
+            // Desired state first, so nothing starts it again; then the stop
+            // itself on its node, with the caller's grace period.
+            let v = c
+                .stop_vps(cpb::SetDesiredRequest { name: name.clone() })
+                .await?
+                .into_inner();
+            let (_, mut a) = agent_of(c, &name).await?;
+            let r = a
+                .stop_vps(apb::StopVpsRequest {
+                    name: name.clone(),
+                    timeout_secs: timeout,
+                    force,
+                    generation: v.generation,
+                })
+                .await;
+            if let Err(e) = r {
+                // The controller's own stop may have got there first.
+                if e.code() != tonic::Code::FailedPrecondition {
+                    return Err(e.into());
+                }
+            }
+            let v = observed(c, &name, "stopped", v.generation).await?;
+            println!("stopped VPS {name} on {}", v.node);
+        }
+        VpsCmd::Restart {
+            name,
+            timeout,
+            force,
+        } => {
+            let (v, mut a) = agent_of(c, &name).await?;
+            if v.desired != "running" {
+                bail!("VPS {name} is meant to be stopped; start it instead");
+            }
+            let r = a
+                .restart_vps(apb::StopVpsRequest {
+                    name: name.clone(),
+                    timeout_secs: timeout,
+                    force,
+                    generation: v.generation,
+                })
+                .await?
+                .into_inner();
+            println!(
+                "restarted VPS {name} (init pid {}) on {}",
+                r.init_pid, v.node
+            );
+        }
+        VpsCmd::Set {
+            name,
+            limits,
+            autostart,
+        } => {
+            if autostart.is_some() {
+                bail!(
+                    "--autostart is node-local: in a cluster the controller keeps each VPS's \
+                     desired state and starts it wherever it runs"
+                );
+            }
+            let r = crate::agent_cmd::limits_req(&name, &limits, None)?;
+            let req = cpb::UpdateVpsRequest {
+                name: name.clone(),
+                cpu_millicores: r.cpu_millicores,
+                cpu_weight: r.cpu_weight,
+                memory_bytes: r.memory_bytes,
+                swap_bytes: r.swap_bytes,
+                pids: r.pids,
+            };
+            if req.cpu_millicores.is_none()
+                && req.cpu_weight.is_none()
+                && req.memory_bytes.is_none()
+                && req.swap_bytes.is_none()
+                && req.pids.is_none()
+            {
+                bail!("nothing to change: give --cpu, --cpu-weight, --memory, --swap or --pids");
+            }
+            let v = c.update_vps(req).await?.into_inner();
+            let node = applied(c, &name, v.generation).await?;
+            println!("updated VPS {name} (applied on {node})");
+        }
+        cmd @ (VpsCmd::Exec { .. } | VpsCmd::Logs { .. }) => {
+            let name = match &cmd {
+                VpsCmd::Exec { name, .. } | VpsCmd::Logs { name, .. } => name.clone(),
+                _ => String::new(),
+            };
+            let (_, mut a) = agent_of(c, &name).await?;
+            return crate::agent_cmd::vps(&mut a, cmd).await;
+        }
+        VpsCmd::Checkpoint { name, .. } | VpsCmd::Restore { name, .. } => {
+            let v = c
+                .get_vps(cpb::GetVpsRequest { name: name.clone() })
+                .await?
+                .into_inner();
+            bail!(
+                "checkpoint and restore files are node-local: run them with --agent on {} \
+                 (VPS {name}'s node); to move a VPS, use vps migrate",
+                v.node
+            );
+        }
     }
     Ok(0)
+}
+
+/// How long a cluster verb waits for the VPS's node to carry it out.
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The VPS's record and a client of the agent on its node (an admin's
+/// credentials reach agents too): the user never names the node.
+async fn agent_of(
+    c: &mut ControllerServiceClient<Channel>,
+    name: &str,
+) -> Result<(
+    cpb::ClusterVps,
+    ferry_proto::agent::v1::agent_service_client::AgentServiceClient<Channel>,
+)> {
+    let v = c
+        .get_vps(cpb::GetVpsRequest { name: name.into() })
+        .await?
+        .into_inner();
+    if let Some(m) = &v.migration {
+        bail!(
+            "VPS {name} is migrating ({} → {}, phase {}); try again once the move has ended",
+            m.source,
+            m.target,
+            m.phase
+        );
+    }
+    let n = c
+        .get_node(cpb::GetNodeRequest {
+            name: v.node.clone(),
+        })
+        .await?
+        .into_inner();
+    if n.status == "down" {
+        bail!("VPS {name}'s node {} is down", v.node);
+    }
+    let a = crate::agent_cmd::connect(&n.addr)
+        .await
+        .with_context(|| format!("reaching VPS {name}'s node {} at {}", v.node, n.addr))?;
+    Ok((v, a))
+}
+
+/// Waits until the controller reports the VPS `status` at generation `gen`
+/// or later (its node's heartbeat tells).
+async fn observed(
+    c: &mut ControllerServiceClient<Channel>,
+    name: &str,
+    status: &str,
+    gen: u64,
+) -> Result<cpb::ClusterVps> {
+    let end = std::time::Instant::now() + SETTLE;
+    loop {
+        let v = c
+            .get_vps(cpb::GetVpsRequest { name: name.into() })
+            .await?
+            .into_inner();
+        if v.generation >= gen && v.observed == status {
+            return Ok(v);
+        }
+        if std::time::Instant::now() > end {
+            bail!(
+                "VPS {name} is {} on {} after {} s (asked: {status}); `vps show {name}` follows it",
+                v.observed,
+                v.node,
+                SETTLE.as_secs()
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until the VPS's node holds generation `gen` of it (new limits are
+/// in place); returns the node's name.
+async fn applied(c: &mut ControllerServiceClient<Channel>, name: &str, gen: u64) -> Result<String> {
+    let end = std::time::Instant::now() + SETTLE;
+    loop {
+        let (v, mut a) = agent_of(c, name).await?;
+        let there = a
+            .get_vps(apb::GetVpsRequest { name: name.into() })
+            .await?
+            .into_inner()
+            .spec
+            .map(|s| s.generation)
+            .unwrap_or(0);
+        if there >= gen {
+            return Ok(v.node);
+        }
+        if std::time::Instant::now() > end {
+            bail!(
+                "VPS {name}'s node {} has not applied the change after {} s",
+                v.node,
+                SETTLE.as_secs()
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 /// Where a cluster-mode create may go.

@@ -197,7 +197,8 @@ impl ControllerService for Api {
         ))
     }
     async fn delete_vps(&self, req: Request<cpb::DeleteVpsRequest>) -> R<cpb::DeleteVpsResponse> {
-        vps::delete(&self.ctl, &req.into_inner().name).await?;
+        let r = req.into_inner();
+        vps::delete(&self.ctl, &r.name, r.force).await?;
         Ok(Response::new(cpb::DeleteVpsResponse {}))
     }
     async fn create_join_token(

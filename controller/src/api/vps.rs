@@ -212,11 +212,26 @@ pub async fn list(
     }))
 }
 
-pub async fn delete(ctl: &Controller, name: &str) -> Result<(), ControllerError> {
+pub async fn delete(ctl: &Controller, name: &str, force: bool) -> Result<(), ControllerError> {
     let m = ctl.member().await?;
     m.read_barrier().await?;
-    if !m.sm.read(|a| a.state.vps.contains_key(name)) {
-        return Err(not_found(name));
+    let runs = m.sm.read(|a| {
+        a.state.vps.get(name).map(|v| {
+            (v.desired == Desired::Running || v.observed == "running").then(|| v.node.clone())
+        })
+    });
+    match runs {
+        None => return Err(not_found(name)),
+        Some(Some(node)) if !force => {
+            return Err(ControllerError::Rejected {
+                code: RejectCode::FailedPrecondition,
+                message: format!(
+                    "VPS {name:?} runs (or is meant to run) on {node}: stop it first, or \
+                     force its deletion (ferryctl vps destroy --force)"
+                ),
+            })
+        }
+        Some(_) => {}
     }
     applied(
         m.propose(Request::Vps(VpsCmd::Delete {
