@@ -23,23 +23,17 @@ MGMT=fbrmgmt
 CTRL=10.87.0.11:7800,10.87.0.12:7800,10.87.0.13:7800
 ADMIN=$DIR/h1/controller/pki/admin.pem
 
+# shellcheck source=scripts/lib/teardown.sh
+. scripts/lib/teardown.sh
+
 down() {
   set +e
   pkill -f -- "$DIR/" 2>/dev/null
   sleep 0.3
   pkill -9 -f -- "$DIR/" 2>/dev/null
-  # A VPS's tasks live in a leaf below its cgroup (<vps>/payload): deepest first.
-  for c in /sys/fs/cgroup/*/ferry/*/demo-*; do
-    [ -d "$c" ] || continue
-    for p in $(find "$c" -name cgroup.procs -exec cat {} + 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
-    sleep 0.2; find "$c" -depth -type d -exec rmdir {} + 2>/dev/null
-  done
-  # Each agent's parent cgroup is named after its run dir (see agent/src/paths.rs).
-  for run in $(for i in 1 2 3; do echo "$DIR/h$i/run"; done); do
-    inst=$(printf %s "$run" | sha256sum | cut -c1-12)
-    rmdir /sys/fs/cgroup/*/ferry/"$inst"/* /sys/fs/cgroup/*/ferry/"$inst" 2>/dev/null
-  done
-  grep -o " $DIR[^ ]*" /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m"; done
+  # This demo's agents' VPSes, whatever their names; nobody else's.
+  reap_agents "$DIR/h1/run" "$DIR/h2/run" "$DIR/h3/run"
+  unmount_under "$DIR"
   for i in 1 2 3; do
     ip netns del "ferry-h$i" 2>/dev/null; ip link del "fh$i" 2>/dev/null; ip link del "fm$i" 2>/dev/null
   done

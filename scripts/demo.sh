@@ -13,6 +13,9 @@ DIR=/var/tmp/ferry-demo
 SOCK=$DIR/agent.sock
 BIN=$PWD/target/release
 
+# shellcheck source=scripts/lib/teardown.sh
+. scripts/lib/teardown.sh
+
 down() {
   set +e
   if [ -S "$SOCK" ]; then
@@ -22,18 +25,9 @@ down() {
   fi
   pkill -f -- "--data-dir $DIR/data" 2>/dev/null
   pkill -9 -f -- "$DIR/run" 2>/dev/null
-  # A VPS's tasks live in a leaf below its cgroup (<vps>/payload): deepest first.
-  for c in /sys/fs/cgroup/*/ferry/*/demo-*; do
-    [ -d "$c" ] || continue
-    for p in $(find "$c" -name cgroup.procs -exec cat {} + 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
-    sleep 0.2; find "$c" -depth -type d -exec rmdir {} + 2>/dev/null
-  done
-  # Each agent's parent cgroup is named after its run dir (see agent/src/paths.rs).
-  for run in $(echo "$DIR/run"); do
-    inst=$(printf %s "$run" | sha256sum | cut -c1-12)
-    rmdir /sys/fs/cgroup/*/ferry/"$inst"/* /sys/fs/cgroup/*/ferry/"$inst" 2>/dev/null
-  done
-  grep -o " $DIR[^ ]*" /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m"; done
+  # This demo's agent's VPSes, whatever their names; nobody else's.
+  reap_agents "$DIR/run"
+  unmount_under "$DIR"
   rm -rf "$DIR"
   ip netns del "$NS" 2>/dev/null
   return 0
