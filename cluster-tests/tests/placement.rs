@@ -138,6 +138,14 @@ async fn the_controller_drives_agents_and_never_starts_a_vps_twice() {
             .iter()
             .filter(|v| v.node == n2)
             .all(|v| v.observed == "running"));
+        // `vps ls --status running` lists what runs as far as anyone knows,
+        // not what is meant to.
+        let (code, out, err) = cl.ferryctl(&["vps", "ls", "--status", "running"]);
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            out.contains(&b1) && !out.contains(&a1) && !out.contains(&a2),
+            "{out}"
+        );
         for p in &pids {
             assert!(
                 Path::new(&format!("/proc/{p}")).exists(),

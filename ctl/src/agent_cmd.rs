@@ -84,8 +84,9 @@ pub enum VpsCmd {
         gateway: Option<String>,
         #[arg(long)]
         mac: Option<String>,
-        /// Init command (default /sbin/init), e.g. --init /bin/sh --init -c --init 'sleep 1d'.
-        #[arg(long)]
+        /// Init command (default /sbin/init), one --init per word, e.g. --init /bin/sh
+        /// --init -c --init 'sleep 1d' (a word may start with '-').
+        #[arg(long, allow_hyphen_values = true)]
         init: Vec<String>,
         /// Start when the node boots.
         #[arg(long)]

@@ -77,6 +77,13 @@ enum ClusterCmd {
 
 #[tokio::main]
 async fn main() {
+    // Rust ignores SIGPIPE, so a closed pipe (`ferryctl vps ls | head`)
+    // made println! panic. A command-line tool ends quietly there instead.
+    // SAFETY: setting a signal's disposition to its default, before any
+    // other thread of ours relies on it.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let code = match run(cli).await {
         Ok(c) => c,
@@ -225,4 +232,30 @@ fn describe(e: &anyhow::Error) -> String {
         );
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    /// The help's own example parses: init words may start with '-'.
+    #[test]
+    fn init_words_may_start_with_a_dash() {
+        let cli = super::Cli::try_parse_from([
+            "ferryctl", "vps", "create", "v", "--init", "/bin/sh", "--init", "-c", "--init",
+            "sleep 1d", "--start",
+        ]);
+        let Ok(super::Cli {
+            cmd: super::Cmd::Vps(v),
+            ..
+        }) = cli
+        else {
+            panic!("did not parse: {:?}", cli.err());
+        };
+        let crate::agent_cmd::VpsCmd::Create { init, start, .. } = *v else {
+            panic!("not a create");
+        };
+        assert_eq!(init, ["/bin/sh", "-c", "sleep 1d"]);
+        assert!(start);
+    }
 }

@@ -192,9 +192,9 @@ pub async fn list(
             .vps
             .values()
             .filter(|v| f.node.is_empty() || v.node == f.node)
-            .filter(|v| {
-                f.status.is_empty() || v.observed == f.status || v.desired.as_str() == f.status
-            })
+            // What the VPS's node reports, not what is wanted of it: a VPS
+            // whose node is down is `unknown`, not `running`.
+            .filter(|v| f.status.is_empty() || v.observed == f.status)
             .filter(|v| match label {
                 None => true,
                 Some((k, val)) => {
