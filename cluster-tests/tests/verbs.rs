@@ -125,6 +125,25 @@ async fn every_vps_verb_works_through_the_controller() {
         let (code, _, e) = cl.ferryctl(&["vps", "start", &name]);
         assert_ne!(code, 0);
         assert!(e.contains("not found") || e.contains("NotFound"), "{e}");
+
+        // ferryctl against a stopped agent (its kernel still accepts the
+        // connection) fails within its timeout instead of hanging.
+        cl.hosts[i - 1]
+            .agent
+            .as_ref()
+            .expect("an agent on the VPS's node")
+            .stop();
+        let t = std::time::Instant::now();
+        let (code, _, e) = cl.ferryctl_agent(i, &["vps", "ls"]);
+        let took = t.elapsed();
+        cl.hosts[i - 1]
+            .agent
+            .as_ref()
+            .expect("an agent on the VPS's node")
+            .cont();
+        assert_ne!(code, 0);
+        assert!(e.contains("did not answer within"), "{e}");
+        assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
     })
     .await;
 }

@@ -117,28 +117,56 @@ pub async fn connect_with(
         Addr::Unix(_) => Endpoint::from_static("http://localhost"),
     }
     .initial_stream_window_size(STREAM_WINDOW)
-    .initial_connection_window_size(CONNECTION_WINDOW);
+    .initial_connection_window_size(CONNECTION_WINDOW)
+    // A peer that stops answering (SIGSTOPped, cut off, hung) fails the
+    // calls on its connection instead of holding them for ever; a live one,
+    // however busy, answers pings and long streams go on.
+    .http2_keep_alive_interval(KEEPALIVE_EVERY)
+    .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+    .keep_alive_while_idle(true);
     let addr = addr.clone();
     ep.connect_with_connector(tower::service_fn(move |_| {
         let (addr, tls) = (addr.clone(), tls.clone());
         async move {
-            let io: Box<dyn Io> = match &addr {
-                Addr::Tcp(h) => {
-                    let s = tokio::net::TcpStream::connect(h.as_str()).await?;
-                    let _ = s.set_nodelay(true);
-                    Box::new(s)
-                }
-                Addr::Unix(p) => Box::new(tokio::net::UnixStream::connect(p).await?),
+            let dial = async {
+                let io: Box<dyn Io> = match &addr {
+                    Addr::Tcp(h) => {
+                        let s = tokio::net::TcpStream::connect(h.as_str()).await?;
+                        let _ = s.set_nodelay(true);
+                        Box::new(s)
+                    }
+                    Addr::Unix(p) => Box::new(tokio::net::UnixStream::connect(p).await?),
+                };
+                let io: Box<dyn Io> = match &tls {
+                    Some(t) => Box::new(t.connect(io).await?),
+                    None => io,
+                };
+                Ok::<_, std::io::Error>(io)
             };
-            let io: Box<dyn Io> = match &tls {
-                Some(t) => Box::new(t.connect(io).await?),
-                None => io,
-            };
+            // The kernel of a stopped daemon still accepts the connection;
+            // its TLS handshake never comes.
+            let io = tokio::time::timeout(CONNECT_TIMEOUT, dial)
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "{addr} did not answer within {} s (is it stopped or hung?)",
+                            CONNECT_TIMEOUT.as_secs()
+                        ),
+                    )
+                })??;
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(io))
         }
     }))
     .await
 }
+
+/// How long connecting (and the TLS handshake) may take.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// HTTP/2 pings on every connection, and how long an answer may take.
+pub const KEEPALIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A byte stream a connection runs on.
 pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
