@@ -147,3 +147,60 @@ async fn every_vps_verb_works_through_the_controller() {
     })
     .await;
 }
+
+/// The node bridge's MAC, as the host's namespace has it.
+fn bridge_mac(cl: &Cluster, i: usize) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["-n", &cl.net.netns(i), "-o", "link", "show", "ferrybr0"])
+        .output()
+        .expect("ip link");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split("link/ether ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Left to itself the kernel gives a bridge the lowest MAC among its ports
+/// (the VPSes' veths): it changed with VPS churn and other hosts lost the
+/// node's address. 20 create/destroy cycles leave it as it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_node_bridge_keeps_its_mac_through_vps_churn() {
+    let _one = Cluster::lock().await;
+    bounded(300, async {
+        let cl = Cluster::start(&[Role::Both, Role::Controller, Role::Controller]).await;
+        let (_, mut c) = cl.leader().await;
+        let mac = bridge_mac(&cl, 1);
+        assert!(mac.starts_with("02:"), "not the fixed address: {mac:?}");
+        let tag = format!("mc{}", std::process::id());
+        for k in 0..20 {
+            let name = format!("{tag}v{k}");
+            c.create_vps(ferry_proto::controller::v1::CreateVpsRequest {
+                spec: Some(spec(&name, None, 32)),
+                allocate_ip: true,
+                ..Default::default()
+            })
+            .await
+            .expect("create");
+            record_when(&mut c, &name, |v| v.observed == "running").await;
+            assert_eq!(bridge_mac(&cl, 1), mac, "cycle {k}: after the create");
+            c.delete_vps(ferry_proto::controller::v1::DeleteVpsRequest {
+                name: name.clone(),
+                force: true,
+            })
+            .await
+            .expect("delete");
+            let mut a = cl.agent_client(1).await;
+            while a
+                .get_vps(apb::GetVpsRequest { name: name.clone() })
+                .await
+                .is_ok()
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            assert_eq!(bridge_mac(&cl, 1), mac, "cycle {k}: after the destroy");
+        }
+    })
+    .await;
+}

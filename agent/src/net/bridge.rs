@@ -53,12 +53,29 @@ pub async fn ensure_bridge(nl_host: &Netlink, name: &str, cidr: ipnet::Ipv4Net) 
             Err(e) => return Err(nl(format!("adding {cidr} to {name}"), e)),
         }
     }
+    // A fixed address: left to itself the kernel gives a bridge the lowest
+    // MAC among its ports, the VPSes' veths, so it changed with VPS churn,
+    // unannounced, and other hosts lost this node's address for seconds.
     h.link()
-        .set(LinkUnspec::new_with_index(index).up().build())
+        .set(
+            LinkUnspec::new_with_index(index)
+                .address(bridge_mac(name, cidr).to_vec())
+                .up()
+                .build(),
+        )
         .execute()
         .await
         .map_err(|e| nl(format!("bringing {name} up"), e))?;
     Ok(())
+}
+
+/// The node bridge's MAC: locally administered, unicast, from its name and
+/// this node's address on it (so it stays across restarts and differs
+/// between nodes).
+pub fn bridge_mac(name: &str, cidr: ipnet::Ipv4Net) -> [u8; 6] {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(format!("ferry-bridge {name} {}", cidr.addr()).as_bytes());
+    [0x02, h[0], h[1], h[2], h[3], h[4]]
 }
 
 /// Plugs an existing interface (the node's LAN port) into the bridge, so VPSes
@@ -100,4 +117,17 @@ pub async fn find_address(nl_host: &Netlink, ip: IpAddr) -> Result<Option<(u32, 
         }
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_bridge_mac_is_stable_unicast_local_and_per_node() {
+        let a: ipnet::Ipv4Net = "10.77.0.1/16".parse().expect("cidr");
+        let b: ipnet::Ipv4Net = "10.77.0.2/16".parse().expect("cidr");
+        let m = super::bridge_mac("ferrybr0", a);
+        assert_eq!(m, super::bridge_mac("ferrybr0", a));
+        assert_ne!(m, super::bridge_mac("ferrybr0", b));
+        assert_eq!(m[0] & 0x03, 0x02, "locally administered unicast");
+    }
 }
