@@ -174,17 +174,27 @@ pub async fn start_daemon(
 fn wait_ready(rd: OwnedFd, timeout: Duration) -> Result<(), String> {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use std::os::fd::AsFd;
-    let ms = PollTimeout::try_from(timeout.as_millis() as i32).unwrap_or(PollTimeout::MAX);
-    let mut fds = [PollFd::new(rd.as_fd(), PollFlags::POLLIN)];
-    match poll(&mut fds, ms) {
-        Ok(0) => return Err("not ready in time".into()),
-        Ok(_) => {}
-        Err(e) => return Err(format!("poll: {e}")),
+    let end = std::time::Instant::now() + timeout;
+    loop {
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        let ms = PollTimeout::try_from(left.as_millis() as i32).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(rd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, ms) {
+            Ok(0) => return Err("not ready in time".into()),
+            Ok(_) => break,
+            // A signal for another thread of the agent (a child of another
+            // migration ending) is no failure of this one.
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(format!("poll: {e}")),
+        }
     }
     let mut b = [0u8; 1];
-    match nix::unistd::read(&rd, &mut b) {
-        Ok(1) => Ok(()),
-        Ok(_) => Err("exited before it was ready".into()),
-        Err(e) => Err(format!("reading its status: {e}")),
+    loop {
+        return match nix::unistd::read(&rd, &mut b) {
+            Ok(1) => Ok(()),
+            Ok(_) => Err("exited before it was ready".into()),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => Err(format!("reading its status: {e}")),
+        };
     }
 }
