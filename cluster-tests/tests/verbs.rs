@@ -204,3 +204,116 @@ async fn the_node_bridge_keeps_its_mac_through_vps_churn() {
     })
     .await;
 }
+
+/// An address is free only once its node confirms the VPS gone: with n1's
+/// agent down (its VPSes run on), a VPS of n1 deleted through the
+/// controller keeps its address and name; back, n1 destroys it, and only
+/// then may a new VPS get the address.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_vps_keeps_its_address_until_its_node_confirms_it_gone() {
+    let _one = Cluster::lock().await;
+    bounded(300, async {
+        use ferry_proto::controller::v1 as cpb;
+        let mut cl = Cluster::start(&[Role::Both, Role::Both, Role::Controller]).await;
+        let (_, mut c) = cl.leader().await;
+        let tag = format!("dl{}", std::process::id());
+        let create = |name: &str, node: &str| cpb::CreateVpsRequest {
+            spec: Some(spec(name, None, 32)),
+            placement: Some(cpb::Placement {
+                node: node.into(),
+                ..Default::default()
+            }),
+            allocate_ip: true,
+            ..Default::default()
+        };
+        let ip_of = |v: &cpb::ClusterVps| {
+            v.spec
+                .as_ref()
+                .and_then(|s| s.net.as_ref())
+                .map(|n| n.ip.clone())
+                .unwrap_or_default()
+        };
+        let old = format!("{tag}old");
+        let v = c
+            .create_vps(create(&old, "n1"))
+            .await
+            .expect("create")
+            .into_inner();
+        let held = ip_of(&v);
+        let v = record_when(&mut c, &old, |v| v.observed == "running").await;
+        let mut a1 = cl.agent_client(1).await;
+        let pid = on_agent(&mut a1, &old).await.init_pid;
+
+        cl.agent(1).kill9();
+        node_when(&mut c, "n1", "down", 20).await;
+        c.delete_vps(cpb::DeleteVpsRequest {
+            name: old.clone(),
+            force: true,
+        })
+        .await
+        .expect("delete");
+        assert!(
+            std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "the VPS runs on while its agent is down"
+        );
+        // Its address and name are held.
+        let n = c
+            .create_vps(create(&format!("{tag}new"), "n2"))
+            .await
+            .expect("create new")
+            .into_inner();
+        assert_ne!(
+            ip_of(&n),
+            held,
+            "the address went to a new VPS: {n:?} (old {v:?})"
+        );
+        let e = c
+            .create_vps(create(&old, "n2"))
+            .await
+            .expect_err("the name is held");
+        assert!(
+            e.message().contains("still being deleted"),
+            "{}",
+            e.message()
+        );
+
+        // n1 back: it destroys the VPS, confirms, and the address is free.
+        cl.agent(1).restart();
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let r = c.create_vps(create(&old, "n2")).await;
+            let e = match r {
+                Ok(v) => {
+                    assert_eq!(
+                        ip_of(&v.into_inner()),
+                        held,
+                        "the freed address is the lowest"
+                    );
+                    break;
+                }
+                Err(e) => e,
+            };
+            assert!(
+                std::time::Instant::now() < end,
+                "never freed: {}{}",
+                e.message(),
+                cl.logs()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(
+                std::time::Instant::now() < end,
+                "n1 did not destroy the deleted VPS"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let said = events(&mut c)
+            .await
+            .iter()
+            .any(|e| e.subject == old && e.message.contains("gone from n1"));
+        assert!(said, "no event for the confirmation");
+    })
+    .await;
+}

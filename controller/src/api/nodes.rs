@@ -173,7 +173,26 @@ pub async fn heartbeat(ctl: &Controller, r: cpb::HeartbeatRequest) -> Result<(),
             message: format!("node {:?} is not registered", r.node),
         });
     }
+    // Deleted VPSes of this node that it no longer holds: confirmed gone.
+    let gone: Vec<String> = m.sm.read(|a| {
+        a.state
+            .deleting
+            .iter()
+            .filter(|(name, d)| d.node == r.node && !reports.contains_key(*name))
+            .map(|(name, _)| name.clone())
+            .collect()
+    });
     ctl.leader.record(&r.node, reports);
+    if !gone.is_empty() {
+        applied(
+            m.propose(Request::Vps(crate::state::VpsCmd::Purge {
+                node: r.node.clone(),
+                names: gone,
+                now_ms: now_ms(),
+            }))
+            .await?,
+        )?;
+    }
     if was_down {
         applied(
             m.propose(Request::Node(NodeCmd::SetDown {

@@ -537,6 +537,12 @@ mod tests {
             name: "v2".into(),
             now_ms: 0,
         }));
+        // (Held until its node confirms it gone.)
+        s.apply(Request::Vps(VpsCmd::Purge {
+            node: "b".into(),
+            names: vec!["v2".into()],
+            now_ms: 0,
+        }));
         let mut reloaded: ClusterState =
             serde_json::from_value(serde_json::to_value(&s).unwrap()).unwrap();
         reloaded.rebuild_index();

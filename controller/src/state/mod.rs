@@ -42,6 +42,9 @@ pub struct ClusterState {
     /// Each node's drain or restore under way, or its last one.
     #[serde(default)]
     pub drains: BTreeMap<String, drain::Drain>,
+    /// Deleted VPSes their node has not confirmed gone, by name.
+    #[serde(default)]
+    pub deleting: BTreeMap<String, vps::Deleting>,
     /// Per-node sums of the VPSes placed there, kept as VPSes come and go so
     /// placement never scans every VPS (derived: not in snapshots).
     #[serde(skip)]
@@ -133,6 +136,11 @@ impl ClusterState {
         let vs: Vec<VpsRecord> = self.vps.values().cloned().collect();
         for v in &vs {
             self.index_add(v);
+        }
+        for (name, d) in &self.deleting {
+            if d.id_base != 0 {
+                self.id_bases.insert(d.id_base, name.clone());
+            }
         }
     }
 
@@ -268,5 +276,76 @@ mod tests {
             }
         ));
         assert_eq!(s.nodes.len(), 1);
+    }
+
+    /// A deleted VPS keeps its address, id range and name until its node
+    /// no longer reports it: an agent that is down runs its VPSes on, and a
+    /// new VPS given the address answered ARP beside the old one.
+    #[test]
+    fn a_deleted_vps_holds_its_address_until_its_node_confirms_it_gone() {
+        let mut s = ClusterState::default();
+        s.ip_pool.cidr = Some("10.9.0.0/29".parse().expect("cidr"));
+        s.apply(reg("a", "h:1"));
+        let create = |name: &str| {
+            Request::Vps(VpsCmd::Create {
+                spec: Box::new(VpsSpecData {
+                    name: name.into(),
+                    memory_bytes: 64 << 20,
+                    ..Default::default()
+                }),
+                pin_node: String::new(),
+                node_selector: Default::default(),
+                anti_affinity_group: String::new(),
+                desired: Desired::Running,
+                allocate_ip: true,
+                now_ms: 0,
+            })
+        };
+        let Response::Vps(v) = s.apply(create("old")) else {
+            panic!("create")
+        };
+        let (ip, base) = (v.spec.ip, v.spec.id_base);
+        assert!(ip.is_some() && base != 0);
+        s.apply(Request::Vps(VpsCmd::Delete {
+            name: "old".into(),
+            now_ms: 1,
+        }));
+        assert!(!s.vps.contains_key("old"));
+        // Held: the name, the address, the ids.
+        assert!(matches!(
+            s.apply(create("old")),
+            Response::Rejected {
+                code: RejectCode::AlreadyExists,
+                ..
+            }
+        ));
+        let Response::Vps(n) = s.apply(create("new")) else {
+            panic!("create new")
+        };
+        assert_ne!(n.spec.ip, ip, "the address went to a new VPS");
+        assert_ne!(n.spec.id_base, base, "the ids went to a new VPS");
+        // Held across a snapshot (the derived index is rebuilt).
+        let mut restored: ClusterState =
+            serde_json::from_slice(&serde_json::to_vec(&s).expect("ser")).expect("de");
+        restored.rebuild_index();
+        assert_eq!(
+            restored.id_bases.get(&base).map(String::as_str),
+            Some("old")
+        );
+        // Another node's word frees nothing; its own frees everything.
+        s.apply(Request::Vps(VpsCmd::Purge {
+            node: "b".into(),
+            names: vec!["old".into()],
+            now_ms: 2,
+        }));
+        assert_eq!(s.ip_pool.holder(ip.expect("ip")), Some("old"));
+        s.apply(Request::Vps(VpsCmd::Purge {
+            node: "a".into(),
+            names: vec!["old".into()],
+            now_ms: 3,
+        }));
+        assert_eq!(s.ip_pool.holder(ip.expect("ip")), None);
+        assert!(!s.id_bases.contains_key(&base));
+        assert!(matches!(s.apply(create("old")), Response::Vps(_)));
     }
 }

@@ -179,6 +179,24 @@ pub enum VpsCmd {
         limits: LimitsUpdate,
         now_ms: i64,
     },
+    /// `node` no longer reports these deleted VPSes: what they held (their
+    /// address, their id range, their name) is free now.
+    Purge {
+        node: String,
+        names: Vec<String>,
+        now_ms: i64,
+    },
+}
+
+/// A deleted VPS its node has not confirmed gone yet (it may be down, its
+/// VPSes running on): its address, id range and name stay held, or a new
+/// VPS could take them while the old one still answers for them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Deleting {
+    pub node: String,
+    pub ip: Option<Ipv4Addr>,
+    pub id_base: u32,
+    pub since_ms: i64,
 }
 
 /// Limits to change; None keeps the current value.
@@ -207,6 +225,15 @@ impl ClusterState {
                     return reject(
                         RejectCode::AlreadyExists,
                         format!("VPS {:?} already exists", spec.name),
+                    );
+                }
+                if let Some(d) = self.deleting.get(&spec.name) {
+                    return reject(
+                        RejectCode::AlreadyExists,
+                        format!(
+                            "VPS {:?} is still being deleted: {} has not confirmed it gone",
+                            spec.name, d.node
+                        ),
                     );
                 }
                 if let Some(ip) = spec.ip {
@@ -383,14 +410,69 @@ impl ClusterState {
                         return Response::Ok;
                     };
                     self.index_remove(&v);
-                    if let Some(ip) = v.spec.ip {
-                        self.ip_pool.release(ip);
+                    if !self.nodes.contains_key(&v.node) {
+                        self.release(&name, v.spec.ip, v.spec.id_base);
+                        self.events
+                            .push(now_ms, "vps", &name, format!("deleted from {}", v.node));
+                        return Response::Ok;
                     }
-                    self.events
-                        .push(now_ms, "vps", &name, format!("deleted from {}", v.node));
+                    // Held until the node confirms the VPS gone (Purge).
+                    if v.spec.id_base != 0 {
+                        self.id_bases.insert(v.spec.id_base, name.clone());
+                    }
+                    self.deleting.insert(
+                        name.clone(),
+                        Deleting {
+                            node: v.node.clone(),
+                            ip: v.spec.ip,
+                            id_base: v.spec.id_base,
+                            since_ms: now_ms,
+                        },
+                    );
+                    self.events.push(
+                        now_ms,
+                        "vps",
+                        &name,
+                        format!(
+                            "deleted from {}; its address and ids are held until {} confirms it gone",
+                            v.node, v.node
+                        ),
+                    );
                     Response::Ok
                 }
             },
+            VpsCmd::Purge {
+                node,
+                names,
+                now_ms,
+            } => {
+                for name in names {
+                    if self.deleting.get(&name).is_some_and(|d| d.node == node) {
+                        if let Some(d) = self.deleting.remove(&name) {
+                            self.release(&name, d.ip, d.id_base);
+                            self.events.push(
+                                now_ms,
+                                "vps",
+                                &name,
+                                format!("gone from {node}: its address and ids are free"),
+                            );
+                        }
+                    }
+                }
+                Response::Ok
+            }
+        }
+    }
+
+    /// Frees what a deleted VPS held.
+    fn release(&mut self, name: &str, ip: Option<Ipv4Addr>, id_base: u32) {
+        if let Some(ip) = ip {
+            if self.ip_pool.holder(ip) == Some(name) {
+                self.ip_pool.release(ip);
+            }
+        }
+        if id_base != 0 && self.id_bases.get(&id_base).map(String::as_str) == Some(name) {
+            self.id_bases.remove(&id_base);
         }
     }
 }
