@@ -128,7 +128,11 @@ pub fn plan(
             // copy its migration's to remove (after a committed move) or
             // resume (after a rolled-back one).
             let moving = status == ARRIVING || status == LEAVING;
-            if *generation > 0 && !ours && !migrating && !moving {
+            // Just moved away: the report may predate the move (it says
+            // running, not leaving); the migration removes the source's
+            // copy itself. One still there after SETTLE is a stray.
+            let just_moved = settling.contains(name);
+            if *generation > 0 && !ours && !migrating && !moving && !just_moved {
                 steps.push(Step {
                     node: node_name.clone(),
                     node_addr: node.addr.clone(),
@@ -300,14 +304,19 @@ async fn run(step: &Step) -> Result<(), String> {
             .await
             .map(|_| ())
         }
-        Action::Destroy { generation } => c
+        Action::Destroy { generation } => match c
             .destroy_vps(apb::DestroyVpsRequest {
                 name,
                 force: true,
                 generation: *generation,
             })
             .await
-            .map(|_| ()),
+        {
+            // Gone already (the plan came from a report older than the
+            // destroy that removed it): what the step wanted.
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
+            r => r.map(|_| ()),
+        },
     };
     r.map_err(|s| format!("{:?}: {}", s.code(), s.message()))
 }
@@ -464,7 +473,12 @@ mod tests {
             "acted on the source's copy: {:?}",
             steps.iter().map(|st| short(&st.action)).collect::<Vec<_>>()
         );
-        // Once it no longer says so, a copy left behind is a stray.
+        // A report older than the move (running, not leaving) within the
+        // settling time: left to the migration too.
+        let settling: HashSet<String> = ["v".to_string()].into();
+        let steps = plan(&moved, &seen(&[("v", 1, "running")]), &settling);
+        assert!(!steps.iter().any(|st| st.node == "a"));
+        // After it, a copy left behind is a stray.
         let steps = plan(&moved, &seen(&[("v", 1, "running")]), &HashSet::new());
         assert!(steps
             .iter()
