@@ -18,6 +18,18 @@ pub async fn rollback(
 ) -> String {
     p.phase("rollback", "").await;
     if st.decided == Some(true) {
+        // The VPS is the target's now. Unless its memory still comes from
+        // here (post-copy: the target may be running it), the stopped copy
+        // here is of no use to anyone: remove it now rather than leave it
+        // for the controller's reconciler to find.
+        if st.mode != Some(super::Mode::PostCopy) {
+            if let Err(e) = src.release().await {
+                return format!(
+                    "the move was committed: the VPS belongs to the target now; removing the \
+                     copy here failed: {e}"
+                );
+            }
+        }
         return "the move was committed: the VPS belongs to the target now".into();
     }
     let dumped = st.frozen_at.is_some();
