@@ -7,12 +7,9 @@ use std::path::{Path, PathBuf};
 
 use crate::Cluster;
 
-/// The agent's names (agent/src/paths.rs, agent/src/net/veth.rs).
-fn instance_id(run_dir: &Path) -> String {
-    use sha2::Digest;
-    hex::encode(&sha2::Sha256::digest(run_dir.as_os_str().as_encoded_bytes())[..6])
-}
+use crate::sweep::instance_id;
 
+/// Where the agent keeps migration images in RAM (agent/src/paths.rs).
 fn ram_images_of(data_dir: &Path) -> PathBuf {
     Path::new("/dev/shm/ferry").join(hex::encode(data_dir.as_os_str().as_encoded_bytes()))
 }

@@ -11,7 +11,7 @@ use crate::net::Net;
 use crate::ROOT;
 
 /// The agent's cgroup parent is named after its run dir (agent/src/paths.rs).
-fn instance_id(run_dir: &Path) -> String {
+pub(crate) fn instance_id(run_dir: &Path) -> String {
     hex::encode(&sha2::Sha256::digest(run_dir.as_os_str().as_encoded_bytes())[..6])
 }
 

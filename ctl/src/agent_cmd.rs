@@ -447,6 +447,16 @@ pub fn split_ip(ip: Option<&str>) -> Result<(String, u32)> {
     }
 }
 
+/// Whether a set request changes nothing.
+pub fn nothing_to_set(r: &pb::SetVpsRequest) -> bool {
+    r.cpu_millicores.is_none()
+        && r.cpu_weight.is_none()
+        && r.memory_bytes.is_none()
+        && r.swap_bytes.is_none()
+        && r.pids.is_none()
+        && r.autostart.is_none()
+}
+
 pub fn limits_req(name: &str, l: &LimitArgs, autostart: Option<bool>) -> Result<pb::SetVpsRequest> {
     let (cpu_millicores, memory_bytes, swap_bytes) = limit_values_opt(l)?;
     Ok(pb::SetVpsRequest {
@@ -738,13 +748,7 @@ pub async fn vps(c: &mut AgentServiceClient<Channel>, cmd: VpsCmd) -> Result<i32
             autostart,
         } => {
             let req = limits_req(&name, &limits, autostart)?;
-            if req.cpu_millicores.is_none()
-                && req.cpu_weight.is_none()
-                && req.memory_bytes.is_none()
-                && req.swap_bytes.is_none()
-                && req.pids.is_none()
-                && req.autostart.is_none()
-            {
+            if nothing_to_set(&req) {
                 bail!("nothing to change: give --cpu, --cpu-weight, --memory, --swap, --pids or --autostart");
             }
             c.set_vps(req).await?;

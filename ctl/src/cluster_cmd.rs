@@ -767,12 +767,7 @@ pub async fn vps(c: &mut ControllerServiceClient<Channel>, cmd: VpsCmd) -> Resul
                 swap_bytes: r.swap_bytes,
                 pids: r.pids,
             };
-            if req.cpu_millicores.is_none()
-                && req.cpu_weight.is_none()
-                && req.memory_bytes.is_none()
-                && req.swap_bytes.is_none()
-                && req.pids.is_none()
-            {
+            if crate::agent_cmd::nothing_to_set(&r) {
                 bail!("nothing to change: give --cpu, --cpu-weight, --memory, --swap or --pids");
             }
             let v = c.update_vps(req).await?.into_inner();
@@ -835,10 +830,12 @@ async fn agent_of(
     if n.status == "down" {
         bail!("VPS {name}'s node {} is down", v.node);
     }
-    let a = crate::agent_cmd::connect(&n.addr)
+    // The agent there must prove it is that node (its certificate names it).
+    let addr: ferry_proto::addr::Addr = n.addr.parse().map_err(anyhow::Error::msg)?;
+    let ch = ferry_proto::addr::connect_node_named(&addr, &v.node)
         .await
         .with_context(|| format!("reaching VPS {name}'s node {} at {}", v.node, n.addr))?;
-    Ok((v, a))
+    Ok((v, ferry_proto::limits::agent_client(ch)))
 }
 
 /// Waits until the controller reports the VPS `status` at generation `gen`
@@ -874,8 +871,8 @@ async fn observed(
 /// in place); returns the node's name.
 async fn applied(c: &mut ControllerServiceClient<Channel>, name: &str, gen: u64) -> Result<String> {
     let end = std::time::Instant::now() + SETTLE;
+    let (v, mut a) = agent_of(c, name).await?;
     loop {
-        let (v, mut a) = agent_of(c, name).await?;
         let there = a
             .get_vps(apb::GetVpsRequest { name: name.into() })
             .await?
