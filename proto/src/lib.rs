@@ -14,6 +14,7 @@
 //! - [`tls`]: mutual TLS: the cluster CA and identities, the TLS transport,
 //!   per-call authorization.
 //! - [`limits`]: gRPC message size limits and clients built with them.
+//! - [`retry`]: which controller calls may be sent again, and request ids.
 //! - [`addr`]: service addresses (`HOST:PORT`, `unix:/path`) and connecting to them.
 //!
 //! Generated code is re-exported per package: [`agent::v1`], [`controller::v1`].
@@ -24,6 +25,7 @@ pub mod limits;
 pub mod modes;
 pub mod names;
 pub mod report;
+pub mod retry;
 pub mod tls;
 
 pub mod agent {

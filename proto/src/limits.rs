@@ -23,8 +23,15 @@ pub fn agent_client(ch: Channel) -> AgentServiceClient<Channel> {
         .max_encoding_message_size(AGENT_MESSAGE)
 }
 
-/// A controller client with the controller's limits.
-pub fn controller_client(ch: Channel) -> ControllerServiceClient<Channel> {
+/// A controller client with the controller's limits, over a channel or any
+/// other transport (ferryctl's, which fails over between replicas).
+pub fn controller_client<T>(ch: T) -> ControllerServiceClient<T>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
     ControllerServiceClient::new(ch)
         .max_decoding_message_size(CONTROLLER_MESSAGE)
         .max_encoding_message_size(CONTROLLER_MESSAGE)

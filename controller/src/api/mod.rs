@@ -33,6 +33,49 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// The request id a client's write carries ([`ferry_proto::retry::REQUEST_ID`]).
+pub(crate) fn request_id<T>(req: &Request<T>) -> Result<Option<String>, ControllerError> {
+    let Some(v) = req.metadata().get(ferry_proto::retry::REQUEST_ID) else {
+        return Ok(None);
+    };
+    let id = v
+        .to_str()
+        .map_err(|_| ControllerError::invalid("ferry-request-id", "not text"))?;
+    crate::state::requests::check_id(id)
+        .map_err(|e| ControllerError::invalid("ferry-request-id", e))?;
+    Ok(Some(id.to_string()))
+}
+
+/// A client's write: if a try with the same request id was applied, its
+/// answer; else `check` against linearizable state, then the write (applied
+/// once per id however often it is sent). The lookup and the check read the
+/// same state, so a repeat never fails a check its first try passed.
+pub(crate) async fn write(
+    m: &crate::member::Member,
+    id: Option<String>,
+    check: impl FnOnce(&crate::state::ClusterState) -> Result<(), ControllerError>,
+    req: crate::state::Request,
+) -> Result<Applied, ControllerError> {
+    m.read_barrier().await?;
+    let prior = m.sm.read(
+        |a| match id.as_deref().and_then(|i| a.state.requests.get(i)) {
+            Some(r) => Ok(Some(r.clone())),
+            None => check(&a.state).map(|()| None),
+        },
+    )?;
+    if let Some(r) = prior {
+        return applied(r);
+    }
+    let req = match id {
+        Some(id) => crate::state::Request::Once {
+            id,
+            req: Box::new(req),
+        },
+        None => req,
+    };
+    applied(m.propose(req).await?)
+}
+
 /// Turns a rejected command into its error.
 pub(crate) fn applied(r: Applied) -> Result<Applied, ControllerError> {
     match r {
@@ -90,8 +133,9 @@ impl ControllerService for Api {
         ))
     }
     async fn cordon_node(&self, req: Request<cpb::CordonNodeRequest>) -> R<cpb::Node> {
+        let id = request_id(&req)?;
         Ok(Response::new(
-            nodes::cordon(&self.ctl, req.into_inner()).await?,
+            nodes::cordon(&self.ctl, id, req.into_inner()).await?,
         ))
     }
     async fn drain_node(&self, req: Request<cpb::DrainNodeRequest>) -> R<cpb::DrainNodeResponse> {
@@ -129,9 +173,11 @@ impl ControllerService for Api {
         Ok(Response::new(cpb::HeartbeatResponse { revoked }))
     }
     async fn start_vps(&self, req: Request<cpb::SetDesiredRequest>) -> R<cpb::ClusterVps> {
+        let id = request_id(&req)?;
         Ok(Response::new(
             vps::set_desired(
                 &self.ctl,
+                id,
                 &req.into_inner().name,
                 crate::state::Desired::Running,
             )
@@ -139,9 +185,11 @@ impl ControllerService for Api {
         ))
     }
     async fn stop_vps(&self, req: Request<cpb::SetDesiredRequest>) -> R<cpb::ClusterVps> {
+        let id = request_id(&req)?;
         Ok(Response::new(
             vps::set_desired(
                 &self.ctl,
+                id,
                 &req.into_inner().name,
                 crate::state::Desired::Stopped,
             )
@@ -149,8 +197,9 @@ impl ControllerService for Api {
         ))
     }
     async fn create_vps(&self, req: Request<cpb::CreateVpsRequest>) -> R<cpb::ClusterVps> {
+        let id = request_id(&req)?;
         Ok(Response::new(
-            vps::create(&self.ctl, req.into_inner()).await?,
+            vps::create(&self.ctl, id, req.into_inner()).await?,
         ))
     }
     async fn get_vps(&self, req: Request<cpb::GetVpsRequest>) -> R<cpb::ClusterVps> {
@@ -162,8 +211,9 @@ impl ControllerService for Api {
         Ok(Response::new(vps::list(&self.ctl, req.into_inner()).await?))
     }
     async fn update_vps(&self, req: Request<cpb::UpdateVpsRequest>) -> R<cpb::ClusterVps> {
+        let id = request_id(&req)?;
         Ok(Response::new(
-            vps::update(&self.ctl, req.into_inner()).await?,
+            vps::update(&self.ctl, id, req.into_inner()).await?,
         ))
     }
     type WatchEventsStream = events::EventStream;
@@ -197,8 +247,9 @@ impl ControllerService for Api {
         ))
     }
     async fn delete_vps(&self, req: Request<cpb::DeleteVpsRequest>) -> R<cpb::DeleteVpsResponse> {
+        let id = request_id(&req)?;
         let r = req.into_inner();
-        vps::delete(&self.ctl, &r.name, r.force).await?;
+        vps::delete(&self.ctl, id, &r.name, r.force).await?;
         Ok(Response::new(cpb::DeleteVpsResponse {}))
     }
     async fn create_join_token(

@@ -100,25 +100,24 @@ pub async fn get(ctl: &Controller, name: &str) -> Result<cpb::Node, ControllerEr
 
 pub async fn cordon(
     ctl: &Controller,
+    id: Option<String>,
     r: cpb::CordonNodeRequest,
 ) -> Result<cpb::Node, ControllerError> {
     let m = ctl.member().await?;
     // Unknown nodes are refused before anything is written.
-    m.read_barrier().await?;
-    if !m.sm.read(|a| a.state.nodes.contains_key(&r.name)) {
-        return Err(ControllerError::Rejected {
+    let check = |s: &crate::state::ClusterState| match s.nodes.contains_key(&r.name) {
+        true => Ok(()),
+        false => Err(ControllerError::Rejected {
             code: RejectCode::NotFound,
             message: format!("node {:?} not found", r.name),
-        });
-    }
-    match applied(
-        m.propose(Request::Node(NodeCmd::Cordon {
-            name: r.name,
-            cordon: r.cordon,
-            now_ms: now_ms(),
-        }))
-        .await?,
-    )? {
+        }),
+    };
+    let cmd = Request::Node(NodeCmd::Cordon {
+        name: r.name.clone(),
+        cordon: r.cordon,
+        now_ms: now_ms(),
+    });
+    match super::write(&m, id, check, cmd).await? {
         Response::Node(n) => Ok(m.sm.read(|a| to_pb(&a.state, &n))),
         r => Err(ControllerError::Raft(format!("unexpected {r:?}"))),
     }

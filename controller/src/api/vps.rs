@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use ferry_proto::controller::v1 as cpb;
 
-use super::{applied, now_ms};
+use super::{now_ms, write};
 use crate::error::ControllerError;
 use crate::host::Controller;
 use crate::scheduler::{self, PlacementReq};
@@ -125,6 +125,7 @@ fn precheck(s: &ClusterState, cmd: &VpsCmd) -> Result<(), ControllerError> {
 
 pub async fn create(
     ctl: &Controller,
+    id: Option<String>,
     r: cpb::CreateVpsRequest,
 ) -> Result<cpb::ClusterVps, ControllerError> {
     let spec_pb = r
@@ -154,13 +155,19 @@ pub async fn create(
         now_ms: now_ms(),
     };
     let m = ctl.member().await?;
-    // The pre-check must see every acknowledged write (a replica behind could
+    // The pre-check sees every acknowledged write (a replica behind could
     // refuse a VPS for a node registered a moment ago); apply checks again.
-    m.read_barrier().await?;
-    m.sm.read(|a| precheck(&a.state, &cmd))?;
-    match applied(m.propose(Request::Vps(cmd)).await?)? {
+    let check = |s: &ClusterState| precheck(s, &cmd);
+    match write(&m, id, check, Request::Vps(cmd.clone())).await? {
         Response::Vps(v) => Ok(to_pb(&v)),
         r => Err(ControllerError::Raft(format!("unexpected {r:?}"))),
+    }
+}
+
+fn exists(s: &ClusterState, name: &str) -> Result<(), ControllerError> {
+    match s.vps.contains_key(name) {
+        true => Ok(()),
+        false => Err(not_found(name)),
     }
 }
 
@@ -212,56 +219,48 @@ pub async fn list(
     }))
 }
 
-pub async fn delete(ctl: &Controller, name: &str, force: bool) -> Result<(), ControllerError> {
+pub async fn delete(
+    ctl: &Controller,
+    id: Option<String>,
+    name: &str,
+    force: bool,
+) -> Result<(), ControllerError> {
     let m = ctl.member().await?;
-    m.read_barrier().await?;
-    let runs = m.sm.read(|a| {
-        a.state.vps.get(name).map(|v| {
-            (v.desired == Desired::Running || v.observed == "running").then(|| v.node.clone())
-        })
-    });
-    match runs {
-        None => return Err(not_found(name)),
-        Some(Some(node)) if !force => {
+    let check = |s: &ClusterState| {
+        let v = s.vps.get(name).ok_or_else(|| not_found(name))?;
+        if !force && (v.desired == Desired::Running || v.observed == "running") {
             return Err(ControllerError::Rejected {
                 code: RejectCode::FailedPrecondition,
                 message: format!(
-                    "VPS {name:?} runs (or is meant to run) on {node}: stop it first, or \
-                     force its deletion (ferryctl vps destroy --force)"
+                    "VPS {name:?} runs (or is meant to run) on {}: stop it first, or \
+                     force its deletion (ferryctl vps destroy --force)",
+                    v.node
                 ),
-            })
+            });
         }
-        Some(_) => {}
-    }
-    applied(
-        m.propose(Request::Vps(VpsCmd::Delete {
-            name: name.to_string(),
-            now_ms: now_ms(),
-        }))
-        .await?,
-    )
-    .map(|_| ())
+        Ok(())
+    };
+    let cmd = Request::Vps(VpsCmd::Delete {
+        name: name.to_string(),
+        now_ms: now_ms(),
+    });
+    write(&m, id, check, cmd).await.map(|_| ())
 }
 
 /// Wants the VPS running or stopped; the reconciler makes its node follow.
 pub async fn set_desired(
     ctl: &Controller,
+    id: Option<String>,
     name: &str,
     desired: Desired,
 ) -> Result<cpb::ClusterVps, ControllerError> {
     let m = ctl.member().await?;
-    m.read_barrier().await?;
-    if !m.sm.read(|a| a.state.vps.contains_key(name)) {
-        return Err(not_found(name));
-    }
-    match applied(
-        m.propose(Request::Vps(VpsCmd::SetDesired {
-            name: name.to_string(),
-            desired,
-            now_ms: now_ms(),
-        }))
-        .await?,
-    )? {
+    let cmd = Request::Vps(VpsCmd::SetDesired {
+        name: name.to_string(),
+        desired,
+        now_ms: now_ms(),
+    });
+    match write(&m, id, |s| exists(s, name), cmd).await? {
         Response::Vps(v) => Ok(to_pb(&v)),
         r => Err(ControllerError::Raft(format!("unexpected {r:?}"))),
     }
@@ -270,6 +269,7 @@ pub async fn set_desired(
 /// New limits for a VPS; its node applies them (live when it runs).
 pub async fn update(
     ctl: &Controller,
+    id: Option<String>,
     r: cpb::UpdateVpsRequest,
 ) -> Result<cpb::ClusterVps, ControllerError> {
     if r.memory_bytes.is_some_and(|m| m < MIN_MEMORY) {
@@ -292,18 +292,13 @@ pub async fn update(
         return Err(ControllerError::invalid("limits", "nothing to change"));
     }
     let m = ctl.member().await?;
-    m.read_barrier().await?;
-    if !m.sm.read(|a| a.state.vps.contains_key(&r.name)) {
-        return Err(not_found(&r.name));
-    }
-    match applied(
-        m.propose(Request::Vps(VpsCmd::Update {
-            name: r.name,
-            limits,
-            now_ms: now_ms(),
-        }))
-        .await?,
-    )? {
+    let check = |s: &ClusterState| exists(s, &r.name);
+    let cmd = Request::Vps(VpsCmd::Update {
+        name: r.name.clone(),
+        limits,
+        now_ms: now_ms(),
+    });
+    match write(&m, id, check, cmd).await? {
         Response::Vps(v) => Ok(to_pb(&v)),
         r => Err(ControllerError::Raft(format!("unexpected {r:?}"))),
     }

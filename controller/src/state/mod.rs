@@ -9,6 +9,7 @@ pub mod ippool;
 pub mod members;
 pub mod migration;
 pub mod nodes;
+pub mod requests;
 pub mod security;
 pub mod vps;
 
@@ -45,6 +46,9 @@ pub struct ClusterState {
     /// Deleted VPSes their node has not confirmed gone, by name.
     #[serde(default)]
     pub deleting: BTreeMap<String, vps::Deleting>,
+    /// The answers of writes that carried a client's request id.
+    #[serde(default)]
+    pub requests: requests::RequestLog,
     /// Per-node sums of the VPSes placed there, kept as VPSes come and go so
     /// placement never scans every VPS (derived: not in snapshots).
     #[serde(skip)]
@@ -86,6 +90,12 @@ pub enum Request {
     /// Several commands in one log entry (group commit): applied in order,
     /// each with its own result.
     Batch(Vec<Request>),
+    /// A client's write with its request id: applied once; a repeat answers
+    /// the first one's result.
+    Once {
+        id: String,
+        req: Box<Request>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -207,6 +217,14 @@ impl ClusterState {
             Request::Batch(reqs) => {
                 Response::Batch(reqs.into_iter().map(|r| self.apply(r)).collect())
             }
+            Request::Once { id, req } => {
+                if let Some(r) = self.requests.get(&id) {
+                    return r.clone();
+                }
+                let r = self.apply(*req);
+                self.requests.record(id, r.clone());
+                r
+            }
             Request::Configure { ip_pool, sched } => {
                 if let Some(p) = ip_pool {
                     self.ip_pool.cidr = Some(p);
@@ -236,6 +254,32 @@ mod tests {
             labels: Default::default(),
             now_ms: 0,
         })
+    }
+
+    #[test]
+    fn a_repeated_write_answers_the_first_result_and_changes_nothing() {
+        let mut s = ClusterState::default();
+        let once = |id: &str, r: Request| Request::Once {
+            id: id.into(),
+            req: Box::new(r),
+        };
+        let first = s.apply(once("r1", reg("a", "h:1")));
+        assert!(matches!(&first, Response::Node(n) if n.name == "a"));
+        let nodes = s.nodes.clone();
+        // The same write again (its client did not hear the answer): the
+        // first answer, not "already exists".
+        assert_eq!(s.apply(once("r1", reg("a", "h:1"))), first);
+        assert_eq!(s.nodes, nodes);
+        // Another id is another write.
+        assert!(matches!(
+            s.apply(once("r2", reg("c", "h:3"))),
+            Response::Node(n) if n.name == "c"
+        ));
+        // A refusal is an answer too.
+        let refused = s.apply(once("r3", reg("b", "h:1")));
+        assert!(matches!(refused, Response::Rejected { .. }));
+        assert_eq!(s.apply(once("r3", reg("b", "h:2"))), refused);
+        assert!(!s.nodes.contains_key("b"));
     }
 
     #[test]
