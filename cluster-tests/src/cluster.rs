@@ -175,7 +175,7 @@ impl Cluster {
         let first = *ctl_hosts.first().expect("a controller host");
         let d = self.spawn_controller(
             first,
-            vec!["--init".into(), "--ip-pool".into(), "10.85.1.0/24".into()],
+            vec!["--init".into(), "--ip-pool".into(), "10.85.16.0/22".into()],
         );
         self.hosts[first - 1].controller = Some(d);
         let end = Instant::now() + Duration::from_secs(15);

@@ -111,7 +111,7 @@ async fn the_controller_drives_agents_and_never_starts_a_vps_twice() {
         assert!(running(&v));
         let spec = v.spec.unwrap_or_default();
         assert_eq!(spec.generation, 1);
-        assert!(spec.net.is_some_and(|n| n.ip.starts_with("10.85.1.")));
+        assert!(spec.net.is_some_and(|n| n.ip.starts_with("10.85.16.")));
         assert!(running(&on_agent(&mut bb, &b1).await));
         assert!(
             bb.get_vps(apb::GetVpsRequest { name: a1.clone() })

@@ -4,11 +4,11 @@
 
 use std::collections::HashMap;
 
+use crate::replicas::Client;
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use ferry_proto::agent::v1 as apb;
 use ferry_proto::controller::v1 as cpb;
-use ferry_proto::controller::v1::controller_service_client::ControllerServiceClient;
 use serde_json::json;
 use tonic::transport::Channel;
 
@@ -63,11 +63,7 @@ pub fn parse_ttl(s: &str) -> Result<u32> {
         .ok_or_else(|| anyhow::anyhow!("--ttl {s:?} is too long"))
 }
 
-async fn join_token(
-    c: &mut ControllerServiceClient<Channel>,
-    kind: cpb::JoinKind,
-    ttl: &str,
-) -> Result<()> {
+async fn join_token(c: &mut Client, kind: cpb::JoinKind, ttl: &str) -> Result<()> {
     let r = c
         .create_join_token(cpb::CreateJoinTokenRequest {
             kind: kind as i32,
@@ -83,7 +79,7 @@ async fn join_token(
     Ok(())
 }
 
-pub async fn user(c: &mut ControllerServiceClient<Channel>, cmd: UserCmd) -> Result<()> {
+pub async fn user(c: &mut Client, cmd: UserCmd) -> Result<()> {
     match cmd {
         UserCmd::Add { name, role, out } => {
             let r = c
@@ -184,23 +180,12 @@ pub enum NodeCmd {
     },
 }
 
-/// Connects to the first controller of the list that answers.
-pub async fn connect(addrs: &str) -> Result<ControllerServiceClient<Channel>> {
-    let mut last = None;
-    for a in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
-        let addr: ferry_proto::addr::Addr = a.parse().map_err(anyhow::Error::msg)?;
-        match ferry_proto::addr::connect_controller(&addr).await {
-            Ok(ch) => return Ok(ferry_proto::limits::controller_client(ch)),
-            Err(e) => last = Some(format!("{addr}: {e}")),
-        }
-    }
-    bail!(
-        "no controller answered ({})",
-        last.unwrap_or_else(|| "no address given".into())
-    )
+/// Connects to the controller replicas of the list (see [`crate::replicas`]).
+pub async fn connect(addrs: &str) -> Result<Client> {
+    crate::replicas::Replicas::connect(addrs).await
 }
 
-pub async fn status(c: &mut ControllerServiceClient<Channel>, output: Output) -> Result<()> {
+pub async fn status(c: &mut Client, output: Output) -> Result<()> {
     let s = c
         .cluster_status(cpb::ClusterStatusRequest {})
         .await?
@@ -245,10 +230,7 @@ pub async fn status(c: &mut ControllerServiceClient<Channel>, output: Output) ->
     Ok(())
 }
 
-pub async fn controller(
-    c: &mut ControllerServiceClient<Channel>,
-    cmd: ControllerCmd,
-) -> Result<()> {
+pub async fn controller(c: &mut Client, cmd: ControllerCmd) -> Result<()> {
     let s = match cmd {
         ControllerCmd::JoinToken { ttl } => {
             return join_token(c, cpb::JoinKind::Controller, &ttl).await
@@ -282,11 +264,7 @@ fn node_json(n: &cpb::Node) -> serde_json::Value {
         "drain": n.drain.as_ref().map(crate::drain_view::drain_json)})
 }
 
-pub async fn node(
-    addrs: &str,
-    c: &mut ControllerServiceClient<Channel>,
-    cmd: NodeCmd,
-) -> Result<i32> {
+pub async fn node(addrs: &str, c: &mut Client, cmd: NodeCmd) -> Result<i32> {
     use crate::drain_view;
     match cmd {
         NodeCmd::Drain {
@@ -524,7 +502,7 @@ fn cvps_json(v: &cpb::ClusterVps) -> serde_json::Value {
 }
 
 /// VPS commands against the controller.
-pub async fn vps(c: &mut ControllerServiceClient<Channel>, cmd: VpsCmd) -> Result<i32> {
+pub async fn vps(c: &mut Client, cmd: VpsCmd) -> Result<i32> {
     match cmd {
         VpsCmd::Create {
             name,
@@ -803,7 +781,7 @@ const SETTLE: std::time::Duration = std::time::Duration::from_secs(60);
 /// The VPS's record and a client of the agent on its node (an admin's
 /// credentials reach agents too): the user never names the node.
 async fn agent_of(
-    c: &mut ControllerServiceClient<Channel>,
+    c: &mut Client,
     name: &str,
 ) -> Result<(
     cpb::ClusterVps,
@@ -840,12 +818,7 @@ async fn agent_of(
 
 /// Waits until the controller reports the VPS `status` at generation `gen`
 /// or later (its node's heartbeat tells).
-async fn observed(
-    c: &mut ControllerServiceClient<Channel>,
-    name: &str,
-    status: &str,
-    gen: u64,
-) -> Result<cpb::ClusterVps> {
+async fn observed(c: &mut Client, name: &str, status: &str, gen: u64) -> Result<cpb::ClusterVps> {
     let end = std::time::Instant::now() + SETTLE;
     loop {
         let v = c
@@ -869,7 +842,7 @@ async fn observed(
 
 /// Waits until the VPS's node holds generation `gen` of it (new limits are
 /// in place); returns the node's name.
-async fn applied(c: &mut ControllerServiceClient<Channel>, name: &str, gen: u64) -> Result<String> {
+async fn applied(c: &mut Client, name: &str, gen: u64) -> Result<String> {
     let end = std::time::Instant::now() + SETTLE;
     let (v, mut a) = agent_of(c, name).await?;
     loop {
@@ -915,11 +888,7 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 }
 
 /// The cluster's events; with `follow`, new ones as they happen (Ctrl-C ends).
-pub async fn events(
-    c: &mut ControllerServiceClient<Channel>,
-    follow: bool,
-    output: Output,
-) -> Result<()> {
+pub async fn events(c: &mut Client, follow: bool, output: Output) -> Result<()> {
     let mut s = c
         .watch_events(cpb::WatchEventsRequest {
             after_seq: 0,

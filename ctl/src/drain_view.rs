@@ -10,11 +10,10 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use crate::replicas::Client;
 use anyhow::{bail, Result};
 use ferry_proto::controller::v1 as cpb;
-use ferry_proto::controller::v1::controller_service_client::ControllerServiceClient;
 use serde_json::json;
-use tonic::transport::Channel;
 
 use crate::agent_cmd::Output;
 use crate::table;
@@ -205,10 +204,7 @@ fn item_line(i: &cpb::DrainItem) -> String {
     }
 }
 
-async fn get(
-    c: &mut ControllerServiceClient<Channel>,
-    node: &str,
-) -> Result<cpb::Drain, tonic::Status> {
+async fn get(c: &mut Client, node: &str) -> Result<cpb::Drain, tonic::Status> {
     c.get_drain(cpb::GetDrainRequest {
         node: node.to_string(),
     })
@@ -217,11 +213,7 @@ async fn get(
 }
 
 /// Prints the drain's progress until it ends; returns its exit code.
-pub async fn follow(
-    addrs: &str,
-    c: &mut ControllerServiceClient<Channel>,
-    node: &str,
-) -> Result<i32> {
+pub async fn follow(addrs: &str, c: &mut Client, node: &str) -> Result<i32> {
     let mut seen: HashMap<String, String> = HashMap::new();
     let mut last_state = String::new();
     let mut lost_since: Option<Instant> = None;
@@ -286,7 +278,7 @@ pub struct Start {
 }
 
 /// `node drain` and `node restore`.
-pub async fn start(addrs: &str, c: &mut ControllerServiceClient<Channel>, s: Start) -> Result<i32> {
+pub async fn start(addrs: &str, c: &mut Client, s: Start) -> Result<i32> {
     let mode = crate::migrate_view::parse_mode(&s.mode)? as i32;
     let r = if s.restore {
         c.restore_node(cpb::RestoreNodeRequest {
@@ -354,7 +346,7 @@ pub async fn start(addrs: &str, c: &mut ControllerServiceClient<Channel>, s: Sta
 /// `node drain-status`.
 pub async fn status(
     addrs: &str,
-    c: &mut ControllerServiceClient<Channel>,
+    c: &mut Client,
     node: &str,
     follow_it: bool,
     output: Output,
@@ -373,7 +365,7 @@ pub async fn status(
 }
 
 /// `node drain-cancel`.
-pub async fn cancel(c: &mut ControllerServiceClient<Channel>, node: &str) -> Result<i32> {
+pub async fn cancel(c: &mut Client, node: &str) -> Result<i32> {
     let d = c
         .cancel_drain(cpb::CancelDrainRequest {
             node: node.to_string(),

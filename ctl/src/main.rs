@@ -12,6 +12,7 @@ mod agent_cmd;
 mod cluster_cmd;
 mod drain_view;
 mod migrate_view;
+mod replicas;
 mod table;
 mod units;
 
