@@ -181,10 +181,25 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
         .await
         .map_err(|e| format!("connecting to the page server {page_server}: {e}"))?;
     let _ = ps.set_nodelay(true);
-    tokio::io::copy_bidirectional_with_sizes(&mut peer, &mut ps, BUF, BUF)
+    let (_, to_peer) = tokio::io::copy_bidirectional_with_sizes(&mut peer, &mut ps, BUF, BUF)
         .await
-        .map(|_| ())
-        .map_err(|e| format!("relaying: {e}"))
+        .map_err(|e| format!("relaying: {e}"))?;
+    // Read back by the agent ([`relayed`]): the post-copy's bytes.
+    eprintln!("{RELAYED} {to_peer} bytes");
+    Ok(())
+}
+
+/// How the serving end's log states what it sent to the target.
+const RELAYED: &str = "page tunnel: relayed";
+
+/// What the serving end whose log is `log` sent to the target, once it ended.
+pub fn relayed(log: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix(RELAYED))
+        .and_then(|rest| rest.trim().strip_suffix("bytes"))
+        .and_then(|n| n.trim().parse().ok())
 }
 
 async fn dial(
@@ -230,6 +245,8 @@ pub struct Tunnel {
     child: Option<std::process::Child>,
     /// `serve`: where the target dials (IP:PORT).
     pub address: String,
+    /// Its log.
+    pub log: PathBuf,
 }
 
 impl Tunnel {
@@ -349,6 +366,7 @@ pub fn start_serve(
     let mut t = Tunnel {
         child: Some(child),
         address: String::new(),
+        log: log.to_path_buf(),
     };
     let mut text = String::new();
     {
@@ -398,6 +416,7 @@ pub fn start_dial(
         Tunnel {
             child: Some(child),
             address: to.to_string(),
+            log: log.to_path_buf(),
         },
         a,
     ))
@@ -409,4 +428,20 @@ pub const TUNNEL_LOG: &str = "page-tunnel.log";
 /// Where a tunnel's log goes.
 pub fn log_in(dir: &Path) -> PathBuf {
     dir.join(TUNNEL_LOG)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_what_the_serving_end_relayed() {
+        let d = tempfile::tempdir().unwrap();
+        let log = super::log_in(d.path());
+        assert_eq!(super::relayed(&log), None);
+        std::fs::write(
+            &log,
+            "page tunnel: node n2 connected from 10.0.0.2:5000\npage tunnel: relayed 12345 bytes\n",
+        )
+        .unwrap();
+        assert_eq!(super::relayed(&log), Some(12345));
+    }
 }

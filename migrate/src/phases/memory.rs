@@ -132,8 +132,8 @@ mod tests {
         async fn dump(&self, _: &Path, _: bool, _: Option<&str>) -> Result<Dumped, String> {
             Err("unused".into())
         }
-        async fn post_copy_done(&self) -> Result<(), String> {
-            Ok(())
+        async fn post_copy_done(&self) -> Result<u64, String> {
+            Ok(0)
         }
         async fn resume(&self, _: &Path, _: &str) -> Result<(), String> {
             Ok(())

@@ -62,8 +62,9 @@ pub trait Source: Send + Sync {
     async fn dump(&self, images: &Path, lazy: bool, parent: Option<&str>)
         -> Result<Dumped, String>;
     /// Post-copy: waits until the target has every page (the window in which
-    /// the VPS on the target still needs this node ends).
-    async fn post_copy_done(&self) -> Result<(), String>;
+    /// the VPS on the target still needs this node ends); the bytes that went
+    /// to the target meanwhile, when known.
+    async fn post_copy_done(&self) -> Result<u64, String>;
     /// Brings the VPS back on this node after a freeze (rollback): from
     /// `images`, or, in post-copy, by stopping the page server, which lets the
     /// frozen tasks run again.
@@ -326,10 +327,11 @@ async fn steps(
     if mode == Mode::PostCopy {
         // The VPS runs on the target; its memory still comes from here.
         p.phase("post-copy", "memory follows on demand").await;
-        src.post_copy_done()
+        let served = src
+            .post_copy_done()
             .await
             .map_err(MigrateError::at("post-copy"))?;
-        p.done_phase("post-copy", 0);
+        p.done_phase("post-copy", served);
     }
     cleanup::run(src, st, p).await;
     Ok(())
