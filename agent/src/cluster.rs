@@ -114,6 +114,40 @@ pub fn check_controllers(controllers: &[String]) -> crate::error::Result<()> {
     Ok(())
 }
 
+type ControllerClient =
+    ferry_proto::controller::v1::controller_service_client::ControllerServiceClient<
+        tonic::transport::Channel,
+    >;
+
+/// One call to the controller at `a` within `limit`; not reaching it, or no
+/// answer in time, is `Unavailable`.
+async fn ask<T, F, Fut>(a: &Addr, limit: Duration, f: F) -> Result<T, tonic::Status>
+where
+    F: FnOnce(ControllerClient) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let call = async {
+        let ch = ferry_proto::addr::connect_controller(a)
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        f(ferry_proto::limits::controller_client(ch))
+            .await
+            .map(|r| r.into_inner())
+    };
+    tokio::time::timeout(limit, call)
+        .await
+        .unwrap_or_else(|_| Err(tonic::Status::unavailable("timed out")))
+}
+
+/// A definite answer that the cluster knows no such thing (not a failure
+/// to reach it): asking again changes nothing.
+fn refused(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::FailedPrecondition | tonic::Code::NotFound | tonic::Code::InvalidArgument
+    )
+}
+
 /// The pause between rounds of asking every controller for a decision.
 const DECIDE_RETRY_PAUSE: Duration = Duration::from_millis(300);
 
@@ -139,36 +173,20 @@ pub async fn decide_migration(
     let mut warned = tokio::time::Instant::now();
     loop {
         for a in &addrs {
-            let call = async {
-                let ch = ferry_proto::addr::connect_controller(a)
-                    .await
-                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-                ferry_proto::limits::controller_client(ch)
-                    .decide_migration(cpb::DecideMigrationRequest {
-                        name: name.to_string(),
-                        migration_id: migration_id.to_string(),
-                        commit,
-                        query: false,
-                    })
-                    .await
+            let req = cpb::DecideMigrationRequest {
+                name: name.to_string(),
+                migration_id: migration_id.to_string(),
+                commit,
+                query: false,
             };
-            match tokio::time::timeout(Duration::from_secs(10), call).await {
-                Ok(Ok(r)) => {
-                    let r = r.into_inner();
-                    return Ok((r.moved, r.generation));
-                }
-                Ok(Err(s))
-                    if matches!(
-                        s.code(),
-                        tonic::Code::FailedPrecondition
-                            | tonic::Code::NotFound
-                            | tonic::Code::InvalidArgument
-                    ) =>
-                {
-                    return Err(DecideError::Refused(s.message().to_string()));
-                }
-                Ok(Err(s)) => last = format!("{a}: {}", s.message()),
-                Err(_) => last = format!("{a}: timed out"),
+            match ask(a, Duration::from_secs(10), |mut c| async move {
+                c.decide_migration(req).await
+            })
+            .await
+            {
+                Ok(r) => return Ok((r.moved, r.generation)),
+                Err(s) if refused(&s) => return Err(DecideError::Refused(s.message().to_string())),
+                Err(s) => last = format!("{a}: {}", s.message()),
             }
         }
         if tokio::time::Instant::now() >= end {
@@ -182,6 +200,44 @@ pub async fn decide_migration(
     }
 }
 
+/// Tells the controllers how a migration this node ran as source ended (its
+/// last event, after the post-copy window and cleanup), for the move's
+/// record. Tries every controller for up to `patience`; a definite refusal
+/// ends it. Best effort: the record only loses its figures.
+pub async fn finish_migration(
+    controllers: &[String],
+    name: &str,
+    migration_id: &str,
+    last: ferry_proto::agent::v1::MigrationEvent,
+    patience: Duration,
+) {
+    let end = tokio::time::Instant::now() + patience;
+    let mut why = String::new();
+    while tokio::time::Instant::now() < end {
+        for a in controllers.iter().filter_map(|a| a.parse::<Addr>().ok()) {
+            let req = cpb::FinishMigrationRequest {
+                name: name.to_string(),
+                migration_id: migration_id.to_string(),
+                last: Some(last.clone()),
+            };
+            match ask(&a, Duration::from_secs(10), |mut c| async move {
+                c.finish_migration(req).await
+            })
+            .await
+            {
+                Ok(_) => return,
+                Err(s) if refused(&s) || s.code() == tonic::Code::PermissionDenied => {
+                    tracing::debug!(migration = %migration_id, error = %s.message(), "the end of the migration was not recorded");
+                    return;
+                }
+                Err(s) => why = format!("{a}: {}", s.message()),
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tracing::warn!(migration = %migration_id, error = %why, "could not report the end of the migration");
+}
+
 /// Asks the controllers what was decided about a migration, writing
 /// nothing: Some((moved, generation)) once decided, None while undecided or
 /// when no controller answered this round.
@@ -191,21 +247,17 @@ pub async fn query_decision(
     migration_id: &str,
 ) -> Option<(bool, u64)> {
     for a in controllers.iter().filter_map(|a| a.parse::<Addr>().ok()) {
-        let call = async {
-            let ch = ferry_proto::addr::connect_controller(&a)
-                .await
-                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-            ferry_proto::limits::controller_client(ch)
-                .decide_migration(cpb::DecideMigrationRequest {
-                    name: name.to_string(),
-                    migration_id: migration_id.to_string(),
-                    commit: false,
-                    query: true,
-                })
-                .await
+        let req = cpb::DecideMigrationRequest {
+            name: name.to_string(),
+            migration_id: migration_id.to_string(),
+            commit: false,
+            query: true,
         };
-        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(3), call).await {
-            let r = r.into_inner();
+        if let Ok(r) = ask(&a, Duration::from_secs(3), |mut c| async move {
+            c.decide_migration(req).await
+        })
+        .await
+        {
             return r.decided.then_some((r.moved, r.generation));
         }
     }

@@ -498,6 +498,24 @@ fn cvps_json(v: &cpb::ClusterVps) -> serde_json::Value {
             "mode": m.mode, "phase": m.phase, "started_unix_ms": m.started_unix_ms,
         });
     }
+    j["history"] = v
+        .history
+        .iter()
+        .map(|h| {
+            let phases: Vec<_> = h
+                .phases
+                .iter()
+                .map(|p| json!({"phase": p.phase, "millis": p.millis, "bytes": p.bytes}))
+                .collect();
+            json!({
+                "id": h.id, "source": h.source, "target": h.target, "mode": h.mode,
+                "phase": h.phase, "started_unix_ms": h.started_unix_ms,
+                "decided_unix_ms": h.decided_unix_ms, "outcome": h.outcome, "reason": h.reason,
+                "ended_unix_ms": h.ended_unix_ms, "downtime_ms": h.downtime_ms,
+                "total_ms": h.total_ms, "phases": phases, "error": h.error,
+            })
+        })
+        .collect();
     j
 }
 
@@ -631,6 +649,12 @@ pub async fn vps(c: &mut Client, cmd: VpsCmd) -> Result<i32> {
                         "Migrating", m.source, m.target, m.id, m.mode, m.phase
                     );
                 }
+                if !v.history.is_empty() {
+                    println!("Moves (oldest first):");
+                    for h in &v.history {
+                        println!("  {}", move_line(h));
+                    }
+                }
             }
         }
         VpsCmd::Migrate {
@@ -642,14 +666,14 @@ pub async fn vps(c: &mut Client, cmd: VpsCmd) -> Result<i32> {
             let mode = crate::migrate_view::parse_mode(&mode)?;
             let s = c
                 .migrate_vps(cpb::MigrateVpsRequest {
-                    name,
+                    name: name.clone(),
                     to_node: to.unwrap_or_default(),
                     mode: mode as i32,
                     verify,
                 })
                 .await?
                 .into_inner();
-            return crate::migrate_view::follow(s).await;
+            return follow_migration(c, &name, s).await;
         }
         VpsCmd::Destroy { name, force } => {
             c.delete_vps(cpb::DeleteVpsRequest {
@@ -780,6 +804,106 @@ const SETTLE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The VPS's record and a client of the agent on its node (an admin's
 /// credentials reach agents too): the user never names the node.
+/// One line of a VPS's move history.
+fn move_line(h: &cpb::MoveRecord) -> String {
+    let state = match (h.outcome.as_str(), h.ended_unix_ms) {
+        ("", _) => format!("in flight, phase {}", h.phase),
+        ("moved", 0) => format!("moved, finishing ({})", h.phase),
+        ("moved", _) if h.error.is_empty() => "moved".to_string(),
+        ("moved", _) => format!("moved, then: {}", h.error),
+        (o, _) if !h.reason.is_empty() => format!("{o}: {}", h.reason),
+        (o, _) if !h.error.is_empty() => format!("{o}: {}", h.error),
+        (o, _) => o.to_string(),
+    };
+    let figures = if h.ended_unix_ms != 0 && h.error.is_empty() {
+        let bytes: u64 = h.phases.iter().map(|p| p.bytes).sum();
+        let post = h
+            .phases
+            .iter()
+            .find(|p| p.phase == "post-copy")
+            .map(|p| format!(", post-copy {}", human_bytes(p.bytes)))
+            .unwrap_or_default();
+        format!(
+            "; downtime {} ms, total {} ms, {}{post}",
+            h.downtime_ms,
+            h.total_ms,
+            human_bytes(bytes)
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "{} {} → {} ({}): {state}{figures}",
+        h.id, h.source, h.target, h.mode
+    )
+}
+
+/// Follows a migration to its outcome: its own stream, then, if that breaks
+/// (the replica serving it died, the source agent restarted), the same
+/// migration by id from any replica. The exit code is its outcome.
+async fn follow_migration(
+    c: &mut Client,
+    name: &str,
+    s: tonic::Streaming<apb::MigrationEvent>,
+) -> Result<i32> {
+    use crate::migrate_view::{report, Ended, Progress};
+    let p = Progress::new();
+    let mut ended = p.show(s).await;
+    let mut tries = 0;
+    let out = loop {
+        let (id, why) = match ended {
+            Ended::Done(ev) => break Ok(report(&ev)),
+            Ended::Broken { id, why } => (id, why),
+        };
+        tries += 1;
+        if tries > 20 {
+            break Err(anyhow::anyhow!(
+                "lost the migration's progress ({why}); see `ferryctl vps show {name}`"
+            ));
+        }
+        p.reconnecting(&why);
+        // Without an event yet, the record names the migration in flight.
+        let id = if id.is_empty() {
+            match c.get_vps(cpb::GetVpsRequest { name: name.into() }).await {
+                Ok(v) => {
+                    let v = v.into_inner();
+                    v.migration
+                        .map(|m| m.id)
+                        .or_else(|| v.history.last().map(|h| h.id.clone()))
+                        .unwrap_or_default()
+                }
+                Err(_) => String::new(),
+            }
+        } else {
+            id
+        };
+        if id.is_empty() {
+            break Err(anyhow::anyhow!(
+                "lost the migration's progress ({why}) before it was named; see `ferryctl vps \
+                 show {name}`"
+            ));
+        }
+        ended = match c
+            .watch_migration(cpb::WatchMigrationRequest {
+                name: name.into(),
+                migration_id: id.clone(),
+            })
+            .await
+        {
+            Ok(s) => p.show(s.into_inner()).await,
+            Err(e) => {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                Ended::Broken {
+                    id,
+                    why: e.message().to_string(),
+                }
+            }
+        };
+    };
+    p.finish();
+    out
+}
+
 async fn agent_of(
     c: &mut Client,
     name: &str,

@@ -27,7 +27,7 @@ pub fn controller_call(path: &str) -> Retry {
     };
     match method {
         "ClusterStatus" | "ListNodes" | "GetNode" | "GetDrain" | "GetVps" | "ListVps"
-        | "WatchEvents" => Retry::Always,
+        | "WatchEvents" | "WatchMigration" => Retry::Always,
         "CreateVps" | "DeleteVps" | "StartVps" | "StopVps" | "UpdateVps" | "CordonNode" => {
             Retry::WithId
         }

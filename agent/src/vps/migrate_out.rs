@@ -116,20 +116,23 @@ impl Source for AgentSource {
             shared_writable: seized.shared_writable,
         })
     }
-    async fn post_copy_done(&self) -> std::result::Result<(), String> {
+    async fn post_copy_done(&self) -> std::result::Result<u64, String> {
         let Some(run) = self.lazy.lock().await.take() else {
-            return Ok(());
+            return Ok(0);
         };
         let served = run.done.await;
         // The page server is done; the tunnel ends once it has passed the
-        // last bytes on.
+        // last bytes on, and says how many it passed.
+        let mut bytes = 0;
         if let Some(t) = run.tunnel {
+            let log = t.log.clone();
             let _ =
                 tokio::task::spawn_blocking(move || t.finish(std::time::Duration::from_secs(30)))
                     .await;
+            bytes = crate::criu::tunnel::relayed(&log).unwrap_or(0);
         }
         match served {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(_)) => Ok(bytes),
             Ok(Err(e)) => Err(format!(
                 "the page transfer failed: {e}; the VPS on the target may miss memory"
             )),
@@ -443,7 +446,24 @@ impl Agent {
         tokio::spawn(
             async move {
                 let name = job.name.clone();
+                let (id, controllers) = (job.id.clone(), job.controllers.clone());
                 let ev = phases::run(src, target, job, tx).await;
+                if !controllers.is_empty() {
+                    let (name, last) = (name.clone(), ev.clone());
+                    tokio::spawn(
+                        async move {
+                            crate::cluster::finish_migration(
+                                &controllers,
+                                &name,
+                                &id,
+                                last,
+                                std::time::Duration::from_secs(120),
+                            )
+                            .await
+                        }
+                        .in_current_span(),
+                    );
+                }
                 tracing::info!(
                     phase = %ev.phase,
                     downtime_ms = ev.downtime_ms,

@@ -238,6 +238,37 @@ impl ControllerService for Api {
         ))
     }
 
+    async fn finish_migration(
+        &self,
+        req: Request<cpb::FinishMigrationRequest>,
+    ) -> R<cpb::FinishMigrationResponse> {
+        let caller = req
+            .extensions()
+            .get::<ferry_proto::tls::Identity>()
+            .cloned();
+        trust::node_in_move(
+            &self.ctl,
+            caller.as_ref(),
+            &req.get_ref().name,
+            &req.get_ref().migration_id,
+        )
+        .await?;
+        Ok(Response::new(
+            migrate::finish(&self.ctl, req.into_inner()).await?,
+        ))
+    }
+
+    type WatchMigrationStream = migrate::WatchStream;
+
+    async fn watch_migration(
+        &self,
+        req: Request<cpb::WatchMigrationRequest>,
+    ) -> R<Self::WatchMigrationStream> {
+        Ok(Response::new(
+            migrate::watch(self.ctl.clone(), req.into_inner()).await?,
+        ))
+    }
+
     async fn watch_events(
         &self,
         req: Request<cpb::WatchEventsRequest>,

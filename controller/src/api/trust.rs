@@ -305,6 +305,34 @@ pub async fn node_in_migration(
     }
 }
 
+/// A node may report only the end of a move it took part in (its source or
+/// its target, as the VPS's move history records them).
+pub async fn node_in_move(
+    ctl: &Controller,
+    id: Option<&Identity>,
+    name: &str,
+    migration_id: &str,
+) -> Result<(), tonic::Status> {
+    let Some(Role::Node(n)) = id.map(|i| &i.role) else {
+        return Ok(());
+    };
+    let m = ctl.member().await?;
+    let ok = m.sm.read(|a| {
+        a.state.vps.get(name).is_some_and(|v| {
+            v.history
+                .iter()
+                .any(|h| h.id == migration_id && (h.source == *n || h.target == *n))
+        })
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(tonic::Status::permission_denied(format!(
+            "node {n} takes no part in migration {migration_id} of {name}"
+        )))
+    }
+}
+
 /// Who may call what on a controller.
 pub struct ControllerPolicy {
     pub ctl: Arc<Controller>,
@@ -336,7 +364,11 @@ impl Policy for ControllerPolicy {
             _ if raft => false,
             Role::Node(_) => matches!(
                 m,
-                "RegisterNode" | "Heartbeat" | "DecideMigration" | "RenewCertificate"
+                "RegisterNode"
+                    | "Heartbeat"
+                    | "DecideMigration"
+                    | "FinishMigration"
+                    | "RenewCertificate"
             ),
             Role::User { .. } => {
                 authz::user_may(&id.role, m).unwrap_or(false) || m == "ClusterStatus"

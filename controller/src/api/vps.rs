@@ -43,6 +43,38 @@ pub(crate) fn to_pb(v: &VpsRecord) -> cpb::ClusterVps {
             phase: m.phase.clone(),
             started_unix_ms: m.started_ms,
         }),
+        history: v.history.iter().map(move_pb).collect(),
+    }
+}
+
+pub(crate) fn move_pb(h: &crate::state::migration::MoveRecord) -> cpb::MoveRecord {
+    cpb::MoveRecord {
+        id: h.id.clone(),
+        source: h.source.clone(),
+        target: h.target.clone(),
+        mode: h.mode.clone(),
+        phase: h.phase.clone(),
+        started_unix_ms: h.started_ms,
+        decided_unix_ms: h.decided_ms,
+        outcome: match h.moved {
+            None => String::new(),
+            Some(true) => "moved".into(),
+            Some(false) => "rolled back".into(),
+        },
+        reason: h.reason.clone(),
+        ended_unix_ms: h.ended_ms,
+        downtime_ms: h.downtime_ms,
+        total_ms: h.total_ms,
+        phases: h
+            .phases
+            .iter()
+            .map(|(phase, millis, bytes)| ferry_proto::agent::v1::PhaseStat {
+                phase: phase.clone(),
+                millis: *millis,
+                bytes: *bytes,
+            })
+            .collect(),
+        error: h.error.clone(),
     }
 }
 

@@ -103,7 +103,7 @@ pub async fn start(ctl: &Controller, r: Move) -> Result<Started, ControllerError
     let dst_addr =
         m.sm.read(|a| a.state.nodes.get(&mig.target).map(|n| n.addr.clone()));
     let (Some(dst_addr), true) = (dst_addr, v.node == source_node) else {
-        cancel(&m, &r.name, &id, "a node left the cluster").await;
+        abandon(&m, &r.name, &id, "a node left the cluster").await;
         return Err(ControllerError::Raft(
             "a node of the migration is gone".into(),
         ));
@@ -122,7 +122,7 @@ pub async fn start(ctl: &Controller, r: Move) -> Result<Started, ControllerError
     let events = match start_on_source(&v.node, source_client, req).await {
         Ok(s) => s,
         Err(e) => {
-            cancel(&m, &r.name, &id, &e.to_string()).await;
+            abandon(&m, &r.name, &id, &e.to_string()).await;
             return Err(e);
         }
     };
@@ -209,6 +209,15 @@ async fn relay(
                     Ok(ev) => {
                         if ev.done {
                             ended = true;
+                            // Its figures for the move's record (the source
+                            // reports them too; the first report stands).
+                            let cmd = MigrationCmd::Finish {
+                                name: name.clone(),
+                                id: id.clone(),
+                                report: crate::state::migration::Finished::from_event(&ev),
+                                now_ms: now_ms(),
+                            };
+                            let _ = m.propose(Request::Migration(cmd)).await;
                             if !ev.error.is_empty() {
                                 // The source settles this itself; repeating it
                                 // is harmless (the first decision stands).
@@ -259,4 +268,19 @@ async fn cancel(m: &Member, name: &str, id: &str, reason: &str) {
     if let Err(e) = m.propose(Request::Migration(cmd)).await {
         tracing::warn!(error = %e, "could not record the migration's cancellation");
     }
+}
+
+/// Cancels a migration the source agent never ran: it ends here.
+async fn abandon(m: &Member, name: &str, id: &str, reason: &str) {
+    cancel(m, name, id, reason).await;
+    let cmd = MigrationCmd::Finish {
+        name: name.to_string(),
+        id: id.to_string(),
+        report: crate::state::migration::Finished {
+            error: reason.to_string(),
+            ..Default::default()
+        },
+        now_ms: now_ms(),
+    };
+    let _ = m.propose(Request::Migration(cmd)).await;
 }

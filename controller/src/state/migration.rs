@@ -29,6 +29,60 @@ pub struct Migration {
     pub drain: Option<DrainRef>,
 }
 
+/// How many moves a VPS's history keeps.
+pub const HISTORY: usize = 10;
+
+/// One move of a VPS as an operator follows it: from its start through its
+/// decision to the end of its post-copy window and cleanup.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MoveRecord {
+    pub id: String,
+    pub source: String,
+    pub target: String,
+    pub mode: String,
+    pub phase: String,
+    pub started_ms: i64,
+    /// 0 while undecided.
+    pub decided_ms: i64,
+    /// Set at the decision.
+    pub moved: Option<bool>,
+    pub reason: String,
+    /// 0 until the source reported its end.
+    pub ended_ms: i64,
+    pub downtime_ms: u64,
+    pub total_ms: u64,
+    /// (phase, milliseconds, bytes), in order.
+    pub phases: Vec<(String, u64, u64)>,
+    pub error: String,
+}
+
+/// The source's report of a migration's end (its last event).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Finished {
+    pub mode: String,
+    pub downtime_ms: u64,
+    pub total_ms: u64,
+    pub phases: Vec<(String, u64, u64)>,
+    pub error: String,
+}
+
+impl Finished {
+    /// The report as the source agent's last event carries it.
+    pub fn from_event(ev: &ferry_proto::agent::v1::MigrationEvent) -> Self {
+        Finished {
+            mode: ev.mode.clone(),
+            downtime_ms: ev.downtime_ms,
+            total_ms: ev.total_ms,
+            phases: ev
+                .phases
+                .iter()
+                .map(|p| (p.phase.clone(), p.millis, p.bytes))
+                .collect(),
+            error: ev.error.clone(),
+        }
+    }
+}
+
 /// How the last migration of a VPS ended (the decision, kept for retries).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Outcome {
@@ -63,6 +117,15 @@ pub enum MigrationCmd {
         id: String,
         commit: bool,
         reason: String,
+        now_ms: i64,
+    },
+    /// The source's report that the migration ended (after the decision,
+    /// its post-copy window and cleanup): figures for the history. The
+    /// first report stands.
+    Finish {
+        name: String,
+        id: String,
+        report: Finished,
         now_ms: i64,
     },
 }
@@ -193,6 +256,19 @@ impl ClusterState {
                     started_ms: now_ms,
                     drain: drain.clone(),
                 });
+                new.history.push(MoveRecord {
+                    id: id.clone(),
+                    source: old.node.clone(),
+                    target: node.clone(),
+                    mode: mode.clone(),
+                    phase: "starting".into(),
+                    started_ms: now_ms,
+                    ..Default::default()
+                });
+                if new.history.len() > HISTORY {
+                    let extra = new.history.len() - HISTORY;
+                    new.history.drain(..extra);
+                }
                 self.replace_vps(&old, new.clone());
                 self.events.push(
                     now_ms,
@@ -206,16 +282,60 @@ impl ClusterState {
                 Response::Vps(Box::new(new))
             }
             MigrationCmd::Phase { name, id, phase } => {
-                match self.vps.get_mut(&name).and_then(|v| v.migration.as_mut()) {
-                    Some(m) if m.id == id => {
-                        m.phase = phase;
-                        Response::Ok
-                    }
-                    _ => reject(
-                        RejectCode::FailedPrecondition,
-                        format!("VPS {name} has no migration {id} in flight"),
-                    ),
+                let Some(v) = self.vps.get_mut(&name) else {
+                    return reject(RejectCode::NotFound, format!("VPS {name:?} not found"));
+                };
+                let mut known = false;
+                if let Some(m) = v.migration.as_mut().filter(|m| m.id == id) {
+                    m.phase = phase.clone();
+                    known = true;
                 }
+                // After the decision too: post-copy, cleanup.
+                if let Some(h) = v.history.iter_mut().find(|h| h.id == id && h.ended_ms == 0) {
+                    h.phase = phase;
+                    known = true;
+                }
+                if known {
+                    Response::Ok
+                } else {
+                    reject(
+                        RejectCode::FailedPrecondition,
+                        format!("VPS {name} has no migration {id} under way"),
+                    )
+                }
+            }
+            MigrationCmd::Finish {
+                name,
+                id,
+                report,
+                now_ms,
+            } => {
+                let Some(v) = self.vps.get_mut(&name) else {
+                    return reject(RejectCode::NotFound, format!("VPS {name:?} not found"));
+                };
+                let Some(h) = v.history.iter_mut().find(|h| h.id == id) else {
+                    return reject(
+                        RejectCode::FailedPrecondition,
+                        format!("VPS {name} has no migration {id} on record"),
+                    );
+                };
+                if h.ended_ms == 0 {
+                    h.ended_ms = now_ms;
+                    h.phase = if report.error.is_empty() {
+                        "done"
+                    } else {
+                        "failed"
+                    }
+                    .into();
+                    if !report.mode.is_empty() {
+                        h.mode = report.mode;
+                    }
+                    h.downtime_ms = report.downtime_ms;
+                    h.total_ms = report.total_ms;
+                    h.phases = report.phases;
+                    h.error = report.error;
+                }
+                Response::Ok
             }
             MigrationCmd::Decide {
                 name,
@@ -239,6 +359,11 @@ impl ClusterState {
                 };
                 let mut new = old.clone();
                 new.migration = None;
+                if let Some(h) = new.history.iter_mut().find(|h| h.id == id) {
+                    h.decided_ms = now_ms;
+                    h.moved = Some(commit);
+                    h.reason = reason.clone();
+                }
                 // Nothing else changed the VPS meanwhile (the commands that
                 // would are refused while it migrates); the move's new
                 // generation fences off the source's copy.
@@ -383,6 +508,86 @@ mod tests {
             Response::Rejected { code, .. } => Some(*code),
             _ => None,
         }
+    }
+
+    #[test]
+    fn a_move_is_on_record_through_post_copy_to_its_end() {
+        let mut s = ClusterState::default();
+        node(&mut s, "a", 1 << 30, &["busybox"]);
+        node(&mut s, "b", 1 << 30, &["busybox"]);
+        vps(&mut s, "v", "a", 64 << 20);
+        assert!(matches!(begin(&mut s, "v", "m1", "b"), Response::Vps(_)));
+        let phase = |s: &mut ClusterState, p: &str| {
+            s.apply(Request::Migration(MigrationCmd::Phase {
+                name: "v".into(),
+                id: "m1".into(),
+                phase: p.into(),
+            }))
+        };
+        assert_eq!(phase(&mut s, "rootfs"), Response::Ok);
+        assert!(matches!(decide(&mut s, "v", "m1", true), Response::Vps(_)));
+        // Decided, but the VPS still needs its source: the record stays open.
+        assert_eq!(phase(&mut s, "post-copy"), Response::Ok);
+        let h = s.vps["v"].history.last().cloned().unwrap();
+        assert_eq!(
+            (
+                h.source.as_str(),
+                h.target.as_str(),
+                h.moved,
+                h.decided_ms,
+                h.ended_ms
+            ),
+            ("a", "b", Some(true), 2, 0)
+        );
+        assert_eq!(h.phase, "post-copy");
+        let finish = |s: &mut ClusterState, downtime: u64| {
+            s.apply(Request::Migration(MigrationCmd::Finish {
+                name: "v".into(),
+                id: "m1".into(),
+                report: Finished {
+                    mode: "post-copy".into(),
+                    downtime_ms: downtime,
+                    total_ms: 900,
+                    phases: vec![("post-copy".into(), 300, 64 << 20)],
+                    error: String::new(),
+                },
+                now_ms: 3,
+            }))
+        };
+        assert_eq!(finish(&mut s, 120), Response::Ok);
+        // The first report stands.
+        assert_eq!(finish(&mut s, 999), Response::Ok);
+        let h = s.vps["v"].history.last().cloned().unwrap();
+        assert_eq!(
+            (h.ended_ms, h.downtime_ms, h.phase.as_str()),
+            (3, 120, "done")
+        );
+        assert_eq!(h.phases, vec![("post-copy".to_string(), 300, 64 << 20)]);
+        // Nothing is reported for a move that is not on record.
+        let r = s.apply(Request::Migration(MigrationCmd::Phase {
+            name: "v".into(),
+            id: "m9".into(),
+            phase: "x".into(),
+        }));
+        assert_eq!(code(&r), Some(RejectCode::FailedPrecondition));
+    }
+
+    #[test]
+    fn the_history_keeps_the_last_moves() {
+        let mut s = ClusterState::default();
+        node(&mut s, "a", 1 << 30, &["busybox"]);
+        node(&mut s, "b", 1 << 30, &["busybox"]);
+        vps(&mut s, "v", "a", 64 << 20);
+        for k in 0..HISTORY + 3 {
+            let to = if k % 2 == 0 { "b" } else { "a" };
+            let id = format!("m{k}");
+            assert!(matches!(begin(&mut s, "v", &id, to), Response::Vps(_)));
+            assert!(matches!(decide(&mut s, "v", &id, true), Response::Vps(_)));
+        }
+        let h = &s.vps["v"].history;
+        assert_eq!(h.len(), HISTORY);
+        assert_eq!(h[0].id, "m3");
+        assert_eq!(h[HISTORY - 1].id, format!("m{}", HISTORY + 2));
     }
 
     #[test]

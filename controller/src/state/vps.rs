@@ -146,6 +146,9 @@ pub struct VpsRecord {
     /// How its last migration ended.
     #[serde(default)]
     pub last_migration: Option<Outcome>,
+    /// Its last moves, oldest first (at most [`super::migration::HISTORY`]).
+    #[serde(default)]
+    pub history: Vec<super::migration::MoveRecord>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -311,6 +314,7 @@ impl ClusterState {
                     created_ms: now_ms,
                     migration: None,
                     last_migration: None,
+                    history: Vec::new(),
                 };
                 self.events.push(
                     now_ms,
