@@ -9,9 +9,10 @@
 #   runc, rsync     the peers the benchmarks measure against
 #   python3         test and bench clients (a TCP connection held across a move)
 #   nftables        `nft`: the agent's host firewall keeps VPSes off the host's addresses
+#   btrfs-progs     disk quotas: each VPS's own files on a btrfs of its size (grown live)
 set -euo pipefail
 "$(dirname "$0")/apt-ensure.sh" busybox-static iproute2 util-linux curl debootstrap runc rsync \
-  ca-certificates zstd python3 nftables
+  ca-certificates zstd python3 nftables btrfs-progs
 command -v cargo >/dev/null || { echo "cargo is missing: install a Rust toolchain (rustup)" >&2; exit 1; }
 # Kernel bits the agent uses.
 modprobe overlay 2>/dev/null || true

@@ -21,6 +21,9 @@ pub struct LimitsConfig {
     pub memory_bytes: u64,
     pub swap_bytes: u64,
     pub pids: u32,
+    /// Disk quota (0: none); see [`crate::vps::disk`].
+    #[serde(default)]
+    pub disk_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -231,6 +234,19 @@ pub fn validate_limits(l: &LimitsConfig, cap: Capacity) -> Result<()> {
             format!("{} is over the kernel's most ({MAX_PIDS})", l.pids),
         ));
     }
+    if l.disk_bytes != 0
+        && !(crate::vps::disk::MIN_DISK..=crate::vps::disk::MAX_DISK).contains(&l.disk_bytes)
+    {
+        return Err(AgentError::invalid(
+            "limits.disk_bytes",
+            format!(
+                "{} is not between {} and {} (or 0: no quota)",
+                l.disk_bytes,
+                crate::vps::disk::MIN_DISK,
+                crate::vps::disk::MAX_DISK
+            ),
+        ));
+    }
     let max_swap = cap.memory_bytes.saturating_mul(MAX_SWAP_FACTOR);
     if l.swap_bytes > max_swap {
         return Err(AgentError::invalid(
@@ -258,6 +274,7 @@ pub fn limits_from_pb(l: Option<&pb::Limits>) -> Result<LimitsConfig> {
         memory_bytes: l.memory_bytes,
         swap_bytes: l.swap_bytes,
         pids: if l.pids == 0 { DEFAULT_PIDS } else { l.pids },
+        disk_bytes: l.disk_bytes,
     })
 }
 
@@ -412,6 +429,7 @@ impl VpsConfig {
                 memory_bytes: self.limits.memory_bytes,
                 swap_bytes: self.limits.swap_bytes,
                 pids: self.limits.pids,
+                disk_bytes: self.limits.disk_bytes,
             }),
             net: self.net.as_ref().map(|n| pb::NetConfig {
                 ip: n.ip.to_string(),

@@ -32,7 +32,7 @@ async fn ferryctl_drives_the_lifecycle() {
         let mut lines = out.lines();
         assert_eq!(
             lines.next().unwrap().split_whitespace().collect::<Vec<_>>(),
-            ["NAME", "STATUS", "IP", "CPU", "MEM", "PIDS"]
+            ["NAME", "STATUS", "IP", "CPU", "MEM", "PIDS", "DISK"]
         );
         let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
         assert_eq!(

@@ -122,6 +122,80 @@ async fn checkpoint_and_restore_on_one_node() {
     .await;
 }
 
+/// A VPS with a disk quota checkpointed and restored on its node: its files
+/// come back inside its disk (the unpack is staged there, so the swap is one
+/// rename), the quota holds after, and destroy leaves no mount or loop device.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vps_with_a_disk_quota_restores_inside_its_disk() {
+    bounded(180, async {
+        let _heavy = HEAVY.lock().await;
+        let h = Host::new().await;
+        let name = format!("dk{}", std::process::id());
+        let sh = |script: &str| {
+            let (code, out, err) = ferryctl(&h, &["vps", "exec", &name, "--", "sh", "-c", script]);
+            assert_eq!(code, 0, "{script}: {out}{err}");
+            out
+        };
+        let (code, out, err) = ferryctl(
+            &h,
+            &[
+                "vps", "create", &name, "--memory", "64M", "--disk", "128M", "--start",
+            ],
+        );
+        assert_eq!(code, 0, "{out}{err}");
+        sh("echo kept > /keep");
+        let file = h.dir.join("dk.ferryckpt");
+        let file_s = file.to_string_lossy().into_owned();
+        let (code, out, err) = ferryctl(&h, &["vps", "checkpoint", &name, "--to", &file_s]);
+        assert_eq!(code, 0, "{out}{err}\n{}", h.agent_log());
+        let (code, _, err) = ferryctl(&h, &["vps", "start", &name]);
+        assert_eq!(code, 0, "{err}");
+        sh("echo later > /later");
+        let (code, _, err) = ferryctl(&h, &["vps", "stop", &name]);
+        assert_eq!(code, 0, "{err}");
+
+        let (code, out, err) = ferryctl(&h, &["vps", "restore", &name, "--from", &file_s]);
+        assert_eq!(code, 0, "{out}{err}\n{}", h.agent_log());
+        assert_eq!(sh("cat /keep; ls /later 2>/dev/null; true").trim(), "kept");
+        // Its disk is still its quota, and still full at it.
+        let df = sh("df -k / | tail -1");
+        let kib: u64 = df
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert!((100 << 10..=128 << 10).contains(&kib), "{df}");
+        let out = sh("dd if=/dev/urandom of=/big bs=1M count=256 2>&1; true");
+        assert!(out.contains("No space left on device"), "{out}");
+        let (_, show, _) = ferryctl(&h, &["vps", "show", &name]);
+        assert!(show.contains("used of 128M"), "{show}");
+
+        // Bad sizes are refused, naming the field, and leave nothing.
+        let (code, _, err) = ferryctl(&h, &["vps", "set", &name, "--disk", "64M"]);
+        assert_ne!(code, 0);
+        assert!(err.contains("only grows"), "{err}");
+        let tiny = format!("{name}t");
+        let (code, _, err) = ferryctl(&h, &["vps", "create", &tiny, "--disk", "1M"]);
+        assert_ne!(code, 0);
+        assert!(err.contains("limits.disk_bytes"), "{err}");
+        assert!(!h.dir.join("data/vps").join(&tiny).exists());
+
+        let (code, _, err) = ferryctl(&h, &["vps", "destroy", &name, "--force"]);
+        assert_eq!(code, 0, "{err}");
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let loops = std::process::Command::new("losetup")
+            .arg("-a")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        assert!(
+            !mounts.contains(&name) && !loops.contains(&name),
+            "left behind:\n{mounts}\n{loops}"
+        );
+    })
+    .await;
+}
+
 /// A client on the LAN with one TCP connection to `ip:port` (a `cat` echo in
 /// the VPS); each line written comes back.
 struct TcpClient {

@@ -69,6 +69,7 @@ pub fn choose(s: &ClusterState, d: &Drain, vps: &str, item: &Item) -> Choice {
         template: &v.spec.template,
         cpu_millicores: v.spec.cpu_millicores as u64,
         memory_bytes: v.spec.memory_bytes,
+        disk_bytes: v.spec.disk_bytes,
         pin_node: &item.to,
         exclude_node: &v.node,
         node_selector: &v.node_selector,

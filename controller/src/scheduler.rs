@@ -60,6 +60,8 @@ pub struct PlacementReq<'a> {
     pub template: &'a str,
     pub cpu_millicores: u64,
     pub memory_bytes: u64,
+    /// Its disk quota (0: none).
+    pub disk_bytes: u64,
     pub pin_node: &'a str,
     /// A node that may not take it (a migrating VPS's own).
     pub exclude_node: &'a str,
@@ -149,6 +151,15 @@ fn reject_reason(
             mem >> 20,
             r.memory_bytes >> 20,
             mem_cap >> 20
+        ));
+    }
+    let disk = a.map(|a| a.disk_bytes).unwrap_or(0);
+    if r.disk_bytes > 0 && disk + r.disk_bytes > n.capacity.disk_bytes {
+        return Some(format!(
+            "disk quotas {} MiB given + {} MiB asked > {} MiB",
+            disk >> 20,
+            r.disk_bytes >> 20,
+            n.capacity.disk_bytes >> 20
         ));
     }
     None

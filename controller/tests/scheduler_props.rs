@@ -132,7 +132,7 @@ proptest! {
             let _ = create(&mut s, &format!("p{i}"), *cpu, mem << 20);
         }
         let sel = BTreeMap::new();
-        let req = PlacementReq { template: "", cpu_millicores: 500, memory_bytes: 256 << 20, pin_node: "", exclude_node: "", node_selector: &sel, anti_affinity_group: "", avoid: &[], migration: false };
+        let req = PlacementReq { template: "", cpu_millicores: 500, memory_bytes: 256 << 20, disk_bytes: 0, pin_node: "", exclude_node: "", node_selector: &sel, anti_affinity_group: "", avoid: &[], migration: false };
         if let Ok((chosen, _)) = place(&s, &req) {
             let full = |name: &str| {
                 let n = &s.nodes[name];

@@ -64,6 +64,28 @@ pub struct LimitArgs {
     /// Most tasks (processes and threads).
     #[arg(long)]
     pub pids: Option<u32>,
+    /// Disk quota on the VPS's own files: 256M, 10G (given at create;
+    /// `vps set` grows it live, never shrinks it).
+    #[arg(long)]
+    pub disk: Option<String>,
+}
+
+/// Disk use, and the quota when there is one.
+pub fn disk_line(used: u64, quota: u64) -> String {
+    if quota == 0 {
+        format!("{} used (no quota)", human_bytes(used))
+    } else {
+        format!("{} used of {}", human_bytes(used), human_bytes(quota))
+    }
+}
+
+fn disk_value(l: &LimitArgs) -> Result<Option<u64>> {
+    l.disk
+        .as_deref()
+        .map(parse_bytes)
+        .transpose()
+        .map_err(anyhow::Error::msg)
+        .context("--disk")
 }
 
 #[derive(Subcommand)]
@@ -379,6 +401,7 @@ pub fn limit_values(l: &LimitArgs) -> Result<pb::Limits> {
         memory_bytes: memory.unwrap_or(256 << 20),
         swap_bytes: swap.unwrap_or(0),
         pids: l.pids.unwrap_or(0),
+        disk_bytes: disk_value(l)?.unwrap_or(0),
     })
 }
 
@@ -455,6 +478,7 @@ pub fn nothing_to_set(r: &pb::SetVpsRequest) -> bool {
         && r.swap_bytes.is_none()
         && r.pids.is_none()
         && r.autostart.is_none()
+        && r.disk_bytes.is_none()
 }
 
 pub fn limits_req(name: &str, l: &LimitArgs, autostart: Option<bool>) -> Result<pb::SetVpsRequest> {
@@ -468,6 +492,7 @@ pub fn limits_req(name: &str, l: &LimitArgs, autostart: Option<bool>) -> Result<
         pids: l.pids,
         autostart,
         generation: 0,
+        disk_bytes: disk_value(l)?,
     })
 }
 
@@ -689,10 +714,17 @@ pub async fn vps(c: &mut AgentServiceClient<Channel>, cmd: VpsCmd) -> Result<i32
                                 human_bytes(l.memory_bytes)
                             ),
                             format!("{}/{}", u.pids, l.pids),
+                            match l.disk_bytes {
+                                0 => human_bytes(u.disk_bytes),
+                                q => format!("{}/{}", human_bytes(u.disk_bytes), human_bytes(q)),
+                            },
                         ]
                     })
                     .collect::<Vec<_>>();
-                table::print(&["NAME", "STATUS", "IP", "CPU", "MEM", "PIDS"], &rows);
+                table::print(
+                    &["NAME", "STATUS", "IP", "CPU", "MEM", "PIDS", "DISK"],
+                    &rows,
+                );
             }
         }
         VpsCmd::Show { name, output } => {
@@ -749,7 +781,7 @@ pub async fn vps(c: &mut AgentServiceClient<Channel>, cmd: VpsCmd) -> Result<i32
         } => {
             let req = limits_req(&name, &limits, autostart)?;
             if nothing_to_set(&req) {
-                bail!("nothing to change: give --cpu, --cpu-weight, --memory, --swap, --pids or --autostart");
+                bail!("nothing to change: give --cpu, --cpu-weight, --memory, --swap, --pids, --disk or --autostart");
             }
             c.set_vps(req).await?;
             println!("updated VPS {name}");
@@ -806,7 +838,7 @@ fn print_show(v: &pb::Vps) {
         ("Pids", format!("{} of {}", u.pids, l.pids)),
         ("CPU time", format!("{:.2}s", u.cpu_nanos as f64 / 1e9)),
         ("OOM kills", u.oom_kills.to_string()),
-        ("Disk", human_bytes(u.disk_bytes)),
+        ("Disk", disk_line(u.disk_bytes, l.disk_bytes)),
         ("Autostart", s.autostart.to_string()),
         ("Reboots", v.reboots.to_string()),
     ];

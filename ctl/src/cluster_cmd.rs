@@ -611,12 +611,18 @@ pub async fn vps(c: &mut Client, cmd: VpsCmd) -> Result<i32> {
                             .unwrap_or_else(|| "-".into()),
                         human_cpu(l.cpu_millicores),
                         human_bytes(l.memory_bytes),
+                        match l.disk_bytes {
+                            0 => "-".into(),
+                            q => human_bytes(q),
+                        },
                         v.desired.clone(),
                     ]
                 })
                 .collect();
             table::print(
-                &["NAME", "NODE", "STATUS", "IP", "CPU", "MEM", "DESIRED"],
+                &[
+                    "NAME", "NODE", "STATUS", "IP", "CPU", "MEM", "DISK", "DESIRED",
+                ],
                 &rows,
             );
         }
@@ -629,6 +635,28 @@ pub async fn vps(c: &mut Client, cmd: VpsCmd) -> Result<i32> {
                 let l = s.limits.unwrap_or_default();
                 let isolation = crate::agent_cmd::isolation(&s);
                 let ip = s.net.map(|n| n.ip).unwrap_or_default();
+                // Disk use is the node's to tell (best effort: it may be down).
+                let used = match agent_of(c, &s.name).await {
+                    Ok((_, mut a)) => a
+                        .get_vps(apb::GetVpsRequest {
+                            name: s.name.clone(),
+                        })
+                        .await
+                        .ok()
+                        .and_then(|r| r.into_inner().usage)
+                        .map(|u| u.disk_bytes),
+                    Err(_) => None,
+                };
+                let disk = match used {
+                    Some(u) => crate::agent_cmd::disk_line(u, l.disk_bytes),
+                    None if l.disk_bytes > 0 => {
+                        format!(
+                            "quota {} (use unknown: node unreachable)",
+                            human_bytes(l.disk_bytes)
+                        )
+                    }
+                    None => "no quota (use unknown: node unreachable)".into(),
+                };
                 for (k, val) in [
                     ("Name", s.name),
                     ("Isolation", isolation),
@@ -639,6 +667,7 @@ pub async fn vps(c: &mut Client, cmd: VpsCmd) -> Result<i32> {
                     ("IP", if ip.is_empty() { "-".into() } else { ip }),
                     ("CPU", human_cpu(l.cpu_millicores)),
                     ("Memory", human_bytes(l.memory_bytes)),
+                    ("Disk", disk),
                     ("Generation", v.generation.to_string()),
                 ] {
                     println!("{k:<10} {val}");
@@ -768,9 +797,12 @@ pub async fn vps(c: &mut Client, cmd: VpsCmd) -> Result<i32> {
                 memory_bytes: r.memory_bytes,
                 swap_bytes: r.swap_bytes,
                 pids: r.pids,
+                disk_bytes: r.disk_bytes,
             };
             if crate::agent_cmd::nothing_to_set(&r) {
-                bail!("nothing to change: give --cpu, --cpu-weight, --memory, --swap or --pids");
+                bail!(
+                    "nothing to change: give --cpu, --cpu-weight, --memory, --swap, --pids or --disk"
+                );
             }
             let v = c.update_vps(req).await?.into_inner();
             let node = applied(c, &name, v.generation).await?;

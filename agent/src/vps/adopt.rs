@@ -27,6 +27,9 @@ impl Agent {
             std::fs::read_to_string(&marker).ok().as_deref() != Some(boot.as_str());
         for rec in self.records() {
             let name = rec.config.name.clone();
+            if let Err(e) = super::disk::mount(&self.paths.vps(&name), rec.config.id_base) {
+                tracing::error!(vps = %name, error = %e, "cannot mount the VPS's disk");
+            }
             match self.status(&name) {
                 Status::Running(s) | Status::Stopping(s) => {
                     tracing::info!(vps = %name, init_pid = s.init_pid, "adopted running VPS");

@@ -147,7 +147,7 @@ impl Agent {
             let meta =
                 serde_json::to_vec(&meta).map_err(|e| AgentError::Internal(e.to_string()))?;
             let archive = dir.join(format!("{name}.ferryckpt"));
-            let upper = self.paths.vps(name).join("upper");
+            let upper = super::disk::upper(&self.paths.vps(name));
             let (a, im) = (archive.clone(), images.clone());
             blocking(move || {
                 let bad =

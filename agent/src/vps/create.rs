@@ -124,11 +124,25 @@ impl Agent {
             .join(format!(".new-{}", rec.config.name));
         let _ = crate::template::remove_tree(&tmp);
         let build = || -> Result<()> {
-            for d in ["upper", "work", "rootfs"] {
+            let disk = rec.config.limits.disk_bytes;
+            let dirs: &[&str] = if disk > 0 {
+                &["rootfs"]
+            } else {
+                &["upper", "work", "rootfs"]
+            };
+            for d in dirs {
                 std::fs::create_dir_all(tmp.join(d)).at("creating", tmp.join(d))?;
             }
-            // The rootfs's `/` is the upper dir's root: the VPS's root owns it.
-            if let Some(base) = rec.config.id_base {
+            if disk > 0 {
+                // Its own files live in a filesystem of that size (an
+                // arrival's a little more: see `arrival_room`).
+                let room = match incoming {
+                    Some(_) => super::disk::arrival_room(disk),
+                    None => 0,
+                };
+                super::disk::make(&tmp, disk + room)?;
+            } else if let Some(base) = rec.config.id_base {
+                // The rootfs's `/` is the upper dir's root: the VPS's root owns it.
                 std::os::unix::fs::chown(tmp.join("upper"), Some(base), Some(base))
                     .at("handing to the VPS's root", tmp.join("upper"))?;
             }
@@ -143,6 +157,11 @@ impl Agent {
         };
         build().inspect_err(|_| {
             let _ = crate::template::remove_tree(&tmp);
+        })?;
+        // The disk mounts where it stays (a mount would not follow the rename).
+        super::disk::mount(&dir, rec.config.id_base).inspect_err(|_| {
+            let _ = super::disk::unmount(&dir);
+            let _ = crate::template::remove_tree(&dir);
         })
     }
 }

@@ -23,6 +23,7 @@ impl Agent {
         }
         self.teardown(name).await?;
         crate::template::remove_tree(&self.paths.vps_run(name))?;
+        super::disk::unmount(&self.paths.vps(name))?;
         crate::template::remove_tree(&self.paths.vps(name))?;
         tracing::info!("destroyed");
         Ok(())

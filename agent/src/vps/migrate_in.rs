@@ -264,7 +264,7 @@ impl Agent {
                 .ok_or_else(|| AgentError::not_found("migration", &first.migration_id))?;
             crate::authz::may_drive(i.owner.as_ref(), caller, &first.migration_id)?;
             match first.area.as_str() {
-                "rootfs" => self.paths.vps(&i.name).join("upper"),
+                "rootfs" => super::disk::upper(&self.paths.vps(&i.name)),
                 "images" => i.images.clone(),
                 a => return Err(AgentError::invalid("area", format!("unknown area {a:?}"))),
             }
@@ -677,6 +677,13 @@ impl Agent {
                     if agent.status(&vps).is_running() {
                         agent.settle_limits(&vps, &rec.config.limits).await;
                     }
+                    // The disk's arrival room goes back (when the files allow).
+                    let (vdir, quota) = (agent.paths.vps(&vps), rec.config.limits.disk_bytes);
+                    let _ = blocking(move || {
+                        super::disk::fit(&vdir, quota);
+                        Ok(())
+                    })
+                    .await;
                 }
                 if !images.as_os_str().is_empty() {
                     let _ = blocking(move || {
@@ -746,6 +753,10 @@ impl Agent {
             return;
         }
         let _ = crate::template::remove_tree(&self.paths.vps_run(name));
+        if let Err(e) = super::disk::unmount(&self.paths.vps(name)) {
+            tracing::error!(vps = %name, error = %e, "cannot unmount an arriving VPS's disk; its files stay");
+            return;
+        }
         let _ = crate::template::remove_tree(&self.paths.vps(name));
     }
 
@@ -779,10 +790,10 @@ impl Agent {
             let i = inc
                 .get(id)
                 .ok_or_else(|| AgentError::not_found("migration", id))?;
-            self.paths.vps(&i.name).join("upper")
+            super::disk::upper(&self.paths.vps(&i.name))
         } else if let Some(name) = tree.strip_prefix("vps:") {
             self.record(name)?;
-            self.paths.vps(name).join("upper")
+            super::disk::upper(&self.paths.vps(name))
         } else {
             return Err(AgentError::invalid(
                 "tree",

@@ -44,7 +44,7 @@ impl Source for AgentSource {
         self.agent.status(&self.rec.config.name).is_running()
     }
     fn rootfs(&self) -> PathBuf {
-        self.agent.paths.vps(&self.rec.config.name).join("upper")
+        super::disk::upper(&self.agent.paths.vps(&self.rec.config.name))
     }
     fn scratch(&self) -> PathBuf {
         self.scratch.clone()

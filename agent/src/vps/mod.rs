@@ -5,6 +5,7 @@ mod checkpoint;
 mod console;
 mod create;
 mod destroy;
+pub(crate) mod disk;
 mod exec;
 mod migrate_in;
 mod migrate_out;

@@ -24,10 +24,13 @@ impl Agent {
     async fn describe(&self, rec: VpsRecord) -> pb::Vps {
         let name = rec.config.name.clone();
         let status = self.status(&name);
-        let upper = self.paths.vps(&name).join("upper");
-        let disk = tokio::task::spawn_blocking(move || crate::template::tree_usage(&upper).0)
-            .await
-            .unwrap_or(0);
+        let vdir = self.paths.vps(&name);
+        let disk = tokio::task::spawn_blocking(move || match super::disk::usage(&vdir) {
+            Some((_, used)) if super::disk::has_disk(&vdir) => used,
+            _ => crate::template::tree_usage(&super::disk::upper(&vdir)).0,
+        })
+        .await
+        .unwrap_or(0);
         let mut usage = pb::Usage {
             disk_bytes: disk,
             ..Default::default()

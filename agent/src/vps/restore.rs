@@ -39,7 +39,30 @@ impl Agent {
         dir: &Path,
     ) -> Result<()> {
         let name = rec.config.name.clone();
-        let (images, upper) = (dir.join("images"), dir.join("upper"));
+        let vdir = self.paths.vps(&name);
+        let images = dir.join("images");
+        let upper = if super::disk::has_disk(&vdir) {
+            let u = vdir.join(super::disk::MOUNT).join("restore-upper");
+            let _ = crate::template::remove_tree(&u);
+            u
+        } else {
+            dir.join("upper")
+        };
+        let res = self.restore_from(rec, archive, &images, &upper).await;
+        // The old files (or the unused checkpoint's) go.
+        let _ = crate::template::remove_tree(&upper);
+        res
+    }
+
+    async fn restore_from(
+        self: &Arc<Self>,
+        rec: &super::VpsRecord,
+        archive: &Path,
+        images: &Path,
+        upper: &Path,
+    ) -> Result<()> {
+        let name = rec.config.name.clone();
+        let (images, upper) = (images.to_path_buf(), upper.to_path_buf());
         // The archive is hostile until proven otherwise: checked whole, its
         // metadata checked against this VPS, and only then unpacked, into
         // staging beside the VPS, every path beneath its area's root.
@@ -82,8 +105,8 @@ impl Agent {
         // One atomic exchange: the VPS's dir holds either its old files or
         // the checkpoint's, never neither; the old ones wait in `upper`
         // until the restore worked.
-        let vdir = self.paths.vps(&name);
-        exchange(&upper, &vdir.join("upper"))?;
+        let mine = super::disk::upper(&self.paths.vps(&name));
+        exchange(&upper, &mine)?;
         let resume = Resume {
             images,
             console_key: meta.facts.console_key.clone(),
@@ -100,9 +123,12 @@ impl Agent {
                 if let Err(e2) = self.teardown(&name).await {
                     tracing::error!(error = %e2, "cleanup after failed restore");
                 }
-                if let Err(e2) = exchange(&upper, &vdir.join("upper")) {
+                if let Err(e2) = exchange(&upper, &mine) {
                     // Keep the old files where they are rather than lose them.
-                    let keep = vdir.join(format!("upper-before-restore-{}", super::now_unix()));
+                    let keep = self
+                        .paths
+                        .vps(&name)
+                        .join(format!("upper-before-restore-{}", super::now_unix()));
                     let _ = std::fs::rename(&upper, &keep);
                     tracing::error!(error = %e2, kept = %keep.display(), "could not put the VPS's files back after a failed restore");
                 }

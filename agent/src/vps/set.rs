@@ -32,7 +32,32 @@ impl Agent {
         if let Some(v) = req.autostart {
             rec.config.autostart = v;
         }
+        if let Some(v) = req.disk_bytes {
+            rec.config.limits.disk_bytes = v;
+        }
         validate_limits(&rec.config.limits, self.capacity)?;
+        let disk = rec.config.limits.disk_bytes;
+        if disk < old.disk_bytes {
+            return Err(AgentError::invalid(
+                "limits.disk_bytes",
+                format!(
+                    "a disk only grows ({disk} is less than its {})",
+                    old.disk_bytes
+                ),
+            ));
+        }
+        if disk != old.disk_bytes && old.disk_bytes == 0 {
+            return Err(AgentError::FailedPrecondition(format!(
+                "VPS {} was created without a disk quota; one is given at create",
+                req.name
+            )));
+        }
+        if disk != old.disk_bytes {
+            // Grown (never shrunk) while mounted: the VPS sees it at once.
+            let vdir = self.paths.vps(&req.name);
+            let bytes = rec.config.limits.disk_bytes;
+            super::start::blocking(move || super::disk::grow(&vdir, bytes)).await?;
+        }
         if self.status(&req.name).is_running() {
             let cg = self.cgroup(&req.name);
             let limits = rec.config.limits.clone();

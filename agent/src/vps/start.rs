@@ -99,6 +99,7 @@ impl Agent {
         blocking(move || cg2.create(&limits)).await?;
 
         let vdir = self.paths.vps(&c.name);
+        super::disk::mount(&vdir, c.id_base)?;
         let rootfs = vdir.join("rootfs");
         let netns = run.join("netns");
         // Unprivileged: the VPS's user namespace first; its netns and the
@@ -129,8 +130,8 @@ impl Agent {
             let opts = format!(
                 "lowerdir={},upperdir={},workdir={}",
                 lowerdir.display(),
-                vdir.join("upper").display(),
-                vdir.join("work").display()
+                super::disk::upper(&vdir).display(),
+                super::disk::work(&vdir).display()
             );
             mount(
                 Some("overlay"),

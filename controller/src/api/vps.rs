@@ -16,6 +16,8 @@ use crate::state::{
 
 /// Smallest memory limit a VPS may have (as on the agent).
 const MIN_MEMORY: u64 = 8 << 20;
+/// Smallest disk quota (as on the agent).
+const MIN_DISK: u64 = 64 << 20;
 
 pub(crate) fn to_pb(v: &VpsRecord) -> cpb::ClusterVps {
     cpb::ClusterVps {
@@ -143,6 +145,7 @@ fn precheck(s: &ClusterState, cmd: &VpsCmd) -> Result<(), ControllerError> {
         template: &spec.template,
         cpu_millicores: spec.cpu_millicores as u64,
         memory_bytes: spec.memory_bytes,
+        disk_bytes: spec.disk_bytes,
         pin_node,
         exclude_node: "",
         node_selector,
@@ -319,7 +322,14 @@ pub async fn update(
         memory_bytes: r.memory_bytes,
         swap_bytes: r.swap_bytes,
         pids: r.pids,
+        disk_bytes: r.disk_bytes,
     };
+    if r.disk_bytes.is_some_and(|d| d < MIN_DISK) {
+        return Err(ControllerError::invalid(
+            "disk_bytes",
+            format!("at least {MIN_DISK} bytes"),
+        ));
+    }
     if limits == crate::state::LimitsUpdate::default() {
         return Err(ControllerError::invalid("limits", "nothing to change"));
     }

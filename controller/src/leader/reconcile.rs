@@ -300,6 +300,7 @@ async fn run(step: &Step) -> Result<(), String> {
                 pids: (l.pids != 0).then_some(l.pids),
                 autostart: None,
                 generation: spec.generation,
+                disk_bytes: (l.disk_bytes != 0).then_some(l.disk_bytes),
             })
             .await
             .map(|_| ())

@@ -202,6 +202,7 @@ pub fn check_begin(
         template: &v.spec.template,
         cpu_millicores: v.spec.cpu_millicores as u64,
         memory_bytes: v.spec.memory_bytes,
+        disk_bytes: v.spec.disk_bytes,
         pin_node: target,
         exclude_node: &v.node,
         node_selector: &v.node_selector,

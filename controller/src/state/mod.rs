@@ -66,6 +66,8 @@ pub struct ClusterState {
 pub struct NodeAlloc {
     pub cpu_millicores: u64,
     pub memory_bytes: u64,
+    /// Disk quotas given out.
+    pub disk_bytes: u64,
     pub count: u32,
     /// Anti-affinity group → VPSes of it on the node.
     pub groups: BTreeMap<String, u32>,
@@ -170,6 +172,7 @@ impl ClusterState {
         let a = self.alloc.entry(node.to_string()).or_default();
         a.cpu_millicores += v.spec.cpu_millicores as u64;
         a.memory_bytes += v.spec.memory_bytes;
+        a.disk_bytes += v.spec.disk_bytes;
         a.count += 1;
         if v.migration.is_some() {
             a.migrations += 1;
@@ -191,11 +194,15 @@ impl ClusterState {
 
     fn index_remove_on(&mut self, node: &str, v: &VpsRecord) {
         if let Some(a) = self.alloc.get_mut(node) {
-            a.cpu_millicores -= v.spec.cpu_millicores as u64;
-            a.memory_bytes -= v.spec.memory_bytes;
-            a.count -= 1;
+            // Saturating: an apply that panicked would stop every replica.
+            a.cpu_millicores = a
+                .cpu_millicores
+                .saturating_sub(v.spec.cpu_millicores as u64);
+            a.memory_bytes = a.memory_bytes.saturating_sub(v.spec.memory_bytes);
+            a.disk_bytes = a.disk_bytes.saturating_sub(v.spec.disk_bytes);
+            a.count = a.count.saturating_sub(1);
             if v.migration.is_some() {
-                a.migrations -= 1;
+                a.migrations = a.migrations.saturating_sub(1);
             }
             if let Some(g) = a.groups.get_mut(&v.anti_affinity_group) {
                 *g -= 1;

@@ -214,7 +214,7 @@ impl ClusterState {
                 Capacity {
                     cpu_millicores: a.cpu_millicores,
                     memory_bytes: a.memory_bytes,
-                    disk_bytes: 0,
+                    disk_bytes: a.disk_bytes,
                 },
                 a.count,
             ),

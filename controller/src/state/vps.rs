@@ -51,6 +51,9 @@ pub struct VpsSpecData {
     /// cluster at create (0: privileged, or not yet handed out).
     #[serde(default)]
     pub id_base: u32,
+    /// Disk quota on its own files (0: none); placement counts it.
+    #[serde(default)]
+    pub disk_bytes: u64,
 }
 
 impl VpsSpecData {
@@ -89,6 +92,7 @@ impl VpsSpecData {
             stop_signal: s.stop_signal.clone(),
             privileged: s.privileged,
             id_base: s.id_base,
+            disk_bytes: l.disk_bytes,
         })
     }
 
@@ -103,6 +107,7 @@ impl VpsSpecData {
                 memory_bytes: self.memory_bytes,
                 swap_bytes: self.swap_bytes,
                 pids: self.pids,
+                disk_bytes: self.disk_bytes,
             }),
             net: self.ip.map(|ip| apb::NetConfig {
                 ip: ip.to_string(),
@@ -210,6 +215,8 @@ pub struct LimitsUpdate {
     pub memory_bytes: Option<u64>,
     pub swap_bytes: Option<u64>,
     pub pids: Option<u32>,
+    #[serde(default)]
+    pub disk_bytes: Option<u64>,
 }
 
 impl ClusterState {
@@ -287,6 +294,7 @@ impl ClusterState {
                     template: &spec.template,
                     cpu_millicores: spec.cpu_millicores as u64,
                     memory_bytes: spec.memory_bytes,
+                    disk_bytes: spec.disk_bytes,
                     pin_node: &pin_node,
                     exclude_node: "",
                     node_selector: &node_selector,
@@ -368,15 +376,40 @@ impl ClusterState {
                 sp.memory_bytes = limits.memory_bytes.unwrap_or(sp.memory_bytes);
                 sp.swap_bytes = limits.swap_bytes.unwrap_or(sp.swap_bytes);
                 sp.pids = limits.pids.unwrap_or(sp.pids);
+                if let Some(d) = limits.disk_bytes {
+                    if old.spec.disk_bytes == 0 {
+                        return reject(
+                            RejectCode::FailedPrecondition,
+                            format!("VPS {name} was created without a disk quota; one is given at create"),
+                        );
+                    }
+                    if d < old.spec.disk_bytes {
+                        return reject(
+                            RejectCode::InvalidArgument,
+                            format!(
+                                "disk_bytes: a disk only grows ({d} is less than its {})",
+                                old.spec.disk_bytes
+                            ),
+                        );
+                    }
+                    sp.disk_bytes = d;
+                }
                 // The node must still hold it, counting everything else there.
                 if let Some(n) = self.nodes.get(&old.node) {
                     let (alloc, _) = self.allocated(&old.node);
-                    let cpu = alloc.cpu_millicores - old.spec.cpu_millicores as u64
+                    // Saturating: an apply that panicked would stop every replica.
+                    let cpu = alloc
+                        .cpu_millicores
+                        .saturating_sub(old.spec.cpu_millicores as u64)
                         + new.spec.cpu_millicores as u64;
-                    let mem = alloc.memory_bytes - old.spec.memory_bytes + new.spec.memory_bytes;
+                    let mem = alloc.memory_bytes.saturating_sub(old.spec.memory_bytes)
+                        + new.spec.memory_bytes;
+                    let disk =
+                        alloc.disk_bytes.saturating_sub(old.spec.disk_bytes) + new.spec.disk_bytes;
                     if cpu > (n.capacity.cpu_millicores as f64 * self.sched.cpu_overcommit) as u64
                         || mem
                             > (n.capacity.memory_bytes as f64 * self.sched.memory_overcommit) as u64
+                        || (n.capacity.disk_bytes > 0 && disk > n.capacity.disk_bytes)
                     {
                         return reject(
                             RejectCode::ResourceExhausted,
