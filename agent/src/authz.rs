@@ -52,7 +52,7 @@ impl Policy for AgentPolicy {
         let m = authz::method(path);
         let ok = match &id.role {
             Role::Controller => true,
-            Role::Node(_) => MIGRATION_TARGET.contains(&m),
+            Role::Node(_) => MIGRATION_TARGET.contains(&m) || m == "ExportTemplate",
             Role::User { .. } => authz::user_may(&id.role, m).unwrap_or(false),
         };
         if ok {

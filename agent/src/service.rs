@@ -39,6 +39,31 @@ struct StreamReader {
     pos: usize,
 }
 
+impl StreamReader {
+    /// Reads what `stream`'s messages carry (`data` of each), in a task that
+    /// forwards them; an error ends it.
+    fn forward<T: Send + 'static>(
+        mut stream: Streaming<T>,
+        data: impl Fn(T) -> Result<Vec<u8>, Status> + Send + 'static,
+    ) -> StreamReader {
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tokio::spawn(async move {
+            while let Some(msg) = stream.next().await {
+                let item = msg.and_then(&data);
+                let stop = item.is_err();
+                if tx.send(item).await.is_err() || stop {
+                    return;
+                }
+            }
+        });
+        StreamReader {
+            rx,
+            buf: Vec::new(),
+            pos: 0,
+        }
+    }
+}
+
 impl std::io::Read for StreamReader {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
         while self.pos >= self.buf.len() {
@@ -81,28 +106,13 @@ impl AgentService for Service {
             }
         };
         self.agent.check_import(&header)?;
-        let (tx, rx) = tokio::sync::mpsc::channel(8);
-        tokio::spawn(async move {
-            while let Some(msg) = stream.next().await {
-                let item = match msg {
-                    Ok(pb::ImportTemplateChunk {
-                        item: Some(pb::import_template_chunk::Item::Data(d)),
-                    }) => Ok(d),
-                    Ok(_) => Err(Status::invalid_argument("data: only one header is allowed")),
-                    Err(s) => Err(s),
-                };
-                let stop = item.is_err();
-                if tx.send(item).await.is_err() || stop {
-                    return;
-                }
-            }
+        let reader = StreamReader::forward(stream, |msg| match msg {
+            pb::ImportTemplateChunk {
+                item: Some(pb::import_template_chunk::Item::Data(d)),
+            } => Ok(d),
+            _ => Err(Status::invalid_argument("data: only one header is allowed")),
         });
         let agent = Arc::clone(&self.agent);
-        let reader = StreamReader {
-            rx,
-            buf: Vec::new(),
-            pos: 0,
-        };
         let meta = tokio::task::spawn_blocking(move || {
             agent.import_blocking(&header, reader, "upload".into())
         })
@@ -146,6 +156,77 @@ impl AgentService for Service {
     ) -> R<pb::DeleteTemplateResponse> {
         self.agent.delete_template(&req.into_inner().name)?;
         Ok(Response::new(pb::DeleteTemplateResponse {}))
+    }
+
+    type ExportTemplateStream =
+        futures::stream::BoxStream<'static, Result<pb::ArchiveChunk, Status>>;
+
+    async fn export_template(
+        &self,
+        req: Request<pb::ExportTemplateRequest>,
+    ) -> R<Self::ExportTemplateStream> {
+        let name = req.into_inner().name;
+        crate::spec::validate_name("name", &name)?;
+        crate::template::get(&self.agent.paths, &name)?;
+        let archive = self
+            .agent
+            .paths
+            .template(&name)
+            .join(crate::template::ARCHIVE_FILE);
+        if !archive.is_file() {
+            return Err(Status::failed_precondition(format!(
+                "template {name} on this node has no archive (built in, or imported by an \
+                 older agent): import it again to share it"
+            )));
+        }
+        // The template's own archive: it stays.
+        Ok(Response::new(file_stream(archive, None)))
+    }
+
+    async fn fetch_template(&self, req: Request<pb::FetchTemplateRequest>) -> R<pb::Template> {
+        let r = req.into_inner();
+        crate::spec::validate_name("name", &r.name)?;
+        crate::spec::validate_name("from_node", &r.from_node)?;
+        if r.sha256.len() != 64 || !r.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Status::invalid_argument("sha256: 64 hex digits"));
+        }
+        if let Ok(have) = crate::template::get(&self.agent.paths, &r.name) {
+            if have.sha256 == r.sha256 {
+                return Ok(Response::new(have.to_pb()));
+            }
+            return Err(Status::already_exists(format!(
+                "template {} here is another version (sha256 {}); remove it first",
+                r.name, have.sha256
+            )));
+        }
+        let addr: ferry_proto::addr::Addr = r
+            .from_addr
+            .parse()
+            .map_err(|e: String| Status::invalid_argument(format!("from_addr: {e}")))?;
+        let ch = ferry_proto::addr::connect_node_named(&addr, &r.from_node)
+            .await
+            .map_err(|e| Status::unavailable(format!("node {} at {addr}: {e}", r.from_node)))?;
+        let stream = ferry_proto::limits::agent_client(ch)
+            .export_template(pb::ExportTemplateRequest {
+                name: r.name.clone(),
+            })
+            .await
+            .map_err(|s| Status::new(s.code(), format!("node {}: {}", r.from_node, s.message())))?
+            .into_inner();
+        let reader = StreamReader::forward(stream, |c| Ok(c.data));
+        let agent = Arc::clone(&self.agent);
+        let header = pb::ImportTemplateHeader {
+            name: r.name.clone(),
+            ..Default::default()
+        };
+        let source = format!("fetched from node {}", r.from_node);
+        let meta = tokio::task::spawn_blocking(move || {
+            agent.import_checked(&header, reader, source, Some(&r.sha256))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        tracing::info!(template = %meta.name, source = %meta.source, "template fetched");
+        Ok(Response::new(meta.to_pb()))
     }
 
     async fn create_vps(&self, req: Request<pb::CreateVpsRequest>) -> R<pb::Vps> {
@@ -232,7 +313,9 @@ impl AgentService for Service {
             .agent
             .checkpoint(&r.name, r.leave_running, r.generation)
             .await?;
-        Ok(Response::new(file_stream(archive)))
+        // A checkpoint's work dir goes once it has been sent.
+        let dir = archive.parent().map(std::path::Path::to_path_buf);
+        Ok(Response::new(file_stream(archive, dir)))
     }
 
     async fn restore_vps(&self, req: Request<Streaming<pb::ArchiveChunk>>) -> R<pb::Vps> {
@@ -383,8 +466,11 @@ impl AgentService for Service {
 }
 
 /// Streams a file in 1 MiB chunks, then removes its directory (a scratch dir).
+/// Streams the file at `path`; then removes `remove_after` (a work dir), if
+/// given.
 fn file_stream(
     path: std::path::PathBuf,
+    remove_after: Option<std::path::PathBuf>,
 ) -> futures::stream::BoxStream<'static, Result<pb::ArchiveChunk, Status>> {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::task::spawn_blocking(move || {
@@ -410,7 +496,7 @@ fn file_stream(
         if let Err(e) = res {
             let _ = tx.blocking_send(Err(Status::internal(format!("reading the archive: {e}"))));
         }
-        if let Some(dir) = path.parent() {
+        if let Some(dir) = remove_after {
             let _ = std::fs::remove_dir_all(dir);
         }
     });

@@ -137,6 +137,11 @@ impl Cluster {
         self.dir.join(format!("h{i}"))
     }
 
+    /// Host i's agent data dir (its templates, VPSes).
+    pub fn agent_data_dir(&self, i: usize) -> PathBuf {
+        self.host_dir(i).join("agent")
+    }
+
     pub fn controller_addr(i: usize) -> String {
         format!("{}:{CONTROLLER_PORT}", Net::mgmt_ip(i))
     }

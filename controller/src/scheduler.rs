@@ -99,8 +99,14 @@ fn reject_reason(
         ));
     }
     if let Some(t) = &n.templates {
-        if !r.template.is_empty() && !t.contains(r.template) {
-            return Some(format!("template {} missing", r.template));
+        if !r.template.is_empty()
+            && !t.contains(r.template)
+            && !s.templates.contains_key(r.template)
+        {
+            return Some(format!(
+                "template {} missing (and not a cluster template it could fetch)",
+                r.template
+            ));
         }
     }
     if !r.pin_node.is_empty() && r.pin_node != n.name {

@@ -37,6 +37,10 @@ pub enum TemplateCmd {
         /// VPSes use (they keep the old tree until they restart).
         #[arg(long, requires = "replace")]
         force: bool,
+        /// Cluster mode: the node to import it on (default: the first ready
+        /// one); the others fetch it from there when they need it.
+        #[arg(long)]
+        node: Option<String>,
     },
     /// List templates.
     Ls {
@@ -250,7 +254,11 @@ pub async fn template(c: &mut AgentServiceClient<Channel>, cmd: TemplateCmd) -> 
             on_node,
             replace,
             force,
+            node,
         } => {
+            if node.is_some() {
+                bail!("--node is for cluster mode (--controller): a node-local import goes to this agent");
+            }
             let header = pb::ImportTemplateHeader {
                 name,
                 format: pb::ArchiveFormat::Auto as i32,

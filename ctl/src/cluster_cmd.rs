@@ -955,21 +955,131 @@ async fn agent_of(
             m.phase
         );
     }
+    let a = node_agent(c, &v.node)
+        .await
+        .with_context(|| format!("VPS {name}'s node"))?;
+    Ok((v, a))
+}
+
+/// A client of node `node`'s agent, which must prove it is that node (its
+/// certificate names it).
+async fn node_agent(
+    c: &mut Client,
+    node: &str,
+) -> Result<ferry_proto::agent::v1::agent_service_client::AgentServiceClient<Channel>> {
     let n = c
-        .get_node(cpb::GetNodeRequest {
-            name: v.node.clone(),
-        })
+        .get_node(cpb::GetNodeRequest { name: node.into() })
         .await?
         .into_inner();
     if n.status == "down" {
-        bail!("VPS {name}'s node {} is down", v.node);
+        bail!("node {node} is down");
     }
-    // The agent there must prove it is that node (its certificate names it).
     let addr: ferry_proto::addr::Addr = n.addr.parse().map_err(anyhow::Error::msg)?;
-    let ch = ferry_proto::addr::connect_node_named(&addr, &v.node)
+    let ch = ferry_proto::addr::connect_node_named(&addr, node)
         .await
-        .with_context(|| format!("reaching VPS {name}'s node {} at {}", v.node, n.addr))?;
-    Ok((v, ferry_proto::limits::agent_client(ch)))
+        .with_context(|| format!("reaching node {node} at {}", n.addr))?;
+    Ok(ferry_proto::limits::agent_client(ch))
+}
+
+/// Templates as cluster objects: imported on one node and recorded; the
+/// nodes that need one later fetch it.
+pub async fn template(c: &mut Client, cmd: crate::agent_cmd::TemplateCmd) -> Result<()> {
+    use crate::agent_cmd::TemplateCmd;
+    match cmd {
+        TemplateCmd::Import {
+            name,
+            file,
+            on_node,
+            replace,
+            force,
+            node,
+        } => {
+            let node = match node {
+                Some(n) => n,
+                None => c
+                    .list_nodes(cpb::ListNodesRequest {})
+                    .await?
+                    .into_inner()
+                    .nodes
+                    .into_iter()
+                    .filter(|n| n.status == "ready")
+                    .map(|n| n.name)
+                    .min()
+                    .ok_or_else(|| anyhow::anyhow!("no node is ready to take the template"))?,
+            };
+            let mut a = node_agent(c, &node).await?;
+            let cmd = TemplateCmd::Import {
+                name: name.clone(),
+                file,
+                on_node,
+                replace,
+                force,
+                node: None,
+            };
+            crate::agent_cmd::template(&mut a, cmd).await?;
+            let t = c
+                .register_template(cpb::RegisterTemplateRequest {
+                    name: name.clone(),
+                    node: node.clone(),
+                })
+                .await?
+                .into_inner();
+            println!(
+                "template {name} is on {node}; other nodes fetch it when they need it \
+                 (sha256 {})",
+                t.sha256
+            );
+        }
+        TemplateCmd::Ls { output } => {
+            let ts = c
+                .list_templates(cpb::ListClusterTemplatesRequest {})
+                .await?
+                .into_inner()
+                .templates;
+            if output == Output::Json {
+                let v: Vec<_> = ts
+                    .iter()
+                    .map(|t| {
+                        json!({"name": t.name, "size_bytes": t.size_bytes, "sha256": t.sha256,
+                               "imported_on": t.imported_on, "nodes": t.nodes})
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = ts
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.name.clone(),
+                        human_bytes(t.size_bytes),
+                        t.sha256.chars().take(12).collect(),
+                        if t.nodes.is_empty() {
+                            "-".into()
+                        } else {
+                            t.nodes.join(",")
+                        },
+                    ]
+                })
+                .collect();
+            table::print(&["NAME", "SIZE", "SHA256", "NODES"], &rows);
+        }
+        TemplateCmd::Rm { name } => {
+            let r = c
+                .delete_template(cpb::DeleteClusterTemplateRequest { name: name.clone() })
+                .await?
+                .into_inner();
+            println!("removed template {name}");
+            if !r.kept_on.is_empty() {
+                eprintln!(
+                    "its files stay on {} (their agents could not delete them): \
+                     `ferryctl --agent NODE template rm {name}` there",
+                    r.kept_on.join(", ")
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Waits until the controller reports the VPS `status` at generation `gen`

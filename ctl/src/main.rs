@@ -38,7 +38,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Templates on the node.
+    /// Templates: on the node (--agent) or across the cluster (--controller).
     #[command(subcommand)]
     Template(agent_cmd::TemplateCmd),
     /// VPSes: on the node (--agent) or across the cluster (--controller).
@@ -162,6 +162,11 @@ async fn run(mut cli: Cli) -> anyhow::Result<i32> {
             .map(|_| 0),
         Cmd::Controller(c) => {
             cluster_cmd::controller(&mut cluster_cmd::connect(cluster()?).await?, c)
+                .await
+                .map(|_| 0)
+        }
+        Cmd::Template(t) if cli.controller.is_some() => {
+            cluster_cmd::template(&mut cluster_cmd::connect(cluster()?).await?, t)
                 .await
                 .map(|_| 0)
         }

@@ -90,10 +90,21 @@ pub fn unpack<R: Read>(
     dest: &Path,
     limits: ImportLimits,
 ) -> Result<Unpacked> {
+    unpack_keeping(input, format, dest, limits, None)
+}
+
+/// [`unpack`], writing the archive's bytes to `keep` as they are read.
+pub fn unpack_keeping<R: Read>(
+    input: R,
+    format: Option<Format>,
+    dest: &Path,
+    limits: ImportLimits,
+    keep: Option<std::fs::File>,
+) -> Result<Unpacked> {
     let mut input = std::io::BufReader::with_capacity(
         1 << 20,
         Hashing {
-            inner: input,
+            inner: Tee { inner: input, keep },
             hash: Sha256::new(),
         },
     );
@@ -136,6 +147,22 @@ pub fn unpack<R: Read>(
         bytes,
         entries,
     })
+}
+
+/// A reader that copies what it reads into a file.
+struct Tee<R> {
+    inner: R,
+    keep: Option<std::fs::File>,
+}
+
+impl<R: Read> Read for Tee<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(f) = self.keep.as_mut() {
+            std::io::Write::write_all(f, &buf[..n])?;
+        }
+        Ok(n)
+    }
 }
 
 fn unpack_tar(reader: impl Read, dest: &Path, limits: ImportLimits) -> Result<(u64, u64)> {

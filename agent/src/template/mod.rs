@@ -9,7 +9,7 @@ mod import;
 mod ops;
 
 pub use busybox::ensure_busybox;
-pub use import::{detect_format, unpack, Format, ImportLimits};
+pub use import::{detect_format, unpack, unpack_keeping, Format, ImportLimits};
 
 use std::path::{Path, PathBuf};
 
@@ -19,6 +19,8 @@ use crate::error::{AgentError, IoContext, Result};
 use crate::paths::Paths;
 
 pub const META_FILE: &str = "template.json";
+/// The archive a template was imported from, kept for nodes that fetch it.
+pub const ARCHIVE_FILE: &str = "archive";
 /// Under `templates/`: replaced templates' trees, kept for the VPSes that
 /// still run on them.
 pub const RETIRED: &str = ".retired";

@@ -5,7 +5,7 @@ use std::io::Read;
 
 use ferry_proto::agent::v1 as pb;
 
-use super::{install, tree_usage, unix_now, unpack, Format, TemplateMeta};
+use super::{install, tree_usage, unix_now, unpack_keeping, Format, TemplateMeta};
 use crate::error::{AgentError, Result};
 use crate::spec::validate_name;
 use crate::vps::Agent;
@@ -122,6 +122,19 @@ impl Agent {
         input: impl Read,
         source: String,
     ) -> Result<TemplateMeta> {
+        self.import_checked(h, input, source, None)
+    }
+
+    /// [`Agent::import_blocking`]; with `sha256`, the archive must have that
+    /// digest or nothing is installed. The archive is kept beside the tree
+    /// ([`super::ARCHIVE_FILE`]) for nodes that fetch it from here.
+    pub fn import_checked(
+        &self,
+        h: &pb::ImportTemplateHeader,
+        input: impl Read,
+        source: String,
+        sha256: Option<&str>,
+    ) -> Result<TemplateMeta> {
         let fmt = self.check_import(h)?;
         let staged =
             self.paths
@@ -134,7 +147,18 @@ impl Agent {
             let mut limits = self.cfg.import_limits;
             // The unpacked tree must fit the data dir too, less a reserve.
             limits.max_bytes = limits.max_bytes.min(self.free_room());
-            let u = unpack(input, fmt, &root, limits)?;
+            let kept = staged.join(super::ARCHIVE_FILE);
+            let keep = std::fs::File::create(&kept)
+                .map_err(|e| AgentError::io(format!("creating {}", kept.display()), e))?;
+            let u = unpack_keeping(input, fmt, &root, limits, Some(keep))?;
+            if let Some(want) = sha256 {
+                if u.sha256 != want {
+                    return Err(AgentError::BadArchive(format!(
+                        "its sha256 is {}, not the cluster's {want}: not installed",
+                        u.sha256
+                    )));
+                }
+            }
             let (size, count) = tree_usage(&root);
             let meta = TemplateMeta {
                 name: h.name.clone(),

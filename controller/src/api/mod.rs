@@ -7,6 +7,7 @@ mod events;
 pub(crate) mod members;
 mod migrate;
 mod nodes;
+mod templates;
 pub mod trust;
 mod vps;
 
@@ -282,6 +283,28 @@ impl ControllerService for Api {
         let r = req.into_inner();
         vps::delete(&self.ctl, id, &r.name, r.force).await?;
         Ok(Response::new(cpb::DeleteVpsResponse {}))
+    }
+    async fn register_template(
+        &self,
+        req: Request<cpb::RegisterTemplateRequest>,
+    ) -> R<cpb::ClusterTemplate> {
+        Ok(Response::new(
+            templates::register(&self.ctl, req.into_inner()).await?,
+        ))
+    }
+    async fn list_templates(
+        &self,
+        _: Request<cpb::ListClusterTemplatesRequest>,
+    ) -> R<cpb::ListClusterTemplatesResponse> {
+        Ok(Response::new(templates::list(&self.ctl).await?))
+    }
+    async fn delete_template(
+        &self,
+        req: Request<cpb::DeleteClusterTemplateRequest>,
+    ) -> R<cpb::DeleteClusterTemplateResponse> {
+        Ok(Response::new(
+            templates::delete(&self.ctl, &req.into_inner().name).await?,
+        ))
     }
     async fn create_join_token(
         &self,

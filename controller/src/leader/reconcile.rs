@@ -25,6 +25,8 @@ pub enum Action {
     Create {
         spec: Box<apb::VpsSpec>,
         start: bool,
+        /// The node lacks the VPS's template: it fetches it first.
+        fetch: Option<crate::ops::templates::Fetch>,
     },
     Start {
         generation: u64,
@@ -90,6 +92,7 @@ pub fn plan(
             (None, d) => Some(Action::Create {
                 spec: Box::new(v.spec.to_pb(v.generation)),
                 start: d == Desired::Running,
+                fetch: crate::ops::templates::needed(s, &v.node, &v.spec.template),
             }),
             (Some((_, st)), Desired::Running) if st == "stopped" => Some(Action::Start {
                 generation: v.generation,
@@ -265,13 +268,17 @@ async fn run(step: &Step) -> Result<(), String> {
     let mut c = ferry_proto::limits::agent_client(ch);
     let name = step.vps.clone();
     let r = match &step.action {
-        Action::Create { spec, start } => c
-            .create_vps(apb::CreateVpsRequest {
+        Action::Create { spec, start, fetch } => {
+            if let Some(f) = fetch {
+                crate::ops::templates::fetch(&step.node, &step.node_addr, f).await?;
+            }
+            c.create_vps(apb::CreateVpsRequest {
                 spec: Some((**spec).clone()),
                 start: *start,
             })
             .await
-            .map(|_| ()),
+            .map(|_| ())
+        }
         Action::Start { generation } => c
             .start_vps(apb::StartVpsRequest {
                 name,

@@ -12,7 +12,6 @@
 //! stop it, and the record ends with the decision.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use ferry_proto::agent::v1 as apb;
 use futures::stream::BoxStream;
@@ -27,8 +26,6 @@ use crate::state::migration::check_begin;
 use crate::state::{MigrationCmd, Request, Response};
 
 pub type MigrationStream = BoxStream<'static, Result<apb::MigrationEvent, tonic::Status>>;
-
-const AGENT_CONNECT: Duration = Duration::from_secs(5);
 
 /// What to move, where and how. Names are checked by the caller.
 #[derive(Debug, Clone)]
@@ -108,6 +105,18 @@ pub async fn start(ctl: &Controller, r: Move) -> Result<Started, ControllerError
             "a node of the migration is gone".into(),
         ));
     };
+    // A target without the VPS's template fetches it first.
+    let fetch =
+        m.sm.read(|a| super::templates::needed(&a.state, &mig.target, &v.spec.template));
+    if let Some(f) = fetch {
+        if let Err(e) = super::templates::fetch(&mig.target, &dst_addr, &f).await {
+            abandon(&m, &r.name, &id, &e).await;
+            return Err(ControllerError::Rejected {
+                code: crate::state::RejectCode::FailedPrecondition,
+                message: e,
+            });
+        }
+    }
     let controllers: Vec<String> = m.status().members.into_iter().map(|x| x.addr).collect();
     let req = apb::MigrateVpsRequest {
         name: r.name.clone(),
@@ -136,25 +145,7 @@ pub async fn start(ctl: &Controller, r: Move) -> Result<Started, ControllerError
     })
 }
 
-type AgentClient = apb::agent_service_client::AgentServiceClient<tonic::transport::Channel>;
-
-/// A client of the source agent, or `Unavailable` naming it.
-async fn connect_source(node: &str, addr: &str) -> Result<AgentClient, ControllerError> {
-    let unreachable = |e: String| ControllerError::Agent {
-        node: node.to_string(),
-        code: tonic::Code::Unavailable,
-        message: format!("agent at {addr} is unreachable: {e}"),
-    };
-    let a: ferry_proto::addr::Addr = addr.parse().map_err(unreachable)?;
-    let ch = tokio::time::timeout(
-        AGENT_CONNECT,
-        ferry_proto::addr::connect_node_named(&a, node),
-    )
-    .await
-    .map_err(|_| unreachable("timed out".into()))?
-    .map_err(|e| unreachable(e.to_string()))?;
-    Ok(ferry_proto::limits::agent_client(ch))
-}
+use super::{agent as connect_source, AgentClient};
 
 async fn start_on_source(
     node: &str,

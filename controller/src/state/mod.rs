@@ -11,6 +11,7 @@ pub mod migration;
 pub mod nodes;
 pub mod requests;
 pub mod security;
+pub mod templates;
 pub mod vps;
 
 use std::collections::BTreeMap;
@@ -49,6 +50,9 @@ pub struct ClusterState {
     /// The answers of writes that carried a client's request id.
     #[serde(default)]
     pub requests: requests::RequestLog,
+    /// Templates imported through the cluster, by name.
+    #[serde(default)]
+    pub templates: BTreeMap<String, templates::TemplateRecord>,
     /// Per-node sums of the VPSes placed there, kept as VPSes come and go so
     /// placement never scans every VPS (derived: not in snapshots).
     #[serde(skip)]
@@ -84,6 +88,7 @@ pub enum Request {
     Member(members::MemberCmd),
     Security(security::SecurityCmd),
     Drain(drain::DrainCmd),
+    Template(templates::TemplateCmd),
     /// Cluster settings, proposed once at bootstrap.
     Configure {
         ip_pool: Option<ipnet::Ipv4Net>,
@@ -221,6 +226,7 @@ impl ClusterState {
             Request::Member(c) => self.apply_member(c),
             Request::Security(c) => self.apply_security(c),
             Request::Drain(c) => self.apply_drain(c),
+            Request::Template(c) => self.apply_template(c),
             Request::Batch(reqs) => {
                 Response::Batch(reqs.into_iter().map(|r| self.apply(r)).collect())
             }

@@ -205,6 +205,9 @@ pub struct Deleting {
     pub ip: Option<Ipv4Addr>,
     pub id_base: u32,
     pub since_ms: i64,
+    /// Its template stays in use until the node confirms it gone.
+    #[serde(default)]
+    pub template: String,
 }
 
 /// Limits to change; None keeps the current value.
@@ -464,6 +467,7 @@ impl ClusterState {
                             ip: v.spec.ip,
                             id_base: v.spec.id_base,
                             since_ms: now_ms,
+                            template: v.spec.template.clone(),
                         },
                     );
                     self.events.push(
