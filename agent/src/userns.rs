@@ -69,12 +69,30 @@ fn make(userns: &Path, netns: &Path, base: u32) -> Result<()> {
     }
     if rc == 0 {
         let mut b = [0u8; 1];
-        // SAFETY: close(2), read(2) into a local buffer, then _exit(2): all
-        // async-signal-safe. With its copy of the write end closed, the read
-        // ends when the parent closes the last one.
+        let keep = hold_r.as_raw_fd() as libc::c_uint;
+        // SAFETY: close_range(2), read(2) into a local buffer, then _exit(2):
+        // all async-signal-safe. Every descriptor but its own read end goes:
+        // a clone made at the same moment by another thread holds its
+        // sibling's write end otherwise, each child then kept the other's
+        // pipe open, neither read ever ended, and both starts (and the
+        // runtime threads waiting on them) hung. With its copy of the write
+        // end closed, the read ends when the parent closes the last one.
         unsafe {
-            libc::close(hold_w.as_raw_fd());
-            libc::read(hold_r.as_raw_fd(), b.as_mut_ptr().cast(), 1);
+            if keep > 0 {
+                libc::syscall(
+                    libc::SYS_close_range,
+                    0 as libc::c_uint,
+                    keep - 1,
+                    0 as libc::c_uint,
+                );
+            }
+            libc::syscall(
+                libc::SYS_close_range,
+                keep + 1,
+                libc::c_uint::MAX,
+                0 as libc::c_uint,
+            );
+            libc::read(keep as libc::c_int, b.as_mut_ptr().cast(), 1);
             libc::_exit(0)
         }
     }

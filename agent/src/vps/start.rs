@@ -107,7 +107,9 @@ impl Agent {
         let userns = match c.id_base {
             Some(base) => {
                 let u = run.join("userns");
-                crate::userns::create(&u, &netns, base)?;
+                // Off the runtime: it clones and waits for the child.
+                let (u2, n2) = (u.clone(), netns.clone());
+                blocking(move || crate::userns::create(&u2, &n2, base)).await?;
                 Some(u)
             }
             None => {
