@@ -15,6 +15,10 @@ pub enum ControllerError {
     /// This replica is not the leader and could not reach it.
     #[error("no leader reachable: {0}")]
     Unavailable(String),
+    /// This replica is no member of a cluster: it did nothing with the call
+    /// (another replica may take it, whatever it is).
+    #[error("{0}")]
+    NotMember(String),
     /// An agent refused or failed a call; its code is kept.
     #[error("node {node}: {message}")]
     Agent {
@@ -47,6 +51,14 @@ impl From<ControllerError> for tonic::Status {
                 RejectCode::FailedPrecondition => Status::failed_precondition(msg),
             },
             ControllerError::Unavailable(_) => Status::unavailable(msg),
+            ControllerError::NotMember(_) => {
+                let mut md = tonic::metadata::MetadataMap::new();
+                md.insert(
+                    ferry_proto::retry::NOT_APPLIED,
+                    tonic::metadata::MetadataValue::from_static("1"),
+                );
+                Status::with_metadata(tonic::Code::Unavailable, msg, md)
+            }
             ControllerError::Agent { code, .. } => Status::new(code, msg),
             ControllerError::Storage(_) | ControllerError::Raft(_) => Status::internal(msg),
         }

@@ -119,7 +119,7 @@ impl Controller {
 
     pub async fn member(&self) -> Result<Arc<Member>, ControllerError> {
         self.member.read().await.clone().ok_or_else(|| {
-            ControllerError::Unavailable(format!(
+            ControllerError::NotMember(format!(
                 "this controller has not joined a cluster yet: run `ferryctl controller add {}` against a member",
                 self.addr
             ))

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use ferry_proto::addr::Addr;
 use ferry_proto::controller::v1::controller_service_client::ControllerServiceClient;
-use ferry_proto::retry::{controller_call, Retry, REQUEST_ID};
+use ferry_proto::retry::{controller_call, Retry, NOT_APPLIED, REQUEST_ID};
 use http_body_util::BodyExt;
 use tonic::body::Body;
 use tonic::codegen::http;
@@ -191,7 +191,10 @@ impl Replicas {
                             .headers()
                             .get("grpc-status")
                             .is_some_and(|v| v == UNAVAILABLE);
-                        if !unavailable || retry == Retry::Never {
+                        // A replica that is no member did nothing: the
+                        // call goes on whatever it is.
+                        let not_applied = resp.headers().contains_key(NOT_APPLIED);
+                        if !unavailable || (retry == Retry::Never && !not_applied) {
                             self.0.preferred.store(i, Ordering::SeqCst);
                             return Ok(resp);
                         }

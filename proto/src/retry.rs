@@ -9,6 +9,11 @@
 /// `-` or `_`, unique per write (ferryctl sends 128 random bits in hex).
 pub const REQUEST_ID: &str = "ferry-request-id";
 
+/// Set (to "1") on an `Unavailable` answer from a controller that did
+/// nothing with the call (it is no member of a cluster yet): any call may go
+/// to another replica then, even one that is never sent twice.
+pub const NOT_APPLIED: &str = "ferry-not-applied";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retry {
     /// A read: send it again anywhere.
