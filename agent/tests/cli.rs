@@ -44,6 +44,25 @@ async fn ferryctl_drives_the_lifecycle() {
             "{row:?}"
         );
 
+        // A reader that closes the pipe early ends ferryctl quietly (exit
+        // 141, as SIGPIPE would), without a panic.
+        let bin = std::path::Path::new(AGENT).with_file_name("ferryctl");
+        let o = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "{} --agent unix:{} vps ls -o json | true; echo \"${{PIPESTATUS[0]}}\"",
+                bin.display(),
+                h.sock().display()
+            ))
+            .output()
+            .expect("bash");
+        let (out, err) = (
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr),
+        );
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(["0", "141"].contains(&out.trim()), "exit {out}: {err}");
+
         // JSON for scripts.
         let (_, out, _) = ferryctl(&h, &["vps", "ls", "-o", "json"]);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();

@@ -78,13 +78,18 @@ enum ClusterCmd {
 
 #[tokio::main]
 async fn main() {
-    // Rust ignores SIGPIPE, so a closed pipe (`ferryctl vps ls | head`)
-    // made println! panic. A command-line tool ends quietly there instead.
-    // SAFETY: setting a signal's disposition to its default, before any
-    // other thread of ours relies on it.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    // SIGPIPE stays ignored (Rust's default): with SIGPIPE's default action
+    // a write to any closed socket (one of the replicas' connections) killed
+    // ferryctl. A closed stdout (`ferryctl vps ls | head`) makes println!
+    // panic instead; that ends ferryctl quietly, with SIGPIPE's exit code.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info.payload_as_str().unwrap_or("");
+        if msg.contains("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(128 + libc::SIGPIPE);
+        }
+        default_hook(info);
+    }));
     let cli = Cli::parse();
     let code = match run(cli).await {
         Ok(c) => c,

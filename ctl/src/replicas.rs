@@ -34,6 +34,10 @@ const KEEP_TRYING: Duration = Duration::from_secs(30);
 const ANSWER_WITHIN: Duration = Duration::from_secs(12);
 /// Pause between rounds over the list.
 const ROUND_PAUSE: Duration = Duration::from_millis(200);
+/// Rounds in which every connected replica failed below gRPC (no answer at
+/// all: a plaintext client against TLS, a wrong port) before giving up;
+/// replicas that answer `Unavailable` (an election) are waited for longer.
+const SILENT_ROUNDS: u32 = 3;
 /// The gRPC status `Unavailable` (no leader reachable from that replica).
 const UNAVAILABLE: &str = "14";
 
@@ -170,10 +174,12 @@ impl Replicas {
         let end = Instant::now() + KEEP_TRYING;
         let mut last = String::new();
         let mut rx = self.0.changed.subscribe();
+        let mut silent_rounds = 0;
         loop {
             let slots = self.slots();
             let first = self.0.preferred.load(Ordering::SeqCst) % n;
             let mut tried = false;
+            let mut answered = false;
             for i in (0..n).map(|k| (first + k) % n) {
                 let Slot::Up(ch) = &slots[i] else { continue };
                 tried = true;
@@ -187,6 +193,7 @@ impl Replicas {
                 };
                 match answer {
                     Ok(resp) => {
+                        answered = true;
                         let unavailable = resp
                             .headers()
                             .get("grpc-status")
@@ -217,14 +224,17 @@ impl Replicas {
                     }
                 }
             }
-            if Instant::now() >= end {
+            if tried && !answered {
+                silent_rounds += 1;
+            }
+            if Instant::now() >= end || silent_rounds >= SILENT_ROUNDS {
                 let what = match retry {
                     Retry::WithId => "; the write's outcome is unknown",
                     _ => "",
                 };
                 return Err(Box::new(tonic::Status::unavailable(format!(
-                    "no controller replica answered within {} s ({}){what}",
-                    KEEP_TRYING.as_secs(),
+                    "no controller replica answered (tried for {} s: {}){what}",
+                    (KEEP_TRYING - end.saturating_duration_since(Instant::now())).as_secs(),
                     if last.is_empty() {
                         self.reasons(&slots)
                     } else {
