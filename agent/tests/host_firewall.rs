@@ -268,13 +268,21 @@ async fn turning_the_firewall_off_removes_it() {
         let mut c = h.client().await;
         create_started(&mut c, spec("fwoffa", Some("10.77.0.30"))).await;
         create_started(&mut c, spec("fwoffb", Some("10.77.0.31"))).await;
-        let r = exec(
-            &mut c,
-            "fwoffa",
-            &["timeout", "5", "wget", "-qO-", "http://10.77.0.31/"],
-        )
-        .await;
-        assert_eq!(r.stdout.trim(), "fwoffb", "{}", r.stderr);
+        // fwoffb's httpd starts a moment after its init runs.
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let r = exec(
+                &mut c,
+                "fwoffa",
+                &["timeout", "5", "wget", "-qO-", "http://10.77.0.31/"],
+            )
+            .await;
+            if r.stdout.trim() == "fwoffb" {
+                break;
+            }
+            assert!(std::time::Instant::now() < end, "{}", r.stderr);
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
     })
     .await;
 }
