@@ -234,18 +234,8 @@ pub fn validate_limits(l: &LimitsConfig, cap: Capacity) -> Result<()> {
             format!("{} is over the kernel's most ({MAX_PIDS})", l.pids),
         ));
     }
-    if l.disk_bytes != 0
-        && !(crate::vps::disk::MIN_DISK..=crate::vps::disk::MAX_DISK).contains(&l.disk_bytes)
-    {
-        return Err(AgentError::invalid(
-            "limits.disk_bytes",
-            format!(
-                "{} is not between {} and {} (or 0: no quota)",
-                l.disk_bytes,
-                crate::vps::disk::MIN_DISK,
-                crate::vps::disk::MAX_DISK
-            ),
-        ));
+    if l.disk_bytes != 0 {
+        crate::vps::disk::check_size(l.disk_bytes)?;
     }
     let max_swap = cap.memory_bytes.saturating_mul(MAX_SWAP_FACTOR);
     if l.swap_bytes > max_swap {

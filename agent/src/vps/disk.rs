@@ -141,7 +141,8 @@ pub fn unmount(vdir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn check_size(bytes: u64) -> Result<()> {
+/// A quota's size is between [`MIN_DISK`] and [`MAX_DISK`].
+pub(crate) fn check_size(bytes: u64) -> Result<()> {
     if !(MIN_DISK..=MAX_DISK).contains(&bytes) {
         return Err(AgentError::invalid(
             "limits.disk_bytes",
